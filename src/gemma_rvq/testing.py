@@ -82,3 +82,184 @@ def tiny_whisper_config(d_model: int = 32, encoder_layers: int = 2, **kwargs) ->
 def seeded(seed: int = 0) -> torch.Generator:
     """A CPU generator, for reproducible random weights and inputs in tests."""
     return torch.Generator().manual_seed(seed)
+
+
+# --- tiny LLMs and tokenizers built in-process (recipes) -------------------------------------------------
+
+#: A small English/Swahili text used to train the in-process test tokenizers.
+TINY_CORPUS: tuple[str, ...] = (
+    "Hello, how are you today?",
+    "I am fine, thank you. And you?",
+    "The weather is warm and the sky is clear.",
+    "Please tell me the time of the next train to Mombasa.",
+    "The train leaves at seven in the morning.",
+    "What is the capital city of Kenya?",
+    "Nairobi is the capital city of Kenya.",
+    "Translate this sentence into Swahili.",
+    "Count from one to ten: one two three four five six seven eight nine ten.",
+    "Habari za asubuhi? Nzuri sana, asante.",
+    "Jina langu ni Amina na ninatoka Tanzania.",
+    "Mji mkuu wa Kenya ni Nairobi.",
+    "Leo hali ya hewa ni nzuri na jua linawaka.",
+    "Tafadhali niambie saa ngapi treni inaondoka.",
+    "Treni inaondoka saa moja asubuhi.",
+    "Moja, mbili, tatu, nne, tano, sita, saba, nane, tisa, kumi.",
+    "Ninapenda kusoma vitabu na kusikiliza muziki.",
+    "She reads a book while he listens to music.",
+    "Numbers and symbols: 0 1 2 3 4 5 6 7 8 9 + - * / = ( ) [ ] ? ! . , ; :",
+)
+
+_LLAMA3_STYLE_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "<|start_header_id|>{{ message['role'] }}<|end_header_id|>\n\n"
+    "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] }}<|eot_id|>{% endgeneration %}"
+    "{% else %}{{ message['content'] }}<|eot_id|>{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+
+_GEMMA_STYLE_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "<start_of_turn>{{ role }}\n"
+    "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] }}<end_of_turn>\n{% endgeneration %}"
+    "{% else %}{{ message['content'] }}<end_of_turn>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+
+
+def byte_level_bpe_tokenizer(vocab_size: int = 512, extra_texts: list[str] | tuple[str, ...] = ()):
+    """A Llama 3 / Qwen style byte-level BPE tokenizer, trained in-process on :data:`TINY_CORPUS`.
+
+    Special tokens ``<|begin_of_text|>`` (bos, prepended by the post-processor), ``<|end_of_text|>``,
+    ``<|eot_id|>`` (eos), ``<|start_header_id|>``, ``<|end_header_id|>``, ``<|pad|>`` (pad), left
+    padding, and a Llama 3 style chat template with ``{% generation %}`` markers around assistant turns
+    (so TRL's ``assistant_only_loss`` works). Returns a ``PreTrainedTokenizerFast``.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    special = ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>", "<|start_header_id|>",
+               "<|end_header_id|>", "<|pad|>"]
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=special,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator([*TINY_CORPUS, *extra_texts], trainer)
+    bos_id = backend.token_to_id("<|begin_of_text|>")
+    backend.post_processor = processors.TemplateProcessing(
+        single="<|begin_of_text|> $A",
+        pair="<|begin_of_text|> $A <|begin_of_text|> $B",
+        special_tokens=[("<|begin_of_text|>", bos_id)],
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<|begin_of_text|>",
+        eos_token="<|eot_id|>",
+        pad_token="<|pad|>",
+        padding_side="left",
+        chat_template=_LLAMA3_STYLE_CHAT_TEMPLATE,
+    )
+    return tokenizer
+
+
+def sentencepiece_tokenizer(vocab_size: int = 512, extra_texts: list[str] | tuple[str, ...] = ()):
+    """A Gemma style SentencePiece BPE tokenizer (byte fallback), trained in-process on :data:`TINY_CORPUS`.
+
+    The ``.model`` file is written to a temporary directory and loaded with transformers'
+    ``GemmaTokenizer`` (which converts it, as for a real Gemma checkpoint): ids ``<pad>`` 0, ``<eos>`` 1,
+    ``<bos>`` 2 (prepended), ``<unk>`` 3, ``<mask>`` 4, plus ``<start_of_turn>`` / ``<end_of_turn>`` and
+    a Gemma style chat template with ``{% generation %}`` markers. ``vocab_size`` must be >= 300 (the 256
+    byte-fallback pieces are part of it).
+    """
+    import os
+    import tempfile
+
+    import sentencepiece as spm
+    from transformers import GemmaTokenizer
+
+    with tempfile.TemporaryDirectory() as folder:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter([*TINY_CORPUS, *extra_texts] * 4),
+            model_prefix=os.path.join(folder, "tokenizer"),
+            vocab_size=vocab_size,
+            model_type="bpe",
+            byte_fallback=True,
+            character_coverage=1.0,
+            pad_id=0, eos_id=1, bos_id=2, unk_id=3,
+            pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>", unk_piece="<unk>",
+            user_defined_symbols=["<mask>", "<start_of_turn>", "<end_of_turn>"],
+            add_dummy_prefix=False,
+            split_by_whitespace=False,
+            remove_extra_whitespaces=False,
+            hard_vocab_limit=False,
+            minloglevel=2,
+            num_threads=1,
+        )
+        tokenizer = GemmaTokenizer.from_pretrained(
+            folder, add_bos_token=True, padding_side="left", chat_template=_GEMMA_STYLE_CHAT_TEMPLATE
+        )
+    return tokenizer
+
+
+def tiny_llama(tokenizer, hidden_size: int = 64, num_hidden_layers: int = 2, *, tie_word_embeddings: bool = False,
+               seed: int = 0, **kwargs):
+    """A random ``LlamaForCausalLM`` sized for ``tokenizer`` (special token ids copied into the config)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    defaults = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        tie_word_embeddings=tie_word_embeddings,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    defaults.update(kwargs)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**defaults))
+    _sync_generation_config(model, tokenizer)
+    return model
+
+
+def tiny_gemma_lm(tokenizer, hidden_size: int = 64, num_hidden_layers: int = 2, *, seed: int = 0, **kwargs):
+    """A random Gemma 3 style ``Gemma3ForCausalLM`` (tied, scaled embeddings, sliding + full attention)."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    defaults = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        max_position_embeddings=2048,
+        sliding_window=64,
+        layer_types=["sliding_attention", "full_attention"] * (num_hidden_layers // 2)
+        + ["sliding_attention"] * (num_hidden_layers % 2),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    defaults.update(kwargs)
+    torch.manual_seed(seed)
+    model = Gemma3ForCausalLM(Gemma3TextConfig(**defaults))
+    _sync_generation_config(model, tokenizer)
+    return model
+
+
+def _sync_generation_config(model, tokenizer) -> None:
+    generation_config = model.generation_config
+    generation_config.bos_token_id = tokenizer.bos_token_id
+    generation_config.eos_token_id = tokenizer.eos_token_id
+    generation_config.pad_token_id = tokenizer.pad_token_id
