@@ -1,0 +1,482 @@
+"""Residual vector quantizer: exact chunked nearest-code search, EMA or learnable codebooks.
+
+Shapes: ``N`` frames, ``Q`` levels (``num_quantizers``), ``K`` codes per level (``codebook_size``),
+``Dc`` code dimension (``dim``). Inputs are flat valid frames ``[N, Dc]``; codes are ``LongTensor [N, Q]``.
+
+This file is copied next to saved checkpoints (remote code), so it imports only torch and numpy at
+module level.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["ResidualQuantizer", "ResidualQuantizerOutput", "kmeans"]
+
+_CODEBOOK_TYPES = ("ema", "learnable")
+
+
+@dataclass
+class ResidualQuantizerOutput:
+    """Output of :meth:`ResidualQuantizer.forward`.
+
+    Attributes:
+        quantized: ``[N, Dc]`` sum of the selected codes of the first ``Q'`` levels, in the input dtype.
+            Straight-through: the forward value is the quantized vector, the gradient flows to the input
+            unchanged.
+        codes: ``LongTensor [N, Q']``.
+        commitment_loss: scalar, ``mean_l mean_{n,d} (r_l - sg(q_l))^2`` where ``r_l`` is the residual
+            entering level ``l`` and ``q_l`` its selected code: the mean over frames and dimensions,
+            **averaged** over levels (so its scale, and the right ``commitment_weight``, do not depend
+            on how many levels are used). Gradient flows to the input only.
+        codebook_loss: scalar, ``mean_l mean_{n,d} (sg(r_l) - q_l)^2`` (same averaging). It carries the
+            codebook gradient for ``codebook_type="learnable"`` and must be added to the training loss
+            there; for ``"ema"`` codebooks it is a zero tensor without gradient (EMA updates the
+            codebooks itself).
+        residual_norms: ``[Q']`` mean squared norm of the residual entering each level (detached),
+            handy for logging how much each level explains.
+    """
+
+    quantized: Tensor
+    codes: Tensor
+    commitment_loss: Tensor
+    codebook_loss: Tensor
+    residual_norms: Tensor | None = None
+
+
+def _dist_world_size() -> int:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
+
+
+class ResidualQuantizer(nn.Module):
+    """``Q`` levels of ``K`` codes each; level ``l`` quantizes the residual left by levels ``< l``.
+
+    Args:
+        dim: code dimension ``Dc``.
+        num_quantizers: number of levels ``Q``.
+        codebook_size: codes per level ``K``.
+        codebook_type: ``"ema"`` (codebooks are a buffer updated by exponential moving averages of the
+            assigned residuals in training mode) or ``"learnable"`` (codebooks are an ``nn.Parameter``
+            trained by gradient through ``codebook_loss``).
+        ema_decay: EMA decay of cluster sizes and sums.
+        eps: Laplace smoothing of EMA cluster sizes.
+        dead_code_threshold: a code whose EMA cluster size (``"ema"``) or usage count since the last
+            restart (``"learnable"``) is below this is re-seeded by :meth:`restart_dead_codes`.
+        search_chunk_size: frames per block of the nearest-code search; bounds the ``[chunk, K]``
+            score matrix (never a full ``[N, K]`` one).
+
+    State dict: ``codebooks [Q, K, Dc]`` and, for ``"ema"``, ``cluster_size [Q, K]`` and
+    ``embed_sum [Q, K, Dc]`` (invariant: ``codebooks == embed_sum / smoothed(cluster_size)``).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_quantizers: int,
+        codebook_size: int,
+        *,
+        codebook_type: str = "ema",
+        ema_decay: float = 0.99,
+        eps: float = 1e-5,
+        dead_code_threshold: float = 1.0,
+        search_chunk_size: int = 1024,
+    ) -> None:
+        super().__init__()
+        for name, value in (("dim", dim), ("num_quantizers", num_quantizers), ("codebook_size", codebook_size),
+                            ("search_chunk_size", search_chunk_size)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if codebook_type not in _CODEBOOK_TYPES:
+            raise ValueError(f"codebook_type must be one of {_CODEBOOK_TYPES}, got {codebook_type!r}")
+        if not 0.0 <= ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay!r}")
+        if eps <= 0:
+            raise ValueError(f"eps must be > 0, got {eps!r}")
+        self.dim = dim
+        self.num_quantizers = num_quantizers
+        self.codebook_size = codebook_size
+        self.codebook_type = codebook_type
+        self.ema_decay = float(ema_decay)
+        self.eps = float(eps)
+        self.dead_code_threshold = float(dead_code_threshold)
+        self.search_chunk_size = search_chunk_size
+
+        init = torch.randn(num_quantizers, codebook_size, dim) / math.sqrt(dim)
+        if codebook_type == "learnable":
+            self.codebooks = nn.Parameter(init)
+        else:
+            self.register_buffer("codebooks", init)
+            # cluster_size starts at 1 and embed_sum at the codes: the invariant holds from the start.
+            self.register_buffer("cluster_size", torch.ones(num_quantizers, codebook_size))
+            self.register_buffer("embed_sum", init.clone())
+        # Usage counts since the last restart (learnable codebooks). Deliberately not a buffer: it is
+        # training-only state and must stay out of the checkpoint.
+        self._usage: Tensor | None = None
+        self._search_cache: dict | None = None
+
+    # ------------------------------------------------------------------ helpers
+    def extra_repr(self) -> str:
+        return (f"dim={self.dim}, num_quantizers={self.num_quantizers}, codebook_size={self.codebook_size}, "
+                f"codebook_type={self.codebook_type!r}")
+
+    def _check_input(self, x: Tensor, name: str = "x") -> None:
+        if not isinstance(x, Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 2 or x.shape[1] != self.dim:
+            raise ValueError(f"{name} must have shape [N, {self.dim}], got {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got {x.dtype}")
+
+    def _num_levels(self, num_quantizers: int | None) -> int:
+        if num_quantizers is None:
+            return self.num_quantizers
+        if not isinstance(num_quantizers, int) or not 1 <= num_quantizers <= self.num_quantizers:
+            raise ValueError(f"num_quantizers must be an int in [1, {self.num_quantizers}], got {num_quantizers!r}")
+        return num_quantizers
+
+    def invalidate_cache(self) -> None:
+        """Drop the cached search tables (done automatically when the codebooks change)."""
+        self._search_cache = None
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        self.invalidate_cache()
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def _apply(self, fn, recurse: bool = True):
+        self.invalidate_cache()
+        return super()._apply(fn, recurse)
+
+    def _search_tables(self) -> dict:
+        """Codebooks in fp32 with their half squared norms ``[Q, K]``, cached.
+
+        The cache key holds the codebook storage pointer and its version counter, which every in-place
+        write (``copy_`` in ``load_state_dict``, optimizer steps, EMA updates) increments, so a stale
+        table is never used; our own mutating methods also invalidate explicitly.
+        """
+        cb = self.codebooks.detach()
+        key = (cb.data_ptr(), self.codebooks._version, cb.device, cb.dtype, tuple(cb.shape))
+        cache = self._search_cache
+        if cache is not None and cache["key"] == key:
+            return cache
+        weight = cb.float().contiguous()
+        neg_half_norms = -0.5 * weight.square().sum(-1)  # [Q, K]
+        cache = {"key": key, "weight": weight, "bias": neg_half_norms}
+        self._search_cache = cache
+        return cache
+
+    # ------------------------------------------------------------------ search
+    @torch.no_grad()
+    def nearest(self, x: Tensor, level: int) -> Tensor:
+        """Exact nearest code of level ``level`` for each row of ``x [N, Dc]`` -> ``LongTensor [N]``.
+
+        Computes ``argmax_k (x . c_k - |c_k|^2 / 2)`` in fp32, ``search_chunk_size`` rows at a time.
+        """
+        self._check_input(x)
+        if not 0 <= level < self.num_quantizers:
+            raise ValueError(f"level must be in [0, {self.num_quantizers}), got {level!r}")
+        tables = self._search_tables()
+        w, b = tables["weight"][level], tables["bias"][level]
+        x = x.to(device=w.device, dtype=torch.float32)
+        out = torch.empty(x.shape[0], dtype=torch.long, device=w.device)
+        step = self.search_chunk_size
+        for start in range(0, x.shape[0], step):
+            scores = torch.addmm(b, x[start:start + step], w.t())
+            out[start:start + step] = scores.argmax(dim=1)
+        return out
+
+    @torch.no_grad()
+    def encode(self, x: Tensor, num_quantizers: int | None = None) -> Tensor:
+        """Residual codes of ``x [N, Dc]`` -> ``LongTensor [N, Q']`` (``Q' = num_quantizers or Q``)."""
+        self._check_input(x)
+        levels = self._num_levels(num_quantizers)
+        tables = self._search_tables()
+        w, b = tables["weight"], tables["bias"]
+        n = x.shape[0]
+        codes = torch.empty(n, levels, dtype=torch.long, device=w.device)
+        step = self.search_chunk_size
+        for start in range(0, n, step):
+            r = x[start:start + step].to(device=w.device, dtype=torch.float32, copy=True)
+            for level in range(levels):
+                idx = torch.addmm(b[level], r, w[level].t()).argmax(dim=1)
+                codes[start:start + step, level] = idx
+                if level + 1 < levels:
+                    r.sub_(w[level].index_select(0, idx))
+        return codes
+
+    def decode(self, codes: Tensor) -> Tensor:
+        """Sum of the codes of the first ``Q'`` levels: ``codes [N, Q']`` -> ``[N, Dc]`` (codebook dtype)."""
+        if not isinstance(codes, Tensor) or codes.dim() != 2:
+            raise ValueError(f"codes must be a LongTensor [N, Q'], got {getattr(codes, 'shape', type(codes))}")
+        if codes.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+            raise ValueError(f"codes must be an integer tensor, got {codes.dtype}")
+        levels = self._num_levels(codes.shape[1])
+        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.codebook_size):
+            raise ValueError(f"codes must be in [0, {self.codebook_size}), got values in "
+                             f"[{int(codes.min())}, {int(codes.max())}]")
+        codes = codes.to(device=self.codebooks.device, dtype=torch.long)
+        out = self.codebooks.new_zeros(codes.shape[0], self.dim)
+        for level in range(levels):
+            out = out + F.embedding(codes[:, level], self.codebooks[level])
+        return out
+
+    # ------------------------------------------------------------------ training path
+    def forward(self, x: Tensor, num_quantizers: int | None = None) -> ResidualQuantizerOutput:
+        """Quantize ``x [N, Dc]`` with the first ``Q'`` levels (training path).
+
+        In training mode with ``codebook_type="ema"`` the codebooks of the used levels are updated from
+        the assigned residuals after the codes are chosen (counts and sums are all-reduced across
+        processes first when ``torch.distributed`` is initialised). ``quantized`` and the losses use
+        the codebooks as they were before that update.
+        """
+        self._check_input(x)
+        levels = self._num_levels(num_quantizers)
+        in_dtype = x.dtype
+        xf = x.float()
+        codes = self.encode(xf, levels)
+        learnable = self.codebook_type == "learnable"
+        cb = self.codebooks if learnable else self.codebooks.detach()
+        residual = xf
+        quantized_sum = torch.zeros_like(xf)
+        commit, cb_loss, norms = [], [], []
+        residuals = []
+        for level in range(levels):
+            q = F.embedding(codes[:, level], cb[level].float())
+            commit.append(F.mse_loss(residual, q.detach()))
+            if learnable:
+                cb_loss.append(F.mse_loss(residual.detach(), q))
+            norms.append(residual.detach().square().sum(-1).mean())
+            if self.training:
+                residuals.append(residual.detach())
+            quantized_sum = quantized_sum + q.detach()
+            residual = residual - q.detach()
+        commitment_loss = torch.stack(commit).mean()
+        codebook_loss = torch.stack(cb_loss).mean() if learnable else xf.new_zeros(())
+        quantized = (xf + (quantized_sum - xf).detach()).to(in_dtype)
+        if self.training and x.shape[0] > 0:
+            self._accumulate(residuals, codes)
+        return ResidualQuantizerOutput(quantized=quantized, codes=codes, commitment_loss=commitment_loss,
+                                       codebook_loss=codebook_loss, residual_norms=torch.stack(norms))
+
+    @torch.no_grad()
+    def _accumulate(self, residuals: list[Tensor], codes: Tensor) -> None:
+        levels = len(residuals)
+        k = self.codebook_size
+        counts = torch.zeros(levels, k, device=codes.device, dtype=torch.float32)
+        counts.scatter_add_(1, codes.t(), torch.ones_like(codes.t(), dtype=torch.float32))
+        if self.codebook_type == "learnable":
+            if self._usage is None or self._usage.shape != (self.num_quantizers, k) or \
+                    self._usage.device != counts.device:
+                self._usage = torch.zeros(self.num_quantizers, k, device=counts.device)
+            self._usage[:levels] += counts
+            return
+        sums = torch.zeros(levels, k, self.dim, device=codes.device, dtype=torch.float32)
+        for level in range(levels):
+            sums[level].index_add_(0, codes[:, level], residuals[level])
+        if _dist_world_size() > 1:
+            # One collective for both: every process then applies the identical global update.
+            flat = torch.cat([counts.reshape(-1), sums.reshape(-1)])
+            dist.all_reduce(flat)
+            counts = flat[: counts.numel()].view_as(counts)
+            sums = flat[counts.numel():].view_as(sums)
+        self._ema_update(counts, sums)
+
+    @torch.no_grad()
+    def _ema_update(self, counts: Tensor, sums: Tensor) -> None:
+        """EMA of cluster sizes ``[L, K]`` and sums ``[L, K, Dc]`` for the first ``L`` levels."""
+        levels = counts.shape[0]
+        d = self.ema_decay
+        cs = self.cluster_size[:levels]
+        es = self.embed_sum[:levels]
+        cs.mul_(d).add_(counts.to(cs.dtype), alpha=1 - d)
+        es.mul_(d).add_(sums.to(es.dtype), alpha=1 - d)
+        self.codebooks[:levels] = (es / self._smoothed_cluster_size(cs).unsqueeze(-1)).to(self.codebooks.dtype)
+        self.invalidate_cache()
+
+    def _smoothed_cluster_size(self, cs: Tensor) -> Tensor:
+        """Laplace smoothing ``(n_k + eps) / (n + K eps) * n`` per level (keeps every size > 0)."""
+        total = cs.sum(-1, keepdim=True)
+        return (cs + self.eps) / (total + self.codebook_size * self.eps) * total
+
+    # ------------------------------------------------------------------ statistics
+    @torch.no_grad()
+    def code_counts(self, codes: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Per-level histogram ``[Q', K]`` (long) of ``codes [N, Q']`` or ``[B, Q', T]`` (+ ``mask [B, T]``)."""
+        if codes.dim() == 3:
+            if mask is not None:
+                codes = codes.transpose(1, 2)[mask.to(torch.bool)]  # [N, Q']
+            else:
+                codes = codes.transpose(1, 2).reshape(-1, codes.shape[1])
+        elif codes.dim() != 2:
+            raise ValueError(f"codes must be [N, Q'] or [B, Q', T], got {tuple(codes.shape)}")
+        levels = codes.shape[1]
+        counts = torch.zeros(levels, self.codebook_size, dtype=torch.long, device=codes.device)
+        counts.scatter_add_(1, codes.t().long(), torch.ones_like(codes.t(), dtype=torch.long))
+        return counts
+
+    # ------------------------------------------------------------------ init / maintenance
+    @torch.no_grad()
+    def kmeans_init(self, x: Tensor, *, num_iters: int = 20, seed: int = 0, chunk_size: int | None = None,
+                    verbose: bool = False) -> None:
+        """Initialise all levels by k-means, level by level on the residuals of a sample ``x [N, Dc]``.
+
+        Level ``l`` is fitted to the residuals left by the already-initialised levels ``< l``. EMA state
+        is reset consistently (``cluster_size = 1``, ``embed_sum = codebooks``). Under
+        ``torch.distributed`` the result of rank 0 is broadcast so all processes agree.
+        """
+        self._check_input(x)
+        if x.shape[0] < self.codebook_size:
+            raise ValueError(f"kmeans_init needs at least codebook_size={self.codebook_size} frames, "
+                             f"got {x.shape[0]}")
+        device = self.codebooks.device
+        residual = x.to(device=device, dtype=torch.float32, copy=True)
+        gen_device = device if device.type == "cuda" else torch.device("cpu")
+        for level in range(self.num_quantizers):
+            gen = torch.Generator(device=gen_device).manual_seed(seed + level)
+            centroids, _ = kmeans(residual, self.codebook_size, num_iters=num_iters, generator=gen,
+                                  chunk_size=chunk_size or self.search_chunk_size)
+            self.codebooks.data[level] = centroids.to(self.codebooks.dtype)
+            self.invalidate_cache()
+            if level + 1 < self.num_quantizers:
+                residual.sub_(self.codebooks.data[level].float()[self.nearest(residual, level)])
+            if verbose:
+                print(f"kmeans_init: level {level} done")
+        if self.codebook_type == "ema":
+            self.cluster_size.fill_(1.0)
+            self.embed_sum.copy_(self.codebooks)
+        self._usage = None
+        self._broadcast_state()
+        self.invalidate_cache()
+
+    def _broadcast_state(self) -> None:
+        if _dist_world_size() > 1:
+            for t in (self.codebooks, getattr(self, "cluster_size", None), getattr(self, "embed_sum", None)):
+                if t is not None:
+                    dist.broadcast(t.data, src=0)
+            self.invalidate_cache()
+
+    def _dead_mask(self) -> Tensor:
+        if self.codebook_type == "ema":
+            stat = self.cluster_size
+        else:
+            stat = self._usage if self._usage is not None else torch.zeros(
+                self.num_quantizers, self.codebook_size, device=self.codebooks.device)
+        return stat.to(self.codebooks.device) < self.dead_code_threshold
+
+    @torch.no_grad()
+    def restart_dead_codes(self, x: Tensor, *, generator: torch.Generator | None = None) -> int:
+        """Re-seed dead codes from random residuals of ``x [N, Dc]`` at their level; returns how many.
+
+        A code is dead when its EMA cluster size (``"ema"``) or its usage count since the last restart
+        (``"learnable"``, counted in training-mode ``forward``) is below ``dead_code_threshold``. Levels
+        are processed in order, so level ``l`` draws from residuals under the already-restarted levels
+        ``< l``. Restarted EMA codes get ``cluster_size = max(dead_code_threshold, 1)`` with a matching
+        ``embed_sum``. Learnable usage counts are reset. Under ``torch.distributed`` rank 0's codebooks
+        are broadcast (the dead set is the same everywhere since EMA statistics are global).
+        """
+        self._check_input(x)
+        if x.shape[0] == 0:
+            return 0
+        dead = self._dead_mask()
+        total = 0
+        device = self.codebooks.device
+        residual = x.to(device=device, dtype=torch.float32, copy=True)
+        reset_size = max(self.dead_code_threshold, 1.0)
+        for level in range(self.num_quantizers):
+            idx = dead[level].nonzero().squeeze(1)
+            n_dead = idx.numel()
+            if n_dead:
+                total += n_dead
+                pick = torch.randint(residual.shape[0], (n_dead,), generator=generator,
+                                     device=generator.device if generator is not None else "cpu").to(device)
+                new = residual[pick]
+                self.codebooks.data[level, idx] = new.to(self.codebooks.dtype)
+                if self.codebook_type == "ema":
+                    self.cluster_size[level, idx] = reset_size
+                    self.embed_sum[level, idx] = (new * reset_size).to(self.embed_sum.dtype)
+                self.invalidate_cache()
+            if level + 1 < self.num_quantizers:
+                residual.sub_(self.codebooks.data[level].float()[self.nearest(residual, level)])
+        if self._usage is not None:
+            self._usage.zero_()
+        if total:
+            self._broadcast_state()
+        return total
+
+
+# ---------------------------------------------------------------------- k-means
+def _nearest_centroid(x: Tensor, centroids: Tensor, chunk_size: int) -> tuple[Tensor, Tensor]:
+    """Exact nearest centroid ``[N]`` and squared distance ``[N]`` (fp32, chunked)."""
+    bias = -0.5 * centroids.square().sum(-1)
+    idx = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
+    dist2 = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
+    for start in range(0, x.shape[0], chunk_size):
+        xc = x[start:start + chunk_size]
+        best, arg = torch.addmm(bias, xc, centroids.t()).max(dim=1)
+        idx[start:start + chunk_size] = arg
+        # |x - c|^2 = |x|^2 - 2 (x.c - |c|^2/2); clamp tiny negative rounding
+        dist2[start:start + chunk_size] = (xc.square().sum(-1) - 2 * best).clamp_min_(0)
+    return idx, dist2
+
+
+@torch.no_grad()
+def kmeans(x: Tensor, k: int, *, num_iters: int = 20, generator: torch.Generator | None = None,
+           chunk_size: int = 1024, tol: float = 1e-6, n_local_trials: int | None = None) -> tuple[Tensor, Tensor]:
+    """k-means++ seeding then Lloyd iterations on ``x [N, D]`` (any device, fp32).
+
+    Empty clusters are re-seeded from the points farthest from their centroid. Stops early when the
+    relative inertia improvement falls below ``tol``. Returns ``(centroids [k, D], assignments [N])``.
+    """
+    if x.dim() != 2:
+        raise ValueError(f"x must be [N, D], got {tuple(x.shape)}")
+    n = x.shape[0]
+    if n < k:
+        raise ValueError(f"k-means needs at least k={k} points, got {n}")
+    x = x.float()
+    device = x.device
+    gdev = generator.device if generator is not None else torch.device("cpu")
+
+    def rand(shape):
+        return torch.rand(shape, generator=generator, device=gdev).to(device)
+
+    # greedy k-means++ (as scikit-learn): several candidates per step, keep the one lowering the potential most
+    trials = n_local_trials or (2 + int(math.log(k)))
+    centroids = torch.empty(k, x.shape[1], device=device)
+    first = int(torch.randint(n, (1,), generator=generator, device=gdev))
+    centroids[0] = x[first]
+    closest = (x - x[first]).square().sum(-1)
+    for i in range(1, k):
+        cum = closest.cumsum(0)
+        r = rand((trials,)) * cum[-1]
+        cand = torch.searchsorted(cum, r).clamp_max_(n - 1)
+        cand_d = torch.cdist(x[cand], x).square_()  # [trials, N]
+        pot = torch.minimum(closest.unsqueeze(0), cand_d)
+        best = int(pot.sum(1).argmin())
+        closest = pot[best]
+        centroids[i] = x[cand[best]]
+
+    prev = math.inf
+    assign = torch.zeros(n, dtype=torch.long, device=device)
+    for _ in range(max(num_iters, 1)):
+        assign, d2 = _nearest_centroid(x, centroids, chunk_size)
+        inertia = float(d2.sum())
+        counts = torch.bincount(assign, minlength=k).float()
+        sums = torch.zeros_like(centroids).index_add_(0, assign, x)
+        empty = counts == 0
+        centroids = torch.where(empty.unsqueeze(1), centroids, sums / counts.clamp_min(1).unsqueeze(1))
+        n_empty = int(empty.sum())
+        if n_empty:
+            far = d2.topk(n_empty).indices
+            centroids[empty] = x[far]
+        if n_empty == 0 and prev - inertia <= tol * max(prev, 1e-30):
+            break
+        prev = inertia
+    assign, _ = _nearest_centroid(x, centroids, chunk_size)
+    return centroids, assign
