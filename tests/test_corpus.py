@@ -1,0 +1,162 @@
+"""The committed speech corpus (data/corpus) and its generator (scripts/make_corpus.py).
+
+The committed-file checks need only soundfile; the generator checks are skipped without espeak-ng.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+ROOT = Path(__file__).resolve().parents[1]
+CORPUS = ROOT / "data" / "corpus"
+needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng not installed")
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("make_corpus", ROOT / "scripts" / "make_corpus.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+make_corpus = _load_script()
+
+
+def _rows(name: str) -> list[dict]:
+    with open(CORPUS / name, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def metadata() -> list[dict]:
+    return _rows("metadata.jsonl")
+
+
+@pytest.fixture(scope="module")
+def instructions() -> list[dict]:
+    return _rows("instructions.jsonl")
+
+
+def _check_clip(path: Path, duration: float) -> None:
+    info = sf.info(path)
+    assert info.samplerate == 22050, path
+    assert info.channels == 1, path
+    assert info.format == "FLAC" and info.subtype == "PCM_16", path
+    assert info.frames / info.samplerate == pytest.approx(duration, abs=1e-5), path
+    wave, sr = sf.read(path, dtype="int16")
+    assert sr == 22050 and wave.shape == (info.frames,)
+    assert np.abs(wave.astype(np.int32)).max() > 1000, f"{path} is (nearly) silent"
+
+
+def test_metadata_clips_readable_and_durations_match(metadata):
+    assert len(metadata) >= 30
+    for row in metadata:
+        assert set(row) >= {"file", "text", "language", "voice", "split", "duration"}
+        assert row["text"].strip()
+        assert 1.0 <= row["duration"] <= 4.0, row
+        _check_clip(CORPUS / row["file"], row["duration"])
+
+
+def test_languages_voices_and_splits(metadata):
+    languages = {r["language"] for r in metadata}
+    assert {"en", "sw", "vi"} <= languages and len(languages) >= 4
+    train = [r for r in metadata if r["split"] == "train"]
+    dev = [r for r in metadata if r["split"] == "dev"]
+    assert {r["split"] for r in metadata} == {"train", "dev"}
+    # dev is unseen in text AND in voice variant
+    assert not {r["text"] for r in train} & {r["text"] for r in dev}
+    train_variants = {r["variant"] for r in train}
+    dev_variants = {r["variant"] for r in dev}
+    assert len(train_variants) >= 2
+    assert not train_variants & dev_variants
+    for row in metadata:
+        assert row["voice"].endswith("+" + row["variant"])
+    for lang in languages:  # every language has both splits
+        assert {r["split"] for r in metadata if r["language"] == lang} == {"train", "dev"}
+    assert len({r["file"] for r in metadata}) == len(metadata)
+
+
+def test_instructions(instructions, metadata):
+    assert 20 <= len(instructions) <= 30
+    assert {r["language"] for r in instructions} >= {"en", "sw"}
+    spoken = [r for r in instructions if r["file"] is not None]
+    text_only = [r for r in instructions if r["file"] is None]
+    assert len(spoken) >= 10 and len(text_only) >= 6
+    for row in instructions:
+        assert row["instruction"].strip() and row["response"].strip()
+    for row in spoken:
+        _check_clip(CORPUS / row["file"], row["duration"])
+    train_voices = {r["voice"] for r in spoken if r["split"] == "train"}
+    dev = [r for r in instructions if r["split"] == "dev"]
+    assert dev and all(r["file"] is not None for r in dev)
+    # the held-out spoken prompt: a trained question, spoken by a voice no train clip uses
+    train_questions = {r["instruction"] for r in spoken if r["split"] == "train"}
+    all_train_voices = train_voices | {r["voice"] for r in metadata if r["split"] == "train"}
+    for row in dev:
+        assert row["instruction"] in train_questions
+        assert row["voice"] not in all_train_voices
+    corpus_files = {r["file"] for r in metadata}
+    assert not corpus_files & {r["file"] for r in spoken}
+
+
+def test_committed_corpus_is_small():
+    total = sum(p.stat().st_size for p in CORPUS.rglob("*") if p.is_file())
+    assert total < 3_000_000, f"committed corpus is {total} bytes"
+
+
+def test_generator_specs_match_committed_files(metadata, instructions):
+    """scripts/make_corpus.py and the committed files agree (regeneration would give the same rows)."""
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("duration", "path")} for r in rows]  # noqa: E731
+    assert strip(make_corpus.corpus_specs()) == strip(metadata)
+    assert strip(make_corpus.instruction_specs()) == strip(instructions)
+    loaded = make_corpus.load_metadata(CORPUS)
+    assert [r["path"] for r in loaded] == [str(CORPUS / r["file"]) for r in metadata]
+
+
+def test_larger_specs_are_seeded_and_train_only():
+    a = make_corpus.corpus_specs(12, languages=["en", "sw"], seed=3)
+    b = make_corpus.corpus_specs(12, languages=["en", "sw"], seed=3)
+    c = make_corpus.corpus_specs(12, languages=["en", "sw"], seed=4)
+    assert a == b and a != c
+    assert len(a) == 24
+    dev_texts = {r["text"] for r in a if r["split"] == "dev"}
+    extra = [r for r in a if r["split"] == "train"]
+    assert all(r["variant"] != make_corpus.DEV_VARIANT for r in extra)
+    assert not any(t in r["text"] for r in extra for t in dev_texts)
+    with pytest.raises(ValueError, match="unknown language"):
+        make_corpus.corpus_specs(languages=["xx"])
+
+
+@needs_espeak
+def test_synthesize(tmp_path):
+    wave, sr = make_corpus.synthesize("-Habari ya asubuhi.", "sw+m3", tmp_path / "a.flac")
+    assert sr == 22050 and wave.dtype == np.int16 and wave.ndim == 1
+    assert 0.5 < len(wave) / sr < 3.0
+    # trimmed: only the 60 ms pad is quiet at either end
+    pad = round(0.06 * sr)
+    loud = np.flatnonzero(np.abs(wave.astype(np.int32)) > 64)
+    assert loud[0] <= pad and len(wave) - 1 - loud[-1] <= pad
+    read, sr2 = sf.read(tmp_path / "a.flac", dtype="int16")
+    assert sr2 == sr and np.array_equal(read, wave)
+    with pytest.raises(ValueError, match="empty"):
+        make_corpus.synthesize("  ", "en-us")
+
+
+@needs_espeak
+def test_generate_corpus(tmp_path):
+    rows = make_corpus.generate_corpus(tmp_path, 9, languages=["vi"], seed=1, instructions=False,
+                                       workers=2, progress=False)
+    assert len(rows) == 9
+    assert [r["id"] for r in rows] == [r["id"] for r in make_corpus.corpus_specs(9, languages=["vi"], seed=1)]
+    for row in rows:
+        _check_clip(tmp_path / row["file"], row["duration"])
+    assert make_corpus.load_metadata(tmp_path)[0]["text"] == rows[0]["text"]
+    info = json.loads((tmp_path / "generation.json").read_text())
+    assert info["sample_rate"] == 22050 and info["espeak_ng_version"]
