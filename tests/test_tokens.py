@@ -1,0 +1,340 @@
+"""SemanticTokenFormat: exact strings, exact round trips, strict parsing, vocabulary, identity."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from gemma_rvq.tokens import PRESETS, ParsedTokens, SemanticTokenFormat, get_format
+
+ICHIGO_5557 = "<|sound_start|><|duration_03|><|sound_0005|><|sound_0007|><|sound_end|>"
+
+
+def random_codes_with_runs(rng: np.random.Generator, levels: int, frames: int, size: int, max_run: int = 130):
+    """Codes [Q, T] made of runs of identical frames (lengths 1..max_run, some longer than 49)."""
+    out = [np.zeros((levels, 0), dtype=np.int64)]
+    while sum(len(r[0]) for r in out) < frames:
+        run = int(rng.choice([1, 1, 2, 3, 5, 49, 50, 98, 99, int(rng.integers(1, max_run))]))
+        frame = rng.integers(0, size, size=(levels, 1))
+        out.append(np.repeat(frame, run, axis=1))
+    return np.concatenate(out, axis=1)[:, :frames]
+
+
+# ----------------------------------------------------------------------------- exact strings
+def test_ichigo_hand_cases():
+    fmt = get_format("ichigo")
+    assert fmt.render([5, 5, 5, 7]) == ICHIGO_5557
+    assert fmt.render([0]) == "<|sound_start|><|sound_0000|><|sound_end|>"
+    assert fmt.render([]) == "<|sound_start|><|sound_end|>"
+    # a run of 50 is 49 + 1, a run of 100 is 49 + 49 + 2: never a <|duration_50|> or longer
+    assert fmt.render([9] * 50) == "<|sound_start|><|duration_49|><|sound_0009|><|sound_0009|><|sound_end|>"
+    assert fmt.render([9] * 100) == (
+        "<|sound_start|><|duration_49|><|sound_0009|><|duration_49|><|sound_0009|>"
+        "<|duration_02|><|sound_0009|><|sound_end|>"
+    )
+    # multi-level codes: ichigo renders level 0 only
+    assert fmt.render(np.array([[5, 5, 5, 7], [1, 2, 3, 4]])) == ICHIGO_5557
+    # without dedup: one token per frame, no durations
+    assert get_format("ichigo", dedup=False).render([5, 5, 7]) == (
+        "<|sound_start|><|sound_0005|><|sound_0005|><|sound_0007|><|sound_end|>"
+    )
+
+
+def test_gemma_rvq_hand_cases():
+    fmt = get_format("gemma_rvq", num_levels=2)
+    codes = np.array([[1, 1, 2], [3, 3, 2047]])
+    assert fmt.render(codes) == (
+        "<|rvq_start|><|q0_0001|><|q1_0003|><|q0_0001|><|q1_0003|><|q0_0002|><|q1_2047|><|rvq_end|>"
+    )
+    # first k levels of deeper codes, separator, no markers
+    deep = np.array([[1, 2], [3, 4], [5, 6]])
+    assert get_format("gemma_rvq", num_levels=1, markers=False, separator=" ").render(deep) == (
+        "<|q0_0001|> <|q0_0002|>"
+    )
+    # dedup with durations: whole frames collapse
+    assert get_format("gemma_rvq", num_levels=2, dedup=True).render(codes) == (
+        "<|rvq_start|><|rvq_dur_02|><|q0_0001|><|q1_0003|><|q0_0002|><|q1_2047|><|rvq_end|>"
+    )
+
+
+def test_spire_hand_cases():
+    fmt = get_format("spire")
+    assert fmt.render([0, 0, 1, 4999, 1]) == "\U000f0000\U000f0001\U000f1387\U000f0001"
+    assert fmt.render([7, 7, 7]) == chr(0xF0007)
+    parsed = fmt.parse(" \U000f0000 \U000f0001\n")
+    assert parsed.codes.tolist() == [[0, 1]] and parsed.durations is None
+
+
+def test_template_hand_cases():
+    fmt = SemanticTokenFormat.from_template("<unit_{code}>")
+    assert fmt.render([3, 12, 12]) == "<unit_3><unit_12><unit_12>"
+    assert fmt.num_levels == 1
+    multi = SemanticTokenFormat.from_template(
+        "<|L{level}:{code:03d}|>", codebook_size=1000, start_token="<s>"
+    )
+    assert multi.code_width == 3
+    assert multi.render(np.array([[1, 2], [30, 400]])) == "<s><|L0:001|><|L1:030|><|L0:002|><|L1:400|>"
+    assert multi.parse("<s><|L0:001|><|L1:030|>").codes.tolist() == [[1], [30]]
+
+
+# ----------------------------------------------------------------------------- round trips
+FORMATS = [
+    get_format("gemma_rvq", num_levels=1),
+    get_format("gemma_rvq", num_levels=3),
+    get_format("gemma_rvq"),
+    get_format("gemma_rvq", num_levels=2, dedup=True),
+    get_format("gemma_rvq", num_levels=None, codebook_size=None, separator=" "),
+    get_format("ichigo"),
+    get_format("ichigo", dedup=False, markers=False),
+    get_format("ichigo", separator=", "),
+    get_format("spire", codebook_size=2048),
+    get_format("spire", dedup=False),
+    SemanticTokenFormat.from_template("<unit_{code}>", dedup=True),
+    SemanticTokenFormat.from_template(
+        "[{level}|{code}]", num_levels=2, codebook_size=2048, dedup=True, duration_template="[x{duration}]"
+    ),
+]
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f"{f.name}-{f.num_levels}-{f.dedup}-{f.separator!r}")
+def test_round_trip_random(fmt: SemanticTokenFormat):
+    rng = np.random.default_rng(0)
+    for trial in range(12):
+        frames = int(rng.integers(0, 400)) if trial else 0
+        levels = 8 if fmt.num_levels is None else max(fmt.num_levels, 1 + trial % 3)
+        codes = random_codes_with_runs(rng, levels, frames, 2048)
+        text = fmt.render(codes)
+        parsed = fmt.parse(text)
+        rendered = codes[: fmt.num_levels or levels]
+        if frames == 0 and fmt.num_levels is None:  # no frame to tell the number of levels
+            assert fmt.parse(text).codes.shape == (1, 0)
+            continue
+        # the expanded frames are the original sequence exactly, whenever the format keeps durations
+        if fmt.dedup and not fmt.uses_durations:
+            keep = np.ones(rendered.shape[1], dtype=bool)
+            keep[1:] = (rendered[:, 1:] != rendered[:, :-1]).any(axis=0)
+            np.testing.assert_array_equal(parsed.codes, rendered[:, keep])
+            assert parsed.durations is None
+        else:
+            np.testing.assert_array_equal(parsed.expand(), rendered)
+        if fmt.uses_durations:
+            assert (
+                parsed.durations.min(initial=2) >= 1 and parsed.durations.max(initial=2) <= fmt.max_duration
+            )
+            assert parsed.durations.sum() == rendered.shape[1]
+        # and re-rendering the parsed frames gives the same string
+        assert fmt.render(parsed.expand()) == text
+        if fmt.separator.strip():  # whitespace around separators is tolerated
+            assert np.array_equal(
+                fmt.parse(text.replace(fmt.separator.strip(), " \n" + fmt.separator.strip())).codes,
+                parsed.codes,
+            )
+        elif fmt.codepoint_offset is None:
+            spaced = fmt.parse(text.replace("><", ">  <").replace("]", "]\t"))
+            np.testing.assert_array_equal(spaced.codes, parsed.codes)
+
+
+def test_render_batch_matches_render_and_respects_mask():
+    rng = np.random.default_rng(1)
+    codes = torch.from_numpy(rng.integers(0, 2048, size=(5, 4, 60)))
+    lengths = [60, 0, 17, 33, 1]
+    mask = torch.arange(60)[None, :] < torch.tensor(lengths)[:, None]
+    garbage = codes.clone()
+    garbage[~mask[:, None, :].expand_as(codes)] = -1  # padding is never rendered, whatever it holds
+    for fmt in (
+        get_format("gemma_rvq", num_levels=4),
+        get_format("ichigo"),
+        get_format("spire", codebook_size=2048),
+    ):
+        batch = fmt.render_batch(garbage, mask)
+        assert batch == [fmt.render(codes[b, :, : lengths[b]]) for b in range(5)]
+        # a non-prefix mask selects exactly the valid frames
+        holes = mask.clone()
+        holes[0, ::2] = False
+        assert fmt.render_batch(codes, holes)[0] == fmt.render(codes[0][:, holes[0]])
+
+
+def test_render_accepts_lists_tensors_and_1d():
+    fmt = get_format("ichigo")
+    assert fmt.render(torch.tensor([5, 5, 5, 7])) == ICHIGO_5557
+    assert fmt.render(np.array([[5, 5, 5, 7]], dtype=np.int32)) == ICHIGO_5557
+    assert fmt.render_batch([[5, 5, 5, 7]]) == [ICHIGO_5557]
+
+
+# ----------------------------------------------------------------------------- errors
+@pytest.mark.parametrize(
+    ("fmt", "text", "message", "position"),
+    [
+        (get_format("ichigo"), "<|sound_start|><|sound_0005|>", "missing end marker", 29),
+        (get_format("ichigo"), "<|sound_0005|><|sound_end|>", "missing start marker", 0),
+        (
+            get_format("ichigo"),
+            "<|sound_start|><|soun_0005|><|sound_end|>",
+            "unknown token '<|soun_0005|>'",
+            15,
+        ),
+        (get_format("ichigo"), "<|sound_start|><|sound_005|><|sound_end|>", "malformed code token", 15),
+        (get_format("ichigo"), "<|sound_start|><|sound_2048|><|sound_end|>", "outside [0, 2048)", 15),
+        (
+            get_format("ichigo"),
+            "<|sound_start|><|duration_50|><|sound_0001|><|sound_end|>",
+            "malformed duration",
+            15,
+        ),
+        (get_format("ichigo"), "<|sound_start|><|duration_03|><|sound_end|>", "not followed by a frame", 15),
+        (get_format("ichigo"), "<|sound_start|><|sound_end|><|sound_0001|>", "after the end marker", 28),
+        (get_format("ichigo"), "<|sound_start|><|sound_start|><|sound_end|>", "unexpected start marker", 15),
+        (
+            get_format("ichigo", dedup=False),
+            "<|sound_start|><|duration_03|><|sound_0001|><|sound_end|>",
+            "dedup off",
+            15,
+        ),
+        (
+            get_format("ichigo", separator=" "),
+            "<|sound_start|> <|sound_0001|>x<|sound_end|>",
+            "unknown token 'x'",
+            30,
+        ),
+        (
+            get_format("ichigo", separator=","),
+            "<|sound_start|>,<|sound_0001|><|sound_end|>",
+            "expected separator",
+            30,
+        ),
+        (
+            get_format("gemma_rvq", num_levels=2),
+            "<|rvq_start|><|q1_0001|><|rvq_end|>",
+            "level out of order",
+            13,
+        ),
+        (
+            get_format("gemma_rvq", num_levels=2),
+            "<|rvq_start|><|q0_0001|><|q1_0002|><|q0_0001|><|q0_0002|><|rvq_end|>",
+            "expected level 1",
+            46,
+        ),
+        (
+            get_format("gemma_rvq", num_levels=2),
+            "<|rvq_start|><|q0_0001|><|rvq_end|>",
+            "incomplete frame",
+            13,
+        ),
+        (
+            get_format("gemma_rvq", num_levels=2),
+            "<|rvq_start|><|q2_0001|><|rvq_end|>",
+            "level out of order",
+            13,
+        ),
+        (
+            get_format("gemma_rvq", num_levels=None, markers=False),
+            "<|q0_0001|><|q1_0002|><|q0_0003|>",
+            "incomplete frame at the end",
+            22,
+        ),
+        (get_format("spire"), "\U000f0001a", "unknown token 'a'", 1),
+        (get_format("spire"), "\U000f0001" + chr(0xF0000 + 5000), "unknown token", 1),
+    ],
+)
+def test_malformed_strings_raise_with_position(fmt, text, message, position):
+    with pytest.raises(ValueError, match=r"at character (\d+)") as info:
+        fmt.parse(text)
+    assert message in str(info.value)
+    assert f"at character {position}:" in str(info.value)
+
+
+def test_render_errors():
+    with pytest.raises(
+        ValueError, match=r"code 2048 at example 0, level 1, frame 2 is outside the range \[0, 2048\)"
+    ):
+        get_format("gemma_rvq", num_levels=2).render(np.array([[0, 0, 0], [0, 0, 2048]]))
+    with pytest.raises(ValueError, match="outside the range"):
+        get_format("ichigo").render([-1])
+    with pytest.raises(ValueError, match="renders 8 levels but the codes have only 2"):
+        get_format("gemma_rvq").render(np.zeros((2, 3), dtype=int))
+    with pytest.raises(ValueError, match="must hold integers"):
+        get_format("ichigo").render(np.array([0.5]))
+    with pytest.raises(ValueError, match="mask must have shape"):
+        get_format("ichigo").render_batch(np.zeros((2, 1, 3), dtype=int), np.ones((2, 4), dtype=bool))
+
+
+def test_invalid_formats_are_rejected():
+    with pytest.raises(ValueError, match="unknown token format preset"):
+        get_format("whisper")
+    with pytest.raises(ValueError, match="unknown token format option"):
+        get_format("ichigo", levels=2)
+    with pytest.raises(ValueError, match="can only render one level"):
+        get_format("ichigo", num_levels=2)
+    with pytest.raises(ValueError, match=r"must contain \{code\}"):
+        SemanticTokenFormat.from_template("<unit>")
+    with pytest.raises(ValueError, match="literal between"):
+        SemanticTokenFormat.from_template("<{level}{code}>", num_levels=2)
+    with pytest.raises(ValueError, match="is also a code token"):
+        get_format("ichigo", start_token="<|sound_0000|>")
+    with pytest.raises(ValueError, match="max_duration"):
+        get_format("ichigo", max_duration=1)
+
+
+# ----------------------------------------------------------------------------- vocabulary and identity
+def test_vocabulary_sizes_order_and_uniqueness():
+    ichigo = get_format("ichigo").vocabulary()
+    assert ichigo[:3] == ["<|sound_start|>", "<|sound_end|>", "<|duration_02|>"]
+    assert ichigo[2 + 48] == "<|sound_0000|>" and ichigo[-1] == "<|sound_2047|>"
+    assert len(ichigo) == 2 + 48 + 2048
+    gemma = get_format("gemma_rvq").vocabulary()
+    assert len(gemma) == 2 + 8 * 2048
+    assert gemma[2 + 2048] == "<|q1_0000|>"
+    assert len(get_format("gemma_rvq", dedup=True).vocabulary()) == 2 + 48 + 8 * 2048
+    spire = get_format("spire").vocabulary()
+    assert spire == [chr(0xF0000 + u) for u in range(5000)]
+    for fmt in FORMATS:
+        if fmt.codebook_size is None or fmt.num_levels is None:
+            with pytest.raises(ValueError, match="vocabulary"):
+                fmt.vocabulary()
+            continue
+        vocab = fmt.vocabulary()
+        assert len(set(vocab)) == len(vocab)
+        # every token of a rendered string is in the vocabulary
+        codes = random_codes_with_runs(np.random.default_rng(2), fmt.num_levels, 300, fmt.codebook_size)
+        parsed_tokens = set(vocab)
+        text = fmt.render(codes)
+        for token in vocab[:3] + vocab[-3:]:
+            assert token in parsed_tokens
+        remaining = text
+        for token in sorted(vocab, key=len, reverse=True):
+            remaining = remaining.replace(token, "")
+        assert remaining.replace(fmt.separator, "") == ""
+
+
+def test_serialisation_identity_and_pickle():
+    for fmt in [*FORMATS, *PRESETS.values()]:
+        data = json.loads(json.dumps(fmt.to_dict()))
+        back = SemanticTokenFormat.from_dict(data)
+        assert back == fmt and hash(back) == hash(fmt)
+        assert get_format(data) == fmt
+        assert pickle.loads(pickle.dumps(fmt)) == fmt
+    assert get_format("ichigo") != get_format("ichigo", codebook_size=512)
+    assert get_format(get_format("ichigo"), dedup=False) == get_format("ichigo", dedup=False)
+    # the lookup caches never leak into the object's state (datasets fingerprints the pickle)
+    fmt = get_format("ichigo")
+    before = pickle.dumps(fmt)
+    fmt.render_batch(np.zeros((2, 1, 10), dtype=int))
+    fmt.parse(fmt.render([1, 2]))
+    assert pickle.dumps(fmt) == before
+    with pytest.raises(ValueError, match="unknown token format fields"):
+        SemanticTokenFormat.from_dict({**fmt.to_dict(), "bogus": 1})
+
+
+def test_parsed_tokens_expand():
+    parsed = get_format("ichigo").parse(ICHIGO_5557)
+    assert isinstance(parsed, ParsedTokens)
+    assert parsed.codes.tolist() == [[5, 7]] and parsed.durations.tolist() == [3, 1]
+    assert parsed.expand().tolist() == [[5, 5, 5, 7]]
+    # infers the number of levels from the first frame when num_levels is None
+    fmt = get_format("gemma_rvq", num_levels=None)
+    assert fmt.parse("<|rvq_start|><|q0_0001|><|q1_0002|><|q2_0003|><|rvq_end|>").codes.shape == (3, 1)
+    assert fmt.parse("<|rvq_start|><|rvq_end|>").codes.shape == (1, 0)
