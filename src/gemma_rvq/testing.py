@@ -263,3 +263,142 @@ def _sync_generation_config(model, tokenizer) -> None:
     generation_config.bos_token_id = tokenizer.bos_token_id
     generation_config.eos_token_id = tokenizer.eos_token_id
     generation_config.pad_token_id = tokenizer.pad_token_id
+
+
+def tiny_rvq_model(
+    encoder_family: str = "gemma4_audio",
+    num_quantizers: int = 2,
+    codebook_size: int = 16,
+    seed: int = 0,
+    bundle_encoder: bool = True,
+    *,
+    encoder_path: str | None = None,
+    encoder_layer: int | None = None,
+    encoder_kwargs: dict | None = None,
+    **config_kwargs,
+):
+    """A ``GemmaRVQModel`` over a tiny random encoder of ``encoder_family``, ready for ``encode``.
+
+    ``dim`` is the encoder's hidden size. With ``bundle_encoder=True`` the encoder is built from an
+    embedded ``encoder_config`` (saved with the RVQ); with ``False`` the tiny encoder and its feature
+    extractor are saved to ``encoder_path`` (required) and referenced by path, to be loaded lazily.
+    Weights (encoder, projections, codebooks) are seeded by ``seed``.
+    """
+    from transformers import (
+        Gemma4AudioFeatureExtractor,
+        Wav2Vec2FeatureExtractor,
+        WhisperFeatureExtractor,
+    )
+
+    from .configuration_gemma_rvq import GemmaRVQConfig
+    from .encoders import build_encoder
+    from .modeling_gemma_rvq import GemmaRVQModel
+
+    makers = {
+        "gemma4_audio": (tiny_gemma4_audio_config, Gemma4AudioFeatureExtractor, "hidden_size"),
+        "hubert": (tiny_hubert_config, Wav2Vec2FeatureExtractor, "hidden_size"),
+        "wav2vec2": (tiny_wav2vec2_config, Wav2Vec2FeatureExtractor, "hidden_size"),
+        "whisper": (tiny_whisper_config, WhisperFeatureExtractor, "d_model"),
+    }
+    if encoder_family not in makers:
+        raise ValueError(f"unknown encoder family {encoder_family!r}; expected one of {sorted(makers)}")
+    make_config, fe_cls, hidden_key = makers[encoder_family]
+    encoder_config = make_config(**(encoder_kwargs or {}))
+    feature_extractor = fe_cls(feature_size=80) if encoder_family == "whisper" else fe_cls()
+    kwargs = dict(
+        encoder_family=encoder_family,
+        encoder_layer=encoder_layer,
+        dim=getattr(encoder_config, hidden_key),
+        num_quantizers=num_quantizers,
+        codebook_size=codebook_size,
+    )
+    kwargs.update(config_kwargs)
+    torch.manual_seed(seed)
+    if bundle_encoder:
+        config = GemmaRVQConfig(
+            encoder_name_or_path=None,
+            encoder_config=encoder_config.to_dict(),
+            feature_extractor_config=feature_extractor.to_dict(),
+            **kwargs,
+        )
+        return GemmaRVQModel(config).eval()
+    if encoder_path is None:
+        raise ValueError("bundle_encoder=False needs encoder_path: a directory to save the tiny encoder to")
+    encoder = build_encoder(encoder_family, encoder_config.to_dict())
+    encoder.save_pretrained(encoder_path)
+    feature_extractor.save_pretrained(encoder_path)
+    config = GemmaRVQConfig(encoder_name_or_path=str(encoder_path), **kwargs)
+    return GemmaRVQModel(config).eval()
+
+
+def toy_semantic_pairs(token_format="gemma_rvq", num_rows: int = 20, *, min_frames: int = 3, max_frames: int = 6,
+                       seed: int = 0, texts: list[str] | tuple[str, ...] | None = None):
+    """A ``datasets.Dataset`` of ``num_rows`` (``text``, ``semantic_tokens``) pairs: a fixed random mapping.
+
+    Each text of :data:`TINY_CORPUS` (cycled) gets random codes ``[Q, T]`` (``Q`` = the format's
+    ``num_levels``, ``T`` in ``[min_frames, max_frames]``, codes below ``codebook_size``) rendered with
+    ``token_format``: what ``tokenize_speech`` would emit, without audio. For recipe tests and demos.
+    """
+    import numpy as np
+    from datasets import Dataset
+
+    from .tokens import get_format
+
+    fmt = get_format(token_format)
+    rng = np.random.default_rng(seed)
+    source = list(texts or TINY_CORPUS)
+    rows_text, rows_tokens = [], []
+    for index in range(num_rows):
+        frames = int(rng.integers(min_frames, max_frames + 1))
+        codes = rng.integers(0, fmt.codebook_size, size=(fmt.num_levels or 1, frames))
+        rows_text.append(source[index % len(source)] if index < len(source) else f"{source[index % len(source)]} ({index})")
+        rows_tokens.append(fmt.render(codes))
+    return Dataset.from_dict({"text": rows_text, "semantic_tokens": rows_tokens})
+
+
+def tiny_gemma4_multimodal(tokenizer=None, hidden_size: int = 64, num_hidden_layers: int = 2, *,
+                           audio_config=None, audio_hidden_size: int = 64, hidden_size_per_layer_input: int = 16,
+                           seed: int = 0, **text_kwargs):
+    """A random ``Gemma4ForConditionalGeneration`` with a tiny audio tower and no vision tower.
+
+    The text model is sized for ``tokenizer`` (``len(tokenizer)`` rows, special ids copied; 512 rows and
+    Gemma's ids 0/1/2 without one), has tied, ``sqrt(hidden_size)``-scaled embeddings and per-layer
+    embeddings (PLE, ``hidden_size_per_layer_input`` per layer), like the real Gemma 4. The audio tower is
+    ``audio_config`` (e.g. a tiny RVQ's ``Gemma4AudioConfig``) or :func:`tiny_gemma4_audio_config` with
+    ``audio_hidden_size``: the size of the frames the RVQ quantizes (the input of ``output_proj``).
+    """
+    from transformers import Gemma4AudioConfig, Gemma4Config, Gemma4ForConditionalGeneration, Gemma4TextConfig
+
+    vocab_size = len(tokenizer) if tokenizer is not None else 512
+    special = dict(pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    if tokenizer is not None:
+        special = dict(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                       bos_token_id=tokenizer.bos_token_id)
+    text_defaults = dict(
+        vocab_size=vocab_size,
+        vocab_size_per_layer_input=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        global_head_dim=32,
+        hidden_size_per_layer_input=hidden_size_per_layer_input,
+        sliding_window=64,
+        layer_types=["sliding_attention"] * (num_hidden_layers - 1) + ["full_attention"],
+        max_position_embeddings=2048,
+        **special,
+    )
+    text_defaults.update(text_kwargs)
+    if audio_config is None:
+        audio_config = tiny_gemma4_audio_config(hidden_size=audio_hidden_size)
+    elif isinstance(audio_config, dict):
+        audio_config = Gemma4AudioConfig(**{k: v for k, v in audio_config.items() if k != "model_type"})
+    config = Gemma4Config(text_config=Gemma4TextConfig(**text_defaults), audio_config=audio_config,
+                          vision_config=None)
+    torch.manual_seed(seed)
+    model = Gemma4ForConditionalGeneration(config).eval()
+    if tokenizer is not None:
+        _sync_generation_config(model, tokenizer)
+    return model

@@ -1,0 +1,320 @@
+"""Frozen speech-encoder adapters: waveforms -> frame embeddings ``[B, T, D]`` + mask ``[B, T]``.
+
+One adapter per encoder family, each built on the real transformers model and feature extractor:
+
+* ``gemma4_audio`` (`Gemma4AudioModel`): the input of ``output_proj`` (1024-d in the full model), read as
+  ``hidden_states[-1]`` with ``config.tie_last_hidden_states = False`` (no forward hook). 16 kHz -> 128-bin
+  log-mel at a 10 ms hop -> two stride-2 convolutions: 25 frames per second (640 samples per frame).
+  The mask comes from the model (``attention_mask`` of its output), computed from the feature extractor's
+  ``input_features_mask`` which must be passed as ``attention_mask=`` (``model(**features)`` would
+  silently drop it). The feature extractor truncates at 30 s unless told ``truncation=False`` and ignores
+  ``sampling_rate`` (inputs are resampled before it).
+* ``hubert`` / ``wav2vec2`` (`HubertModel`, `Wav2Vec2Model`): ``hidden_states[k]``; convolutional front
+  end of total stride 320: 50 frames per second; mask from ``_get_feat_extract_output_lengths``.
+* ``whisper`` (`WhisperEncoder`): ``hidden_states[k]``; fixed 30 s windows of 3000 mel frames (10 ms hop),
+  stride-2 convolution: 1500 frames per window, 50 per second. Only the frames of the real audio are
+  kept: the feature extractor's mel-frame mask subsampled by 2 (``ceil(samples / 320)`` frames).
+
+Layer selection never runs unused layers: the layer list is truncated to ``k`` layers (and a final
+LayerNorm that ``hidden_states[k]`` of the full model would not include is replaced by an identity), so
+``last_hidden_state`` of the truncated encoder equals ``hidden_states[k]`` of the full one.
+
+Padding invariance (batched codes == one-at-a-time codes on valid frames): Gemma 4 masks its input before
+each subsampling convolution and in attention, its light convolutions are causal; HuBERT/wav2vec2 with
+``feat_extract_norm="layer"`` use valid convolutions and zero padded frames before the positional
+convolution. With ``feat_extract_norm="group"`` (wav2vec2-base / hubert-base style) the first
+convolution's GroupNorm normalises over time, padding included, so those encoders are run one clip at a
+time (exact, slower). Whisper pads every clip to the same 30 s window anyway.
+
+Long audio (longer than the adapter's window): split into windows of ``window`` samples whose starts are
+whole frames apart, overlapping by ``overlap`` samples; every window of every clip goes through one padded
+encoder forward, and each window keeps the frames closest to its own centre (boundaries at the middle of
+each overlap), so no frame is lost or duplicated and frame ``f`` of a window starting at sample ``s`` is
+global frame ``s / samples_per_frame + f``.
+
+This file is copied next to saved checkpoints (remote code): it imports only numpy, torch, transformers.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+FAMILIES = ("gemma4_audio", "hubert", "wav2vec2", "whisper")
+
+
+def _classes(family: str) -> tuple[type, type, type]:
+    """``(config_class, model_class, feature_extractor_class)`` of a family (imported on demand)."""
+    import transformers
+
+    if family == "gemma4_audio":
+        return transformers.Gemma4AudioConfig, transformers.Gemma4AudioModel, transformers.Gemma4AudioFeatureExtractor
+    if family == "hubert":
+        return transformers.HubertConfig, transformers.HubertModel, transformers.Wav2Vec2FeatureExtractor
+    if family == "wav2vec2":
+        return transformers.Wav2Vec2Config, transformers.Wav2Vec2Model, transformers.Wav2Vec2FeatureExtractor
+    if family == "whisper":
+        from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+        return transformers.WhisperConfig, WhisperEncoder, transformers.WhisperFeatureExtractor
+    raise ValueError(f"unknown encoder family {family!r}; expected one of {FAMILIES}")
+
+
+def build_encoder(family: str, encoder_config: dict[str, Any]) -> nn.Module:
+    """A randomly initialised encoder of ``family`` from its config dict (weights come from a checkpoint)."""
+    config_cls, model_cls, _ = _classes(family)
+    config_dict = {k: v for k, v in encoder_config.items() if k not in ("transformers_version", "architectures")}
+    config = config_cls(**config_dict)
+    return model_cls(config)
+
+
+def load_encoder(family: str, name_or_path: str, *, revision: str | None = None, **kwargs: Any) -> nn.Module:
+    """Load a pretrained encoder of ``family`` (Hub id or local directory).
+
+    Gemma 4: ``Gemma4AudioModel.from_pretrained`` also takes a full Gemma 4 checkpoint (just the audio
+    tower is loaded). Whisper: a saved ``WhisperEncoder`` or any Whisper model checkpoint (the encoder is
+    kept, the decoder dropped).
+    """
+    _, model_cls, _ = _classes(family)
+    if revision is not None:
+        kwargs["revision"] = revision
+    if family == "whisper":
+        import transformers
+
+        config = transformers.AutoConfig.from_pretrained(name_or_path, **kwargs)
+        if "WhisperEncoder" not in (getattr(config, "architectures", None) or []):
+            return transformers.WhisperModel.from_pretrained(name_or_path, **kwargs).get_encoder()
+    return model_cls.from_pretrained(name_or_path, **kwargs)
+
+
+def build_feature_extractor(
+    family: str,
+    feature_extractor_config: dict[str, Any] | None = None,
+    name_or_path: str | None = None,
+    *,
+    revision: str | None = None,
+) -> Any:
+    """The family's feature extractor: from ``feature_extractor_config``, else the one saved with the
+    encoder at ``name_or_path``, else the family's defaults."""
+    _, _, fe_cls = _classes(family)
+    if feature_extractor_config is not None:
+        # Only constructor arguments: derived attributes (hop_length, n_samples, ...) are recomputed.
+        accepted = set(inspect.signature(fe_cls.__init__).parameters) - {"self", "kwargs"}
+        return fe_cls(**{k: v for k, v in feature_extractor_config.items() if k in accepted})
+    if name_or_path is not None:
+        try:
+            return fe_cls.from_pretrained(name_or_path, revision=revision)
+        except (OSError, ValueError):
+            pass  # no preprocessor_config.json next to the encoder: use the family's defaults
+    return fe_cls()
+
+
+def _check_layer(layer: int | None, num_layers: int, family: str) -> int:
+    if layer is None:
+        return num_layers
+    if not 0 <= layer <= num_layers:
+        raise ValueError(f"encoder_layer={layer} is out of range for a {num_layers}-layer {family} encoder")
+    if family == "gemma4_audio" and layer == 0:
+        raise ValueError("encoder_layer=0 is not supported for gemma4_audio (use >= 1: a conformer layer's output)")
+    return layer
+
+
+def prepare_encoder(family: str, model: nn.Module, layer: int | None) -> nn.Module:
+    """Freeze ``model`` in place and cut it down to what ``hidden_states[layer]`` needs (see module doc)."""
+    if family == "gemma4_audio":
+        k = _check_layer(layer, model.config.num_hidden_layers, family)
+        model.layers = nn.ModuleList(list(model.layers)[:k])
+        model.config.tie_last_hidden_states = False
+    elif family in ("hubert", "wav2vec2"):
+        encoder = model.encoder
+        k = _check_layer(layer, model.config.num_hidden_layers, family)
+        encoder.layers = nn.ModuleList(list(encoder.layers)[:k])
+        # Stable-layer-norm encoders (large models) apply a final LayerNorm after the last layer; the
+        # others apply theirs before the first layer (it is part of every hidden state).
+        if model.config.do_stable_layer_norm and k < model.config.num_hidden_layers:
+            encoder.layer_norm = nn.Identity()
+        # layerdrop and masking only act in training mode, which a frozen encoder never enters.
+    elif family == "whisper":
+        k = _check_layer(layer, model.config.encoder_layers, family)
+        model.layers = nn.ModuleList(list(model.layers)[:k])
+        if k < model.config.encoder_layers:
+            model.layer_norm = nn.Identity()
+    else:
+        raise ValueError(f"unknown encoder family {family!r}")
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+class EncoderAdapter:
+    """Runs a frozen encoder on a list of waveforms and returns aligned frame embeddings.
+
+    Not an ``nn.Module``: it holds a reference to the encoder (registered, or not, by its owner).
+
+    Args:
+        family: one of ``FAMILIES``.
+        model: the encoder, already passed through [`prepare_encoder`].
+        feature_extractor: the family's feature extractor.
+        window_seconds: longest piece of audio given to the encoder at once.
+        overlap_seconds: overlap between consecutive windows of a long clip.
+    """
+
+    def __init__(
+        self,
+        family: str,
+        model: nn.Module,
+        feature_extractor: Any,
+        *,
+        window_seconds: float,
+        overlap_seconds: float,
+    ) -> None:
+        if family not in FAMILIES:
+            raise ValueError(f"unknown encoder family {family!r}; expected one of {FAMILIES}")
+        self.family = family
+        self.model = model
+        self.feature_extractor = feature_extractor
+        self.sampling_rate = int(feature_extractor.sampling_rate)
+        hop = int(getattr(feature_extractor, "hop_length", round(self.sampling_rate / 100)))
+        if family == "gemma4_audio":
+            self.samples_per_frame = hop * 4
+            self.min_samples = self.samples_per_frame
+        elif family == "whisper":
+            self.samples_per_frame = hop * 2
+            self.min_samples = self.samples_per_frame
+            window_seconds = min(window_seconds, feature_extractor.n_samples / self.sampling_rate)
+        else:
+            self.samples_per_frame = int(math.prod(model.config.conv_stride))
+            self.min_samples = int(self._conv_receptive_field(model.config))
+        spf = self.samples_per_frame
+        self.window = max(spf, int(window_seconds * self.sampling_rate) // spf * spf)
+        # Overlap: whole frames, even (two halves), at least 4 frames so that conv edge effects never
+        # leave a gap between windows.
+        overlap_frames = max(4, round(overlap_seconds * self.sampling_rate / spf))
+        overlap_frames += overlap_frames % 2
+        self.overlap = min(overlap_frames * spf, self.window // 2 // (2 * spf) * (2 * spf))
+
+    @staticmethod
+    def _conv_receptive_field(config: Any) -> int:
+        field = 1
+        for kernel, stride in zip(reversed(config.conv_kernel), reversed(config.conv_stride)):
+            field = (field - 1) * stride + kernel
+        return field
+
+    @property
+    def frame_rate(self) -> float:
+        return self.sampling_rate / self.samples_per_frame
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    # ------------------------------------------------------------------ one padded forward
+    @torch.no_grad()
+    def forward_batch(self, clips: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One padded encoder forward over ``clips`` (each float32 ``[S_i]`` at ``sampling_rate``, at most
+        ``window`` samples) -> embeddings ``[B, T, D]`` (encoder dtype/device) and mask ``[B, T]`` bool."""
+        if self.family == "gemma4_audio":
+            return self._gemma4(clips)
+        if self.family == "whisper":
+            return self._whisper(clips)
+        if self.model.config.feat_extract_norm == "group" and len({len(c) for c in clips}) > 1:
+            # GroupNorm over time sees the padding: run clips one at a time (exact), then pad.
+            outs = [self._w2v([c]) for c in clips]
+            return _pad_frames([o[0][0, : int(o[1].sum())] for o in outs])
+        return self._w2v(clips)
+
+    def _gemma4(self, clips: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        feats = self.feature_extractor(
+            clips, truncation=False, padding="longest", return_attention_mask=True, return_tensors="pt"
+        )
+        x = feats["input_features"].to(self.device, self.dtype)
+        mask = feats["input_features_mask"].to(self.device)
+        out = self.model(x, attention_mask=mask, output_hidden_states=True)
+        return out.hidden_states[-1], out.attention_mask.bool()
+
+    def _w2v(self, clips: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        feats = self.feature_extractor(
+            clips, sampling_rate=self.sampling_rate, padding="longest", return_attention_mask=True,
+            return_tensors="pt",
+        )
+        x = feats["input_values"].to(self.device, self.dtype)
+        sample_mask = feats["attention_mask"].to(self.device)
+        out = self.model(x, attention_mask=sample_mask)
+        hidden = out.last_hidden_state
+        lengths = self.model._get_feat_extract_output_lengths(sample_mask.sum(-1))
+        mask = torch.arange(hidden.shape[1], device=hidden.device)[None, :] < lengths[:, None]
+        return hidden, mask
+
+    def _whisper(self, clips: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        feats = self.feature_extractor(
+            clips, sampling_rate=self.sampling_rate, padding="max_length", truncation=True,
+            return_attention_mask=True, return_tensors="pt",
+        )
+        x = feats["input_features"].to(self.device, self.dtype)
+        hidden = self.model(x).last_hidden_state
+        mask = feats["attention_mask"][:, ::2].bool().to(hidden.device)  # mel frames -> encoder frames
+        frames = int(mask.sum(-1).max())  # drop the frames of the window's padding
+        return hidden[:, :frames], mask[:, :frames]
+
+    # ------------------------------------------------------------------ long audio
+    def plan(self, num_samples: int) -> list[int]:
+        """Window start samples for a clip of ``num_samples`` samples (``[0]`` when it fits one window)."""
+        if num_samples <= self.window:
+            return [0]
+        spf, hop = self.samples_per_frame, self.window - self.overlap
+        starts = list(range(0, num_samples - self.window, hop))
+        # Last window: flush with the end of the clip (rounded up to a whole frame), never past it.
+        last = -(-(num_samples - self.window) // spf) * spf
+        if last > starts[-1]:
+            starts.append(last)
+        return starts
+
+    def __call__(self, clips: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embeddings ``[B, T, D]`` and mask ``[B, T]`` of clips of any length (one padded forward)."""
+        plans = [self.plan(len(c)) for c in clips]
+        if all(len(p) == 1 for p in plans):
+            return self.forward_batch(list(clips))
+        pieces = [c[s : s + self.window] for c, p in zip(clips, plans) for s in p]
+        hidden, mask = self.forward_batch(pieces)
+        lengths = mask.sum(-1).tolist()
+        spf = self.samples_per_frame
+        stitched, row = [], 0
+        for plan in plans:
+            offsets = [s // spf for s in plan]
+            parts = []
+            lo = 0
+            for j, off in enumerate(offsets):
+                end = off + lengths[row + j]
+                hi = end if j + 1 == len(offsets) else min(end, max(lo, (offsets[j + 1] + end) // 2))
+                parts.append(hidden[row + j, lo - off : hi - off])
+                lo = hi
+            stitched.append(torch.cat(parts) if len(parts) > 1 else parts[0])
+            row += len(plan)
+        return _pad_frames(stitched)
+
+
+def _pad_frames(frames: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad a list of ``[T_i, D]`` to ``[B, T, D]`` with zeros; mask ``[B, T]`` True on valid frames."""
+    lengths = torch.tensor([f.shape[0] for f in frames])
+    out = torch.nn.utils.rnn.pad_sequence(frames, batch_first=True)
+    mask = torch.arange(out.shape[1])[None, :] < lengths[:, None]
+    return out, mask.to(out.device)
+
+
+__all__ = [
+    "FAMILIES",
+    "EncoderAdapter",
+    "build_encoder",
+    "build_feature_extractor",
+    "load_encoder",
+    "prepare_encoder",
+]

@@ -1,0 +1,523 @@
+"""GemmaRVQModel: frozen speech encoder -> residual vector quantizer -> discrete codes ``[B, Q, T]``.
+
+Shapes: ``B`` batch, ``S`` samples, ``T`` frames, ``D`` encoder dim (``config.dim``), ``Dc`` code dim
+(``config.codebook_dim``), ``Q`` levels, ``K`` codes per level. Masks are ``BoolTensor`` with True = valid.
+
+This file is copied next to saved checkpoints (remote code): at module level it imports only its flat
+siblings, torch, numpy and transformers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import initialization as init
+from transformers.modeling_utils import PreTrainedAudioTokenizerBase
+from transformers.utils import ModelOutput
+
+from .audio import prepare_waveform
+from .configuration_gemma_rvq import GemmaRVQConfig
+from .encoders import EncoderAdapter, build_encoder, build_feature_extractor, load_encoder, prepare_encoder
+from .quantization import ResidualQuantizer
+
+
+@dataclass
+class GemmaRVQEncoderOutput(ModelOutput):
+    """Output of [`GemmaRVQModel.encode`].
+
+    Args:
+        audio_codes (`torch.LongTensor` of shape `[B, Q, T]`): codes; padded frames hold 0 and must be
+            ignored through `codes_mask`.
+        codes_mask (`torch.BoolTensor` of shape `[B, T]`): True on valid frames.
+        embeddings (`torch.FloatTensor` of shape `[B, T, D]`): the encoder embeddings that were quantized
+            (padded frames hold 0).
+    """
+
+    audio_codes: torch.LongTensor | None = None
+    codes_mask: torch.BoolTensor | None = None
+    embeddings: torch.FloatTensor | None = None
+
+
+@dataclass
+class GemmaRVQQuantizerOutput(ModelOutput):
+    """Output of [`GemmaRVQModel.quantize`].
+
+    Args:
+        audio_codes (`torch.LongTensor` of shape `[B, Q, T]`): codes (0 on padded frames).
+        codes_mask (`torch.BoolTensor` of shape `[B, T]`): True on valid frames.
+        quantized (`torch.FloatTensor` of shape `[B, T, D]`): reconstruction in the encoder space
+            (0 on padded frames).
+    """
+
+    audio_codes: torch.LongTensor | None = None
+    codes_mask: torch.BoolTensor | None = None
+    quantized: torch.FloatTensor | None = None
+
+
+@dataclass
+class GemmaRVQDecoderOutput(ModelOutput):
+    """Output of [`GemmaRVQModel.decode`].
+
+    Args:
+        embeddings (`torch.FloatTensor` of shape `[B, T, D]`): reconstructed encoder embeddings from the
+            first levels of the codes (0 on padded frames).
+        codes_mask (`torch.BoolTensor` of shape `[B, T]`): True on valid frames.
+    """
+
+    embeddings: torch.FloatTensor | None = None
+    codes_mask: torch.BoolTensor | None = None
+
+
+@dataclass
+class GemmaRVQOutput(ModelOutput):
+    """Output of [`GemmaRVQModel.forward`] (training).
+
+    Args:
+        loss (`torch.FloatTensor` scalar): `mse_weight * mse_loss + cosine_weight * cosine_loss +
+            commitment_weight * commitment_loss + codebook_loss`.
+        mse_loss (`torch.FloatTensor` scalar): mean squared error over valid frames and dimensions.
+        cosine_loss (`torch.FloatTensor` scalar): mean of `1 - cos(reconstruction, embedding)` over valid frames.
+        commitment_loss (`torch.FloatTensor` scalar): the quantizer's commitment loss (averaged over levels).
+        codebook_loss (`torch.FloatTensor` scalar): the quantizer's codebook loss (zero for EMA codebooks).
+        quantized (`torch.FloatTensor` of shape `[B, T, D]`): straight-through reconstruction.
+        audio_codes (`torch.LongTensor` of shape `[B, Q, T]`): codes (0 on padded frames).
+        codes_mask (`torch.BoolTensor` of shape `[B, T]`): True on valid frames.
+    """
+
+    loss: torch.FloatTensor | None = None
+    mse_loss: torch.FloatTensor | None = None
+    cosine_loss: torch.FloatTensor | None = None
+    commitment_loss: torch.FloatTensor | None = None
+    codebook_loss: torch.FloatTensor | None = None
+    quantized: torch.FloatTensor | None = None
+    audio_codes: torch.LongTensor | None = None
+    codes_mask: torch.BoolTensor | None = None
+
+
+def _gather(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``[B, T, ...]`` + mask ``[B, T]`` -> valid rows ``[N, ...]`` (a view when every frame is valid)."""
+    if bool(mask.all()):
+        return x.reshape(-1, *x.shape[2:])
+    return x[mask]
+
+
+def _scatter(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Valid rows ``[N, ...]`` + mask ``[B, T]`` -> ``[B, T, ...]`` with zeros on padded frames."""
+    shape = (*mask.shape, *values.shape[1:])
+    if values.shape[0] == mask.numel():
+        return values.reshape(shape)
+    out = values.new_zeros(shape)
+    out[mask] = values
+    return out
+
+
+class GemmaRVQModel(PreTrainedAudioTokenizerBase):
+    """Speech tokenizer: a frozen encoder (Gemma 4 audio, HuBERT, wav2vec2 or Whisper) and a residual VQ.
+
+    Submodules: `in_norm` (LayerNorm D), `in_proj` (Linear D -> Dc), `quantizer` ([`ResidualQuantizer`]),
+    `out_norm` (LayerNorm Dc), `out_proj` (Linear Dc -> D) — identities when `use_projection=False` —
+    and `encoder` when the encoder is bundled (`config.encoder_config` set). Otherwise the encoder is
+    loaded from `config.encoder_name_or_path` on the first call to [`embed`] and kept out of the state
+    dict, so the checkpoint stays quantizer-only.
+    """
+
+    config_class = GemmaRVQConfig
+    config: GemmaRVQConfig
+    base_model_prefix = "gemma_rvq"
+    main_input_name = "input_values"
+    _supports_sdpa = True
+
+    def __init__(self, config: GemmaRVQConfig) -> None:
+        super().__init__(config)
+        dim, cdim = config.dim, config.codebook_dim
+        if config.use_projection:
+            self.in_norm = nn.LayerNorm(dim, eps=config.layer_norm_eps)
+            self.in_proj = nn.Linear(dim, cdim)
+            self.out_norm = nn.LayerNorm(cdim, eps=config.layer_norm_eps)
+            self.out_proj = nn.Linear(cdim, dim)
+        else:
+            self.in_norm, self.in_proj = nn.Identity(), nn.Identity()
+            self.out_norm, self.out_proj = nn.Identity(), nn.Identity()
+        self.quantizer = ResidualQuantizer(
+            cdim,
+            config.num_quantizers,
+            config.codebook_size,
+            codebook_type=config.codebook_type,
+            ema_decay=config.ema_decay,
+            dead_code_threshold=config.dead_code_threshold,
+            search_chunk_size=config.search_chunk_size,
+        )
+        if config.encoder_config is not None:
+            encoder = build_encoder(config.encoder_family, config.encoder_config)
+            self.encoder = prepare_encoder(config.encoder_family, encoder, config.encoder_layer)
+        else:
+            self.encoder = None
+        # Runtime state, deliberately not registered: a lazily loaded encoder never enters the state dict.
+        self.__dict__["_lazy_encoder"] = None  # object attribute, never a registered submodule
+        self._adapter: EncoderAdapter | None = None
+        self.post_init()
+
+    # ------------------------------------------------------------------ init / loading
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            init.normal_(module.weight, std=self.config.initializer_range)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, ResidualQuantizer):
+            init.normal_(module.codebooks, std=1.0 / math.sqrt(module.dim))
+            if module.codebook_type == "ema":
+                # The quantizer's invariant: codebooks == embed_sum / cluster_size.
+                init.ones_(module.cluster_size)
+                init.copy_(module.embed_sum, module.codebooks)
+            module.invalidate_cache()
+
+    @classmethod
+    def from_pretrained(cls, *args: Any, **kwargs: Any):
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        model._freeze_encoder()
+        return loaded
+
+    def _freeze_encoder(self) -> None:
+        for encoder in (self.encoder, self._lazy_encoder):
+            if encoder is not None:
+                encoder.eval()
+                encoder.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> GemmaRVQModel:
+        """Train mode for the projections and quantizer; the encoder always stays frozen in eval mode."""
+        super().train(mode)
+        self._freeze_encoder()
+        return self
+
+    # ------------------------------------------------------------------ encoder
+    def get_audio_encoder(self) -> nn.Module:
+        """The frozen encoder module (bundled, or loaded now from `config.encoder_name_or_path`)."""
+        return self._encoder_adapter().model
+
+    def _encoder_adapter(self) -> EncoderAdapter:
+        config = self.config
+        if self._adapter is None:
+            if self.encoder is not None:
+                encoder = self.encoder
+            elif config.encoder_name_or_path:
+                encoder = load_encoder(
+                    config.encoder_family, config.encoder_name_or_path, revision=config.encoder_revision,
+                    dtype=self.dtype,
+                )
+                encoder = prepare_encoder(config.encoder_family, encoder, config.encoder_layer)
+                hidden = getattr(encoder.config, "d_model" if config.encoder_family == "whisper" else "hidden_size")
+                if hidden != config.dim:
+                    raise ValueError(
+                        f"the encoder {config.encoder_name_or_path!r} has hidden size {hidden}, but this "
+                        f"model quantizes dim={config.dim}"
+                    )
+                self.__dict__["_lazy_encoder"] = encoder  # bypass nn.Module registration
+            else:
+                raise ValueError(
+                    "this GemmaRVQModel has no encoder: set config.encoder_name_or_path or config.encoder_config, "
+                    "or pass precomputed `embeddings=` to encode()"
+                )
+            feature_extractor = build_feature_extractor(
+                config.encoder_family, config.feature_extractor_config, config.encoder_name_or_path,
+                revision=config.encoder_revision,
+            )
+            self._adapter = EncoderAdapter(
+                config.encoder_family, encoder, feature_extractor,
+                window_seconds=config.max_chunk_seconds, overlap_seconds=config.chunk_overlap_seconds,
+            )
+        if self._lazy_encoder is not None:
+            param = next(self.quantizer.buffers(), None)
+            if param is None:
+                param = next(self.parameters())
+            if next(self._lazy_encoder.parameters()).device != param.device:
+                self._lazy_encoder.to(param.device)
+        return self._adapter
+
+    def bundle_encoder(self) -> None:
+        """Make the (lazily loaded) encoder part of this checkpoint: it is registered as `encoder`, and
+        `config.encoder_config` / `config.feature_extractor_config` are filled, so `save_pretrained` then
+        writes a self-contained model."""
+        adapter = self._encoder_adapter()
+        if self.encoder is None:
+            self.encoder = adapter.model
+            self.__dict__["_lazy_encoder"] = None
+        self.config.encoder_config = adapter.model.config.to_dict()
+        self.config.feature_extractor_config = adapter.feature_extractor.to_dict()
+
+    @property
+    def sampling_rate(self) -> int:
+        """Sampling rate (Hz) the encoder expects."""
+        return self.config.sampling_rate
+
+    @property
+    def frame_rate(self) -> float:
+        """Frames (and codes) per second."""
+        return self.config.frame_rate
+
+    # ------------------------------------------------------------------ audio -> embeddings
+    def _to_clips(
+        self, input_values: Any, padding_mask: Any, sampling_rate: int | None, adapter: EncoderAdapter
+    ) -> list[np.ndarray]:
+        target = adapter.sampling_rate
+        source = target if sampling_rate is None else sampling_rate
+        if isinstance(input_values, (torch.Tensor, np.ndarray)):
+            if input_values.ndim == 1:
+                rows = [input_values]
+            elif input_values.ndim == 2:
+                rows = list(input_values)
+            else:
+                raise ValueError(
+                    f"input_values must be [B, S] or a list of 1-D waveforms, got shape {tuple(input_values.shape)}"
+                )
+            if padding_mask is not None:
+                mask = padding_mask
+                if tuple(mask.shape) != tuple(input_values.shape):
+                    raise ValueError(
+                        f"padding_mask shape {tuple(mask.shape)} does not match input_values {tuple(input_values.shape)}"
+                    )
+                mask = mask.bool() if isinstance(mask, torch.Tensor) else np.asarray(mask, dtype=bool)
+                if mask.ndim == 1:
+                    mask = mask[None]
+                rows = [row[m] for row, m in zip(rows, mask)]
+        elif isinstance(input_values, (list, tuple)):
+            if len(input_values) == 0:
+                raise ValueError("input_values is an empty list")
+            if padding_mask is not None:
+                raise ValueError("padding_mask is only meaningful with a padded [B, S] tensor, not a list")
+            rows = list(input_values)
+        else:
+            raise ValueError(
+                f"input_values must be a tensor/array [B, S] or a list of waveforms, got {type(input_values).__name__}"
+            )
+        return [
+            prepare_waveform(row, source, target, min_samples=adapter.min_samples, name=f"input {i}")
+            for i, row in enumerate(rows)
+        ]
+
+    def embed(
+        self, input_values: Any, padding_mask: Any = None, *, sampling_rate: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Audio -> frozen-encoder frame embeddings.
+
+        Args:
+            input_values: `[B, S]` tensor/array (with `padding_mask [B, S]`, True = real sample), a 1-D
+                waveform `[S]`, or a list of waveforms of any length (1-D, or 2-D multi-channel: downmixed).
+                Float or integer PCM.
+            padding_mask: `[B, S]` bool, only with a padded `[B, S]` input.
+            sampling_rate: rate of the input in Hz; resampled to `self.sampling_rate` when different.
+                `None` means the input is already at `self.sampling_rate`.
+
+        Returns:
+            `(embeddings [B, T, D], mask [B, T])`, on the encoder's device, in its dtype. Audio longer than
+            `config.max_chunk_seconds` is encoded in overlapping windows and stitched by frame position.
+        """
+        adapter = self._encoder_adapter()
+        clips = self._to_clips(input_values, padding_mask, sampling_rate, adapter)
+        return adapter(clips)
+
+    # ------------------------------------------------------------------ projections
+    def project_in(self, x: torch.Tensor) -> torch.Tensor:
+        """`[..., D]` -> `[..., Dc]` (in_norm, in_proj)."""
+        return self.in_proj(self.in_norm(x))
+
+    def project_out(self, z: torch.Tensor) -> torch.Tensor:
+        """`[..., Dc]` -> `[..., D]` (out_norm, out_proj)."""
+        return self.out_proj(self.out_norm(z))
+
+    def _param_dtype(self) -> torch.dtype:
+        return self.in_proj.weight.dtype if self.config.use_projection else self.quantizer.codebooks.dtype
+
+    def _check_embeddings(
+        self, embeddings: Any, mask: Any, name: str = "embeddings", allow_flat: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not isinstance(embeddings, torch.Tensor) or not embeddings.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point torch.Tensor [B, T, D], got {type(embeddings).__name__}")
+        if allow_flat and embeddings.dim() == 2:
+            if mask is not None:
+                raise ValueError(f"flat {name} [N, D] are all valid frames: do not pass a mask")
+            embeddings = embeddings[None]
+        if embeddings.dim() != 3:
+            raise ValueError(f"{name} must have shape [B, T, D], got {tuple(embeddings.shape)}")
+        if embeddings.shape[-1] != self.config.dim:
+            raise ValueError(
+                f"{name} have dimension {embeddings.shape[-1]}, but this model quantizes dim={self.config.dim}"
+            )
+        if mask is None:
+            mask = torch.ones(embeddings.shape[:2], dtype=torch.bool, device=embeddings.device)
+        else:
+            if not isinstance(mask, torch.Tensor):
+                mask = torch.as_tensor(np.asarray(mask))
+            if tuple(mask.shape) != tuple(embeddings.shape[:2]):
+                raise ValueError(f"mask shape {tuple(mask.shape)} does not match {name} [B, T] = "
+                                 f"{tuple(embeddings.shape[:2])}")
+            mask = mask.to(device=embeddings.device, dtype=torch.bool)
+        return embeddings, mask
+
+    # ------------------------------------------------------------------ embeddings -> codes
+    @torch.no_grad()
+    def quantize(
+        self, embeddings: torch.Tensor, mask: torch.Tensor | None = None, num_quantizers: int | None = None
+    ) -> GemmaRVQQuantizerOutput:
+        """Encoder embeddings `[B, T, D]` (+ mask `[B, T]`) -> codes `[B, Q', T]` and reconstruction `[B, T, D]`.
+
+        Only valid frames reach the quantizer. `num_quantizers` (default: all) selects the first levels.
+        """
+        embeddings, mask = self._check_embeddings(embeddings, mask)
+        x = _gather(embeddings, mask).to(self._param_dtype())
+        if x.numel() and not bool(torch.isfinite(x).all()):
+            raise ValueError("embeddings contain NaN or infinite values on valid frames")
+        codes = self.quantizer.encode(self.project_in(x), num_quantizers)  # [N, Q']
+        quantized = self.project_out(self.quantizer.decode(codes))
+        return GemmaRVQQuantizerOutput(
+            audio_codes=_scatter(codes, mask).permute(0, 2, 1).contiguous(),
+            codes_mask=mask,
+            quantized=_scatter(quantized, mask),
+        )
+
+    @torch.no_grad()
+    def encode(
+        self,
+        input_values: Any = None,
+        padding_mask: Any = None,
+        *,
+        sampling_rate: int | None = None,
+        embeddings: torch.Tensor | None = None,
+        embeddings_mask: torch.Tensor | None = None,
+        num_quantizers: int | None = None,
+        return_dict: bool = True,
+    ) -> GemmaRVQEncoderOutput | tuple:
+        """Audio (or precomputed embeddings) -> codes.
+
+        Args:
+            input_values, padding_mask, sampling_rate: audio, as in [`embed`].
+            embeddings: precomputed encoder embeddings `[B, T, D]` instead of audio.
+            embeddings_mask: `[B, T]` bool mask of `embeddings` (default: all valid).
+            num_quantizers: use only the first levels.
+
+        Returns:
+            [`GemmaRVQEncoderOutput`]: `audio_codes [B, Q', T]` (0 on padded frames), `codes_mask [B, T]`,
+            `embeddings [B, T, D]`.
+        """
+        if (input_values is None) == (embeddings is None):
+            raise ValueError("pass exactly one of input_values (audio) or embeddings")
+        if embeddings is None:
+            embeddings, embeddings_mask = self.embed(input_values, padding_mask, sampling_rate=sampling_rate)
+        out = self.quantize(embeddings, embeddings_mask, num_quantizers)
+        result = GemmaRVQEncoderOutput(audio_codes=out.audio_codes, codes_mask=out.codes_mask, embeddings=embeddings)
+        return result if return_dict else result.to_tuple()
+
+    @torch.no_grad()
+    def decode(
+        self,
+        audio_codes: torch.Tensor,
+        codes_mask: torch.Tensor | None = None,
+        num_quantizers: int | None = None,
+        return_dict: bool = True,
+    ) -> GemmaRVQDecoderOutput | tuple:
+        """Codes `[B, Q', T]` -> reconstructed encoder embeddings `[B, T, D]` from the first levels.
+
+        Args:
+            audio_codes: integer codes in `[0, K)` on valid frames; `Q' <= Q`.
+            codes_mask: `[B, T]` bool (default: all valid); padded frames are ignored and decode to 0.
+            num_quantizers: decode only the first levels (default: all given).
+        """
+        if not isinstance(audio_codes, torch.Tensor):
+            audio_codes = torch.as_tensor(np.asarray(audio_codes))
+        if audio_codes.dim() != 3:
+            raise ValueError(f"audio_codes must have shape [B, Q, T], got {tuple(audio_codes.shape)}")
+        if audio_codes.is_floating_point() or audio_codes.dtype == torch.bool:
+            raise ValueError(f"audio_codes must be an integer tensor, got {audio_codes.dtype}")
+        levels = audio_codes.shape[1]
+        if not 1 <= levels <= self.config.num_quantizers:
+            raise ValueError(f"audio_codes have {levels} levels; this model has {self.config.num_quantizers}")
+        if num_quantizers is not None:
+            if not isinstance(num_quantizers, int) or not 1 <= num_quantizers <= levels:
+                raise ValueError(f"num_quantizers must be an int in [1, {levels}], got {num_quantizers!r}")
+            audio_codes = audio_codes[:, :num_quantizers]
+        batch, _, frames = audio_codes.shape
+        if codes_mask is None:
+            codes_mask = torch.ones(batch, frames, dtype=torch.bool, device=audio_codes.device)
+        else:
+            if not isinstance(codes_mask, torch.Tensor):
+                codes_mask = torch.as_tensor(np.asarray(codes_mask))
+            if tuple(codes_mask.shape) != (batch, frames):
+                raise ValueError(f"codes_mask shape {tuple(codes_mask.shape)} does not match audio_codes [B, T] = "
+                                 f"{(batch, frames)}")
+            codes_mask = codes_mask.to(device=audio_codes.device, dtype=torch.bool)
+        codes = _gather(audio_codes.permute(0, 2, 1), codes_mask)  # [N, Q']
+        if codes.numel():
+            low, high = int(codes.min()), int(codes.max())
+            if low < 0 or high >= self.config.codebook_size:
+                raise ValueError(
+                    f"audio_codes must be in [0, {self.config.codebook_size}) on valid frames, got values in "
+                    f"[{low}, {high}]"
+                )
+        embeddings = self.project_out(self.quantizer.decode(codes))
+        result = GemmaRVQDecoderOutput(embeddings=_scatter(embeddings, codes_mask.to(embeddings.device)),
+                                       codes_mask=codes_mask)
+        return result if return_dict else result.to_tuple()
+
+    # ------------------------------------------------------------------ training
+    def forward(
+        self,
+        embeddings: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        num_quantizers: int | None = None,
+        return_dict: bool = True,
+    ) -> GemmaRVQOutput | tuple:
+        """Reconstruction loss of encoder embeddings through the quantizer (the training path).
+
+        Args:
+            embeddings: `[B, T, D]` (with `attention_mask [B, T]`), or flat valid frames `[N, D]`
+                (treated as one sequence: outputs then have `B = 1, T = N`).
+            attention_mask: `[B, T]` bool, True on valid frames; only valid frames count.
+            num_quantizers: train/evaluate with only the first levels.
+
+        Returns:
+            [`GemmaRVQOutput`] with `loss = mse_weight * MSE + cosine_weight * (1 - cos) +
+            commitment_weight * commitment + codebook_loss` over valid frames. In training mode EMA
+            codebooks are updated by the quantizer.
+        """
+        embeddings, mask = self._check_embeddings(embeddings, attention_mask, allow_flat=True)
+        x = _gather(embeddings, mask).to(self._param_dtype())
+        qout = self.quantizer(self.project_in(x), num_quantizers)
+        recon = self.project_out(qout.quantized)
+        if x.shape[0] == 0:
+            raise ValueError("forward() got no valid frames (the mask is all False)")
+        mse = F.mse_loss(recon.float(), x.float())
+        cosine = (1.0 - F.cosine_similarity(recon.float(), x.float(), dim=-1)).mean()
+        cfg = self.config
+        loss = (
+            cfg.mse_weight * mse + cfg.cosine_weight * cosine + cfg.commitment_weight * qout.commitment_loss
+            + qout.codebook_loss
+        )
+        result = GemmaRVQOutput(
+            loss=loss,
+            mse_loss=mse,
+            cosine_loss=cosine,
+            commitment_loss=qout.commitment_loss,
+            codebook_loss=qout.codebook_loss,
+            quantized=_scatter(recon, mask),
+            audio_codes=_scatter(qout.codes, mask).permute(0, 2, 1).contiguous(),
+            codes_mask=mask,
+        )
+        return result if return_dict else result.to_tuple()
+
+
+__all__ = [
+    "GemmaRVQDecoderOutput",
+    "GemmaRVQEncoderOutput",
+    "GemmaRVQModel",
+    "GemmaRVQOutput",
+    "GemmaRVQQuantizerOutput",
+]
