@@ -56,6 +56,68 @@ def _dist_world_size() -> int:
     return 1
 
 
+class _exact_fp32:
+    """Context: IEEE fp32 matmuls (no TF32 on CUDA, no bf16/tf32 oneDNN math on CPU), restored on exit."""
+
+    def __enter__(self):
+        self._saved: list = []
+        root = getattr(torch.backends, "fp32_precision", "none")
+        for backend in (torch.backends.cuda.matmul, getattr(torch.backends.mkldnn, "matmul", None)):
+            prec = getattr(backend, "fp32_precision", None)
+            if prec is not None:
+                effective = root if prec == "none" else prec  # "none" inherits the global setting
+                if effective not in ("ieee", "none"):
+                    self._saved.append((backend, "fp32_precision", prec))
+                    backend.fp32_precision = "ieee"
+            elif backend is torch.backends.cuda.matmul and torch.backends.cuda.matmul.allow_tf32:
+                self._saved.append((backend, "allow_tf32", True))  # torch < 2.9
+                backend.allow_tf32 = False
+        return self
+
+    def __exit__(self, *exc):
+        for backend, name, value in reversed(self._saved):
+            setattr(backend, name, value)
+        return False
+
+
+def _onednn_usable(device: torch.device) -> bool:
+    return (device.type == "cpu" and torch.backends.mkldnn.is_available() and torch._C._get_mkldnn_enabled()
+            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
+
+class _SearchTables:
+    """Per-codebook-version search state: fp32 codebooks ``[Q, K, Dc]``, ``-|c|^2/2`` ``[Q, K]``, kernel.
+
+    ``scores(r, level)`` returns ``r @ C_level^T - |c|^2/2`` ``[n, K]`` (fp32), whose row argmax is the
+    nearest code. On CPU the oneDNN linear kernel (weight = codebook, bias = ``-|c|^2/2``) is used when
+    available: with MKL's sgemm as the alternative it is the faster of the two on the machines measured
+    (up to 2x on AMD, see docs/benchmarks.md) and gives the same fp32 result up to rounding. Elsewhere
+    (CUDA, ...) it is one ``addmm``.
+    """
+
+    def __init__(self, key: tuple, codebooks: Tensor, backend: str) -> None:
+        self.key = key
+        self.device = codebooks.device
+        self.weight = codebooks.float().contiguous()
+        self.bias = (-0.5 * self.weight.square().sum(-1)).contiguous()
+        if backend == "auto":
+            backend = "onednn" if _onednn_usable(self.device) else "addmm"
+        elif backend == "onednn" and not _onednn_usable(self.device):
+            raise ValueError(f"search_backend='onednn' is not available on device {self.device}")
+        elif backend not in ("onednn", "addmm"):
+            raise ValueError(f"search_backend must be 'auto', 'onednn' or 'addmm', got {backend!r}")
+        self.backend = backend
+        if backend == "onednn":
+            linear = torch.ops.mkldnn._linear_pointwise
+            packed = [w.to_mkldnn() for w in self.weight]
+            bias = list(self.bias)
+            self.scores = lambda r, level: linear(r, packed[level], bias[level], "none", [], "")
+        else:
+            weight_t = [w.t() for w in self.weight]
+            bias = list(self.bias)
+            self.scores = lambda r, level: torch.addmm(bias[level], r, weight_t[level])
+
+
 class ResidualQuantizer(nn.Module):
     """``Q`` levels of ``K`` codes each; level ``l`` quantizes the residual left by levels ``< l``.
 
@@ -120,7 +182,10 @@ class ResidualQuantizer(nn.Module):
         # Usage counts since the last restart (learnable codebooks). Deliberately not a buffer: it is
         # training-only state and must stay out of the checkpoint.
         self._usage: Tensor | None = None
-        self._search_cache: dict | None = None
+        # Which score kernel the search uses: "auto" (oneDNN linear on CPU when available, else addmm),
+        # "onednn" or "addmm". Not part of the state: a runtime choice.
+        self.search_backend = "auto"
+        self._search_cache: _SearchTables | None = None
 
     # ------------------------------------------------------------------ helpers
     def extra_repr(self) -> str:
@@ -154,21 +219,20 @@ class ResidualQuantizer(nn.Module):
         self.invalidate_cache()
         return super()._apply(fn, recurse)
 
-    def _search_tables(self) -> dict:
-        """Codebooks in fp32 with their half squared norms ``[Q, K]``, cached.
+    def _search_tables(self) -> _SearchTables:
+        """fp32 codebooks, their negative half squared norms and the kernel choice, cached.
 
         The cache key holds the codebook storage pointer and its version counter, which every in-place
         write (``copy_`` in ``load_state_dict``, optimizer steps, EMA updates) increments, so a stale
-        table is never used; our own mutating methods also invalidate explicitly.
+        table is never used. Writes through ``.data`` bypass the version counter: our own methods
+        invalidate explicitly; external code writing through ``.data`` must call :meth:`invalidate_cache`.
         """
         cb = self.codebooks.detach()
-        key = (cb.data_ptr(), self.codebooks._version, cb.device, cb.dtype, tuple(cb.shape))
+        key = (cb.data_ptr(), self.codebooks._version, cb.device, cb.dtype, tuple(cb.shape), self.search_backend)
         cache = self._search_cache
-        if cache is not None and cache["key"] == key:
+        if cache is not None and cache.key == key:
             return cache
-        weight = cb.float().contiguous()
-        neg_half_norms = -0.5 * weight.square().sum(-1)  # [Q, K]
-        cache = {"key": key, "weight": weight, "bias": neg_half_norms}
+        cache = _SearchTables(key, cb, self.search_backend)
         self._search_cache = cache
         return cache
 
@@ -177,39 +241,45 @@ class ResidualQuantizer(nn.Module):
     def nearest(self, x: Tensor, level: int) -> Tensor:
         """Exact nearest code of level ``level`` for each row of ``x [N, Dc]`` -> ``LongTensor [N]``.
 
-        Computes ``argmax_k (x . c_k - |c_k|^2 / 2)`` in fp32, ``search_chunk_size`` rows at a time.
+        Computes ``argmax_k (x . c_k - |c_k|^2 / 2)`` in fp32 (TF32 / reduced-precision fp32 modes are
+        switched off for the duration), ``search_chunk_size`` rows at a time, on the codebooks' device.
         """
         self._check_input(x)
-        if not 0 <= level < self.num_quantizers:
-            raise ValueError(f"level must be in [0, {self.num_quantizers}), got {level!r}")
+        if not isinstance(level, int) or not 0 <= level < self.num_quantizers:
+            raise ValueError(f"level must be an int in [0, {self.num_quantizers}), got {level!r}")
         tables = self._search_tables()
-        w, b = tables["weight"][level], tables["bias"][level]
-        x = x.to(device=w.device, dtype=torch.float32)
-        out = torch.empty(x.shape[0], dtype=torch.long, device=w.device)
+        out = torch.empty(x.shape[0], dtype=torch.long, device=tables.device)
         step = self.search_chunk_size
-        for start in range(0, x.shape[0], step):
-            scores = torch.addmm(b, x[start:start + step], w.t())
-            out[start:start + step] = scores.argmax(dim=1)
+        with _exact_fp32():
+            for start in range(0, x.shape[0], step):
+                r = x[start:start + step].to(device=tables.device, dtype=torch.float32).contiguous()
+                out[start:start + step] = tables.scores(r, level).argmax(dim=1)
         return out
 
     @torch.no_grad()
     def encode(self, x: Tensor, num_quantizers: int | None = None) -> Tensor:
-        """Residual codes of ``x [N, Dc]`` -> ``LongTensor [N, Q']`` (``Q' = num_quantizers or Q``)."""
+        """Residual codes of ``x [N, Dc]`` (any float dtype/device) -> ``LongTensor [N, Q']``.
+
+        ``Q' = num_quantizers or Q``. Exact residual nearest-code search (see :meth:`nearest`); codes are
+        on the codebooks' device. Memory beyond input and output: one ``[chunk, K]`` fp32 score matrix
+        and one ``[chunk, Dc]`` residual.
+        """
         self._check_input(x)
         levels = self._num_levels(num_quantizers)
         tables = self._search_tables()
-        w, b = tables["weight"], tables["bias"]
         n = x.shape[0]
-        codes = torch.empty(n, levels, dtype=torch.long, device=w.device)
+        codes = torch.empty(levels, n, dtype=torch.long, device=tables.device)
         step = self.search_chunk_size
-        for start in range(0, n, step):
-            r = x[start:start + step].to(device=w.device, dtype=torch.float32, copy=True)
-            for level in range(levels):
-                idx = torch.addmm(b[level], r, w[level].t()).argmax(dim=1)
-                codes[start:start + step, level] = idx
-                if level + 1 < levels:
-                    r.sub_(w[level].index_select(0, idx))
-        return codes
+        weight, scores = tables.weight, tables.scores
+        with _exact_fp32():
+            for start in range(0, n, step):
+                r = x[start:start + step].to(device=tables.device, dtype=torch.float32, copy=True)
+                for level in range(levels):
+                    idx = scores(r, level).argmax(dim=1)
+                    codes[level, start:start + step] = idx
+                    if level + 1 < levels:
+                        r.sub_(weight[level].index_select(0, idx))
+        return codes.t().contiguous()
 
     def decode(self, codes: Tensor) -> Tensor:
         """Sum of the codes of the first ``Q'`` levels: ``codes [N, Q']`` -> ``[N, Dc]`` (codebook dtype)."""
@@ -323,9 +393,13 @@ class ResidualQuantizer(nn.Module):
 
     # ------------------------------------------------------------------ init / maintenance
     @torch.no_grad()
-    def kmeans_init(self, x: Tensor, *, num_iters: int = 20, seed: int = 0, chunk_size: int | None = None,
-                    verbose: bool = False) -> None:
+    def kmeans_init(self, x: Tensor, *, num_iters: int = 20, seed: int = 0, init: str = "kmeans++",
+                    chunk_size: int | None = None, verbose: bool = False) -> None:
         """Initialise all levels by k-means, level by level on the residuals of a sample ``x [N, Dc]``.
+
+        ``N >= codebook_size`` is required. ``init``: ``"kmeans++"`` (greedy, as scikit-learn; costs about
+        ``(2 + ln K) * K`` passes of ``N x Dc``) or ``"random"`` (cheap for large ``K``, a few more Lloyd
+        iterations usually compensate). See :func:`kmeans`.
 
         Level ``l`` is fitted to the residuals left by the already-initialised levels ``< l``. EMA state
         is reset consistently (``cluster_size = 1``, ``embed_sum = codebooks``). Under
@@ -340,7 +414,7 @@ class ResidualQuantizer(nn.Module):
         gen_device = device if device.type == "cuda" else torch.device("cpu")
         for level in range(self.num_quantizers):
             gen = torch.Generator(device=gen_device).manual_seed(seed + level)
-            centroids, _ = kmeans(residual, self.codebook_size, num_iters=num_iters, generator=gen,
+            centroids, _ = kmeans(residual, self.codebook_size, num_iters=num_iters, generator=gen, init=init,
                                   chunk_size=chunk_size or self.search_chunk_size)
             self.codebooks.data[level] = centroids.to(self.codebooks.dtype)
             self.invalidate_cache()
@@ -428,11 +502,14 @@ def _nearest_centroid(x: Tensor, centroids: Tensor, chunk_size: int) -> tuple[Te
 
 @torch.no_grad()
 def kmeans(x: Tensor, k: int, *, num_iters: int = 20, generator: torch.Generator | None = None,
-           chunk_size: int = 1024, tol: float = 1e-6, n_local_trials: int | None = None) -> tuple[Tensor, Tensor]:
-    """k-means++ seeding then Lloyd iterations on ``x [N, D]`` (any device, fp32).
+           chunk_size: int = 1024, tol: float = 1e-6, n_local_trials: int | None = None,
+           init: Tensor | str = "kmeans++") -> tuple[Tensor, Tensor]:
+    """Greedy k-means++ seeding (as scikit-learn) then Lloyd iterations on ``x [N, D]`` (any device, fp32).
 
-    Empty clusters are re-seeded from the points farthest from their centroid. Stops early when the
-    relative inertia improvement falls below ``tol``. Returns ``(centroids [k, D], assignments [N])``.
+    ``init``: ``"kmeans++"``, ``"random"`` (k distinct random points: much cheaper for large ``k``) or
+    explicit centroids ``[k, D]``. Clusters that end up empty are re-seeded from the
+    points farthest from their current centroid. Stops early when the relative inertia improvement
+    falls below ``tol``. Returns ``(centroids [k, D], assignments [N])``.
     """
     if x.dim() != 2:
         raise ValueError(f"x must be [N, D], got {tuple(x.shape)}")
@@ -441,42 +518,58 @@ def kmeans(x: Tensor, k: int, *, num_iters: int = 20, generator: torch.Generator
         raise ValueError(f"k-means needs at least k={k} points, got {n}")
     x = x.float()
     device = x.device
-    gdev = generator.device if generator is not None else torch.device("cpu")
-
-    def rand(shape):
-        return torch.rand(shape, generator=generator, device=gdev).to(device)
-
-    # greedy k-means++ (as scikit-learn): several candidates per step, keep the one lowering the potential most
-    trials = n_local_trials or (2 + int(math.log(k)))
-    centroids = torch.empty(k, x.shape[1], device=device)
-    first = int(torch.randint(n, (1,), generator=generator, device=gdev))
-    centroids[0] = x[first]
-    closest = (x - x[first]).square().sum(-1)
-    for i in range(1, k):
-        cum = closest.cumsum(0)
-        r = rand((trials,)) * cum[-1]
-        cand = torch.searchsorted(cum, r).clamp_max_(n - 1)
-        cand_d = torch.cdist(x[cand], x).square_()  # [trials, N]
-        pot = torch.minimum(closest.unsqueeze(0), cand_d)
-        best = int(pot.sum(1).argmin())
-        closest = pot[best]
-        centroids[i] = x[cand[best]]
-
-    prev = math.inf
-    assign = torch.zeros(n, dtype=torch.long, device=device)
+    if isinstance(init, Tensor):
+        if init.shape != (k, x.shape[1]):
+            raise ValueError(f"init must have shape {(k, x.shape[1])}, got {tuple(init.shape)}")
+        centroids = init.to(device=device, dtype=torch.float32, copy=True)
+    elif init == "kmeans++":
+        centroids = _kmeans_plusplus(x, k, generator, n_local_trials)
+    elif init == "random":
+        gdev = generator.device if generator is not None else torch.device("cpu")
+        centroids = x[torch.randperm(n, generator=generator, device=gdev)[:k].to(device)].clone()
+    else:
+        raise ValueError(f"init must be 'kmeans++', 'random' or a [k, D] tensor, got {init!r}")
+    prev_inertia, prev_assign = math.inf, None
     for _ in range(max(num_iters, 1)):
         assign, d2 = _nearest_centroid(x, centroids, chunk_size)
         inertia = float(d2.sum())
+        if prev_assign is not None and (torch.equal(assign, prev_assign)
+                                        or prev_inertia - inertia <= tol * prev_inertia):
+            break  # converged: the centroids are already the means of this assignment (or close enough)
         counts = torch.bincount(assign, minlength=k).float()
         sums = torch.zeros_like(centroids).index_add_(0, assign, x)
         empty = counts == 0
         centroids = torch.where(empty.unsqueeze(1), centroids, sums / counts.clamp_min(1).unsqueeze(1))
         n_empty = int(empty.sum())
         if n_empty:
-            far = d2.topk(n_empty).indices
-            centroids[empty] = x[far]
-        if n_empty == 0 and prev - inertia <= tol * max(prev, 1e-30):
-            break
-        prev = inertia
-    assign, _ = _nearest_centroid(x, centroids, chunk_size)
+            # re-seed at the points worst served by their current centroid
+            centroids[empty] = x[d2.topk(n_empty).indices]
+            prev_assign = None
+        else:
+            prev_assign = assign
+        prev_inertia = inertia
+    else:
+        assign, _ = _nearest_centroid(x, centroids, chunk_size)
     return centroids, assign
+
+
+def _kmeans_plusplus(x: Tensor, k: int, generator: torch.Generator | None, n_local_trials: int | None) -> Tensor:
+    """Greedy k-means++: at each step ``2 + log k`` candidates drawn by D^2 sampling, keep the best."""
+    n, device = x.shape[0], x.device
+    gdev = generator.device if generator is not None else torch.device("cpu")
+    trials = n_local_trials or (2 + int(math.log(k)))
+    sq = x.square().sum(-1)
+    centroids = torch.empty(k, x.shape[1], device=device)
+    first = int(torch.randint(n, (1,), generator=generator, device=gdev))
+    centroids[0] = x[first]
+    closest = (sq - 2 * (x @ x[first]) + sq[first]).clamp_min_(0)
+    for i in range(1, k):
+        cum = closest.cumsum(0)
+        r = torch.rand(trials, generator=generator, device=gdev).to(device) * cum[-1]
+        cand = torch.searchsorted(cum, r).clamp_max_(n - 1)
+        cand_d = (sq[cand].unsqueeze(1) - 2 * (x[cand] @ x.t()) + sq.unsqueeze(0)).clamp_min_(0)  # [trials, N]
+        pot = torch.minimum(closest.unsqueeze(0), cand_d)
+        best = int(pot.sum(1).argmin())
+        closest = pot[best]
+        centroids[i] = x[cand[best]]
+    return centroids
