@@ -1,0 +1,43 @@
+"""Stage 1: train the residual quantizer on frozen-encoder embeddings of real speech.
+
+* :mod:`.config`    ``RVQTrainingConfig`` (YAML / command line)
+* :mod:`.cache`     the embedding cache: sharded fp16 frames on disk, resumable writing, shuffled streaming
+* :mod:`.trainer`   ``RVQTrainer`` (accelerate), data-driven init, evaluation, checkpoints, plots
+* :mod:`.averaging` element-wise checkpoint averaging
+* :mod:`.pipeline`  ``train_rvq(config)``: everything behind ``examples/train_rvq.py``
+"""
+
+from .averaging import average_checkpoints, average_state_dicts
+from .cache import (
+    EmbeddingCache,
+    EmbeddingCacheWriter,
+    FrameStream,
+    build_embedding_cache,
+    example_waveform,
+    finalize_cache,
+)
+from .config import RVQTrainingConfig, parse_args
+from .pipeline import build_model, load_audio_splits, prepare_cache, train_rvq
+from .trainer import RVQTrainer, TrainResult, evaluate_frames, find_latest_checkpoint, initialize_from_sample
+
+__all__ = [
+    "EmbeddingCache",
+    "EmbeddingCacheWriter",
+    "FrameStream",
+    "RVQTrainer",
+    "RVQTrainingConfig",
+    "TrainResult",
+    "average_checkpoints",
+    "average_state_dicts",
+    "build_embedding_cache",
+    "build_model",
+    "evaluate_frames",
+    "example_waveform",
+    "finalize_cache",
+    "find_latest_checkpoint",
+    "initialize_from_sample",
+    "load_audio_splits",
+    "parse_args",
+    "prepare_cache",
+    "train_rvq",
+]
