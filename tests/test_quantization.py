@@ -379,3 +379,18 @@ def test_ema_statistics_are_global_under_torch_distributed():
     ref(torch.randn(2, 40, 8).reshape(80, 8))
     for name, t in ref.state_dict().items():
         torch.testing.assert_close(sd[name], t, msg=name)
+
+
+def test_pickle_and_deepcopy_after_search():
+    import copy
+    import pickle
+
+    rq = _quantizer()
+    x = torch.randn(20, 32)
+    codes = rq.encode(x)  # builds the (unpicklable) search cache
+    for clone in (copy.deepcopy(rq), pickle.loads(pickle.dumps(rq))):
+        assert torch.equal(clone.encode(x), codes)
+        with torch.no_grad():
+            clone.codebooks.mul_(-1)
+        assert not torch.equal(clone.encode(x), codes)
+    assert torch.equal(rq.encode(x), codes)  # the original's cache is its own

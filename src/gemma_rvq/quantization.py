@@ -211,6 +211,13 @@ class ResidualQuantizer(nn.Module):
         """Drop the cached search tables (done automatically when the codebooks change)."""
         self._search_cache = None
 
+    def __getstate__(self) -> dict:
+        # The search cache holds oneDNN tensors and closures: never pickle / deepcopy it, rebuild lazily.
+        state = super().__getstate__()
+        state = dict(state)
+        state["_search_cache"] = None
+        return state
+
     def _load_from_state_dict(self, *args, **kwargs) -> None:
         self.invalidate_cache()
         super()._load_from_state_dict(*args, **kwargs)
