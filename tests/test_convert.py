@@ -192,6 +192,12 @@ def test_ambiguous_names_refused_then_explicit_prefixes(seed_dir):
         sd[f"{rename.get(module, module)}.{param}"] = value
     with pytest.raises(ValueError, match="cannot tell whether"):
         match_seed_layout(sd)
+    # one side named, the other not: decided by elimination
+    half = {k.replace("norm_b", "out_norm").replace("lin_b", "out_proj"): v for k, v in sd.items()}
+    layout = match_seed_layout(half)
+    assert layout.modules == {"in_norm": "norm_a", "in_proj": "lin_a", "out_norm": "out_norm",
+                              "out_proj": "out_proj"}
+    assert "elimination" in layout.how
     prefixes = {"in_norm": "norm_a", "in_proj": "lin_a", "out_norm": "norm_b", "out_proj": "lin_b"}
     model = convert_seed_state_dict(sd, prefixes=prefixes, verbose=False)
     _assert_same_as_wrapper(model, wrapper)

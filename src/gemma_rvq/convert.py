@@ -167,8 +167,9 @@ def match_seed_layout(state_dict: Mapping[str, Any], *, config: Mapping[str, Any
     statistics, ``initted`` checked), plus either nothing else (a bare ResidualVQ) or exactly two LayerNorms
     (``weight`` and ``bias`` ``[n]``) and two Linears (``weight [out, in]``, optional ``bias``), one of each on
     the input side and one of each on the output side. Sides are told apart by name words (``pre``/``in``/
-    ``input``... vs ``post``/``out``/``output``...; e.g. ``pre_norm``, ``in_proj``, ``proj_in``, ``norm_out``) or by
-    ``nn.Sequential`` indices relative to the ResidualVQ, or given by ``prefixes``. Shapes must chain:
+    ``input``... vs ``post``/``out``/``output``...; e.g. ``pre_norm``, ``in_proj``, ``proj_in``, ``norm_out``), by
+    elimination (``norm``/``proj`` beside ``out_norm``/``out_proj``), by ``nn.Sequential`` indices relative to
+    the ResidualVQ, or given by ``prefixes``. Shapes must chain:
     ``in_norm [D]``, ``in_proj [Dc, D]``, ``out_norm [Dc]``, ``out_proj [D, Dc]``. Within a side the order is the
     seed's (norm, then linear); when ``D != Dc`` the shapes prove it, otherwise it is the documented
     assumption (and Sequential indices are checked).
@@ -290,16 +291,29 @@ def match_seed_layout(state_dict: Mapping[str, Any], *, config: Mapping[str, Any
                 raise _refuse(f"expected exactly 2 LayerNorms and 2 Linears beside the ResidualVQ, found "
                               f"{ {m: kinds[m] for m in kinds} }", state_dict)
             hows = set()
+            undecided = []
             for module, kind in kinds.items():
                 side, side_how = _side(module, rvq_prefix)
                 if side is None:
-                    raise _refuse(f"cannot tell whether {module!r} is on the input or the output side of the "
-                                  f"ResidualVQ from its name", state_dict)
+                    undecided.append(module)
+                    continue
                 role = f"{side}_{'norm' if kind == 'norm' else 'proj'}"
                 if role in roles:
                     raise _refuse(f"both {roles[role]!r} and {module!r} look like {role}", state_dict)
                 roles[role] = module
                 hows.add(side_how)
+            # One norm and one linear per side: when one side is named (e.g. "out_norm", "out_proj") the
+            # two unnamed modules ("norm", "proj") can only be the other side.
+            sides = {role.split("_")[0] for role in roles}
+            if undecided and len(roles) == 2 and len(sides) == 1:
+                other = "out" if sides == {"in"} else "in"
+                for module in undecided:
+                    roles[f"{other}_{'norm' if kinds[module] == 'norm' else 'proj'}"] = module
+                if len(roles) == 4:
+                    undecided, hows = [], {*hows, "elimination"}
+            if undecided:
+                raise _refuse(f"cannot tell whether {undecided} are on the input or the output side of the "
+                              f"ResidualVQ from their names", state_dict)
             how = " and ".join(sorted(hows))
             if how == "sequential indices":  # the indices also prove the order within each side
                 idx = {role: int(roles[role].rsplit(".", 1)[-1]) for role in _ROLES}
@@ -396,7 +410,8 @@ def read_seed_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tenso
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # weights_only refuses pickled code objects: say so plainly
         raise ValueError(f"{path}: cannot be read with torch.load(weights_only=True) ({err}). gemma-rvq never "
-                         f"unpickles arbitrary objects from checkpoints.") from err
+                         f"unpickles arbitrary objects from checkpoints. (A k-means joblib file is converted with "
+                         f"--format spire --allow-pickle / convert_spire_kmeans(..., allow_pickle=True).)") from err
     return _extract_state_dict(obj, path)
 
 
@@ -535,6 +550,8 @@ def load_seed_checkpoint(repo_or_dir: str | os.PathLike = DEFAULT_SEED_REPO, fil
     state_dict, other = read_seed_checkpoint(ckpt)
     if other:
         logger.info(f"{ckpt}: top-level entries left aside: {other}")
+        if verbose:
+            print(f"{ckpt.name}: top-level entries left aside: {other}")
     return convert_seed_state_dict(state_dict, config_stage1=config_stage1, encoder=encoder, verbose=verbose,
                                    **kwargs)
 
