@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import itertools
-import os
-import tempfile
+import subprocess
+import sys
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from gemma_rvq import quantization
 from gemma_rvq.quantization import ResidualQuantizer, ResidualQuantizerOutput, kmeans
 
 BACKENDS = ["addmm"] + (["onednn"] if torch.backends.mkldnn.is_available() else [])
@@ -350,29 +349,44 @@ def test_code_counts_with_mask():
     assert counts[0, 1] == 1 and counts[0, 2] == 1 and counts[1, 0] == 2 and counts.sum() == 4
 
 
-def _ddp_worker(rank: int, world: int, init_file: str, result_file: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    torch.manual_seed(0)
-    rq = ResidualQuantizer(8, 2, 16, ema_decay=0.8).train()
-    x = torch.randn(2, 40, 8)[rank]  # each rank sees its half of the data
-    rq(x)
-    if rank == 0:
-        torch.save(rq.state_dict(), result_file)
-    # restart from rank-dependent data: the broadcast must leave all ranks with the same codebooks
-    torch.manual_seed(100 + rank)
-    assert rq.restart_dead_codes(torch.randn(40, 8)) > 0
-    for name, t in rq.state_dict().items():
-        gathered = [torch.zeros_like(t) for _ in range(world)]
-        dist.all_gather(gathered, t)
-        assert torch.equal(gathered[0], gathered[1]), name
-    dist.destroy_process_group()
+_DDP_WORKER = """
+import importlib.util, sys
+import torch
+import torch.distributed as dist
+
+path, rank, world, init_file, result_file = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
+# load quantization.py standalone (it imports only torch): keeps the child start-up cheap
+spec = importlib.util.spec_from_file_location("quantization", path)
+mod = importlib.util.module_from_spec(spec)
+sys.modules["quantization"] = mod
+spec.loader.exec_module(mod)
+torch.set_num_threads(1)
+dist.init_process_group("gloo", init_method="file://" + init_file, rank=rank, world_size=world)
+torch.manual_seed(0)
+rq = mod.ResidualQuantizer(8, 2, 16, ema_decay=0.8).train()
+x = torch.randn(2, 40, 8)[rank]  # each rank sees its half of the data
+rq(x)
+if rank == 0:
+    torch.save(rq.state_dict(), result_file)
+# restart from rank-dependent data: the broadcast must leave all ranks with the same state
+torch.manual_seed(100 + rank)
+assert rq.restart_dead_codes(torch.randn(40, 8)) > 0
+for name, t in rq.state_dict().items():
+    gathered = [torch.zeros_like(t) for _ in range(world)]
+    dist.all_gather(gathered, t)
+    assert torch.equal(gathered[0], gathered[1]), name
+dist.destroy_process_group()
+"""
 
 
-def test_ema_statistics_are_global_under_torch_distributed():
-    with tempfile.TemporaryDirectory() as tmp:
-        init_file, result = os.path.join(tmp, "init"), os.path.join(tmp, "sd.pt")
-        mp.start_processes(_ddp_worker, args=(2, init_file, result), nprocs=2, start_method="spawn")
-        sd = torch.load(result, weights_only=True)
+def test_ema_statistics_are_global_under_torch_distributed(tmp_path):
+    path = quantization.__file__
+    init_file, result = str(tmp_path / "init"), str(tmp_path / "sd.pt")
+    procs = [subprocess.Popen([sys.executable, "-c", _DDP_WORKER, path, str(rank), "2", init_file, result],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for rank in range(2)]
+    outputs = [p.communicate(timeout=120)[0].decode() for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs
+    sd = torch.load(result, weights_only=True)
     # one process, the same EMA step on the concatenated data
     torch.manual_seed(0)
     ref = ResidualQuantizer(8, 2, 16, ema_decay=0.8).train()
@@ -394,3 +408,14 @@ def test_pickle_and_deepcopy_after_search():
             clone.codebooks.mul_(-1)
         assert not torch.equal(clone.encode(x), codes)
     assert torch.equal(rq.encode(x), codes)  # the original's cache is its own
+
+
+def test_non_finite_input_is_rejected_with_row_index():
+    rq = _quantizer()
+    x = torch.randn(10, 32)
+    x[7, 3] = float("nan")
+    with pytest.raises(ValueError, match="row 7"):
+        rq.encode(x)
+    x[7, 3] = float("inf")
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        rq(x)

@@ -199,6 +199,9 @@ class ResidualQuantizer(nn.Module):
             raise ValueError(f"{name} must have shape [N, {self.dim}], got {tuple(x.shape)}")
         if not x.is_floating_point():
             raise ValueError(f"{name} must be a floating-point tensor, got {x.dtype}")
+        if x.numel() and not bool(torch.isfinite(x).all()):
+            bad = (~torch.isfinite(x)).any(1).nonzero()[0, 0].item()
+            raise ValueError(f"{name} contains NaN or infinite values (first at row {bad})")
 
     def _num_levels(self, num_quantizers: int | None) -> int:
         if num_quantizers is None:
@@ -334,10 +337,10 @@ class ResidualQuantizer(nn.Module):
                 residuals.append(residual.detach())
             quantized_sum = quantized_sum + q.detach()
             residual = residual - q.detach()
-        commitment_loss = torch.stack(commit).mean()
-        codebook_loss = torch.stack(cb_loss).mean() if learnable else xf.new_zeros(())
+        commitment_loss = torch.stack(commit).mean() if x.shape[0] else xf.sum() * 0.0  # no NaN for 0 frames
+        codebook_loss = torch.stack(cb_loss).mean() if learnable and x.shape[0] else xf.new_zeros(())
         quantized = (xf + (quantized_sum - xf).detach()).to(in_dtype)
-        if self.training and x.shape[0] > 0:
+        if self.training:  # also with 0 frames: under torch.distributed every rank must join the all-reduce
             self._accumulate(residuals, codes)
         return ResidualQuantizerOutput(quantized=quantized, codes=codes, commitment_loss=commitment_loss,
                                        codebook_loss=codebook_loss, residual_norms=torch.stack(norms))
@@ -445,10 +448,13 @@ class ResidualQuantizer(nn.Module):
 
     def _dead_mask(self) -> Tensor:
         if self.codebook_type == "ema":
-            stat = self.cluster_size
+            stat = self.cluster_size.float()  # global already: EMA statistics are all-reduced
         else:
             stat = self._usage if self._usage is not None else torch.zeros(
                 self.num_quantizers, self.codebook_size, device=self.codebooks.device)
+            if _dist_world_size() > 1:
+                stat = stat.clone()
+                dist.all_reduce(stat)
         return stat.to(self.codebooks.device) < self.dead_code_threshold
 
     @torch.no_grad()
@@ -459,12 +465,11 @@ class ResidualQuantizer(nn.Module):
         (``"learnable"``, counted in training-mode ``forward``) is below ``dead_code_threshold``. Levels
         are processed in order, so level ``l`` draws from residuals under the already-restarted levels
         ``< l``. Restarted EMA codes get ``cluster_size = max(dead_code_threshold, 1)`` with a matching
-        ``embed_sum``. Learnable usage counts are reset. Under ``torch.distributed`` rank 0's codebooks
-        are broadcast (the dead set is the same everywhere since EMA statistics are global).
+        ``embed_sum``. Learnable usage counts are reset. Under ``torch.distributed`` the dead set is
+        global (EMA statistics are all-reduced in ``forward``, usage counts here) and rank 0's re-seeded
+        state is broadcast, so every rank must call this together. An empty ``x`` re-seeds nothing.
         """
         self._check_input(x)
-        if x.shape[0] == 0:
-            return 0
         dead = self._dead_mask()
         total = 0
         device = self.codebooks.device
@@ -473,7 +478,7 @@ class ResidualQuantizer(nn.Module):
         for level in range(self.num_quantizers):
             idx = dead[level].nonzero().squeeze(1)
             n_dead = idx.numel()
-            if n_dead:
+            if n_dead and residual.shape[0]:
                 total += n_dead
                 pick = torch.randint(residual.shape[0], (n_dead,), generator=generator,
                                      device=generator.device if generator is not None else "cpu").to(device)
@@ -487,7 +492,7 @@ class ResidualQuantizer(nn.Module):
                 residual.sub_(self.codebooks.data[level].float()[self.nearest(residual, level)])
         if self._usage is not None:
             self._usage.zero_()
-        if total:
+        if bool(dead.any()):  # the dead set is global: every rank takes this branch together
             self._broadcast_state()
         return total
 
