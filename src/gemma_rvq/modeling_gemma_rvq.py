@@ -9,6 +9,7 @@ siblings, torch, numpy and transformers.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -333,6 +334,21 @@ class GemmaRVQModel(PreTrainedAudioTokenizerBase):
     def project_out(self, z: torch.Tensor) -> torch.Tensor:
         """`[..., Dc]` -> `[..., D]` (out_norm, out_proj)."""
         return self.out_proj(self.out_norm(z))
+
+    # A Q=1 k-means model without projections and with EMA codebooks has buffers but no parameters:
+    # the mixin's parameter-based dtype/device would raise StopIteration (e.g. in save_pretrained).
+    @property
+    def dtype(self) -> torch.dtype:
+        for tensor in itertools.chain(self.parameters(), self.buffers()):
+            if tensor.is_floating_point():
+                return tensor.dtype
+        return torch.float32
+
+    @property
+    def device(self) -> torch.device:
+        for tensor in itertools.chain(self.parameters(), self.buffers()):
+            return tensor.device
+        return torch.device("cpu")
 
     def _param_dtype(self) -> torch.dtype:
         return self.in_proj.weight.dtype if self.config.use_projection else self.quantizer.codebooks.dtype
