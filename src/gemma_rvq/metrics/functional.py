@@ -231,7 +231,7 @@ def fvu(prediction: Any, target: Any, mask: Any | None = None, *, mean: Any | No
     μ for every frame scores 1.
     """
     pred, tgt = _pair(prediction, target, mask)
-    mu = None if mean is None else _mean_vector(mean, tgt.shape[1])
+    mu = None if mean is None else _mean_vector(mean, tgt.shape[1]).to(tgt.device)
     variance = _centred_energy(tgt, mu)
     if variance == 0.0:
         raise ValueError("fvu is undefined: the target frames have zero variance around their mean")
@@ -254,7 +254,7 @@ def centred_cosine(
     """Mean over valid frames of cos(x̂ - μ, x - μ); μ = mean of the valid target frames unless given."""
     pred, tgt = _pair(prediction, target, mask)
     mu = tgt.double().mean(0) if mean is None else _mean_vector(mean, tgt.shape[1])
-    mu = mu.to(pred.dtype)
+    mu = mu.to(device=pred.device, dtype=pred.dtype)
     return _cosine_sum(pred - mu, tgt - mu, eps) / pred.shape[0]
 
 
@@ -515,6 +515,7 @@ class RVQStatsAccumulator:
         t64 = tgt.double()
         batch_mean = t64.mean(0)
         batch_m2 = float((t64 - batch_mean).pow(2).sum())
+        batch_mean = batch_mean.cpu()  # moments live on the CPU so accumulators merge across devices
         del t64
         if self.target_mean is None:
             self.target_mean, self.target_m2 = batch_mean, batch_m2
@@ -527,7 +528,7 @@ class RVQStatsAccumulator:
         self.target_energy += float(tgt.pow(2).sum(-1).double().sum())
         self.cosine_sum += _cosine_sum(pred, tgt, self.eps)
         if self.mean is not None:
-            mu = self.mean.to(pred.dtype)
+            mu = self.mean.to(device=pred.device, dtype=pred.dtype)
             self.centred_cosine_sum += _cosine_sum(pred - mu, tgt - mu, self.eps)
 
     def merge(self, other: RVQStatsAccumulator) -> RVQStatsAccumulator:
