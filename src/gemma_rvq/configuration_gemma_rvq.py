@@ -42,9 +42,10 @@ class GemmaRVQConfig(PreTrainedConfig):
             or `WhisperConfig`). When set, the encoder is built from it and its weights are saved in the same
             safetensors file as the quantizer (`encoder.*` keys).
         encoder_layer (`int`, *optional*):
-            Which hidden state of the encoder to quantize: `hidden_states[encoder_layer]` of the encoder's own
-            forward (0 = input of the first layer, k = output of layer k). `None` = the last layer
-            (for Gemma 4: the input of `output_proj`). Layers above it are never run.
+            Which hidden state of the encoder to quantize: the raw output of layer k (0 = the input of the
+            first layer), i.e. `hidden_states[k]` with `tie_last_hidden_states=False` (no final LayerNorm).
+            `None` = the encoder's final output (`last_hidden_state`; for Gemma 4 the input of
+            `output_proj`). Layers above it are never run.
         feature_extractor_config (`dict`, *optional*):
             `to_dict()` of the encoder's feature extractor. `None`: loaded from `encoder_name_or_path`, or the
             family's default feature extractor.
@@ -65,8 +66,9 @@ class GemmaRVQConfig(PreTrainedConfig):
         search_chunk_size (`int`, defaults to 1024): rows per chunk of the nearest-code search.
         max_chunk_seconds (`float`, defaults to 30.0): audio longer than this is encoded in overlapping
             windows and stitched by frame position (Whisper: at most 30).
-        chunk_overlap_seconds (`float`, defaults to 2.0): overlap between consecutive windows; each window
-            keeps the frames closest to its own centre.
+        chunk_overlap_seconds (`float`, defaults to 4.0): overlap between consecutive windows (at least 4
+            frames). Seams sit in the middle of each overlap, or for Gemma 4 (whose layers only look back)
+            near the end of the earlier window, so frames keep as much context as possible.
         layer_norm_eps (`float`, defaults to 1e-5): epsilon of the projection LayerNorms.
         initializer_range (`float`, defaults to 0.02): std of the random init of the projections.
     """
@@ -92,7 +94,7 @@ class GemmaRVQConfig(PreTrainedConfig):
     dead_code_threshold: float = 1.0
     search_chunk_size: int = 1024
     max_chunk_seconds: float = 30.0
-    chunk_overlap_seconds: float = 2.0
+    chunk_overlap_seconds: float = 4.0
     layer_norm_eps: float = 1e-5
     initializer_range: float = 0.02
 

@@ -15,9 +15,13 @@ One adapter per encoder family, each built on the real transformers model and fe
   stride-2 convolution: 1500 frames per window, 50 per second. Only the frames of the real audio are
   kept: the feature extractor's mel-frame mask subsampled by 2 (``ceil(samples / 320)`` frames).
 
-Layer selection never runs unused layers: the layer list is truncated to ``k`` layers (and a final
-LayerNorm that ``hidden_states[k]`` of the full model would not include is replaced by an identity), so
-``last_hidden_state`` of the truncated encoder equals ``hidden_states[k]`` of the full one.
+Layer selection (``encoder_layer``): an int ``k`` means the raw output of layer ``k`` (``0`` = the input
+of the first layer), i.e. ``hidden_states[k]`` of the full encoder with ``tie_last_hidden_states=False``:
+never the final LayerNorm that stable-layer-norm HuBERT/wav2vec2 and Whisper apply after their last
+layer, even for ``k = num_layers``. ``None`` means the encoder's own final output: ``last_hidden_state``
+(final LayerNorm included) for HuBERT / wav2vec2 / Whisper, the input of ``output_proj`` for Gemma 4.
+Unused layers are never run: the layer list is truncated to ``k`` layers (and the final LayerNorm replaced
+by an identity), so ``last_hidden_state`` of the truncated encoder is the wanted state.
 
 Padding invariance (batched codes == one-at-a-time codes on valid frames): Gemma 4 masks its input before
 each subsampling convolution and in attention, its light convolutions are causal; HuBERT/wav2vec2 with
@@ -28,8 +32,9 @@ time (exact, slower). Whisper pads every clip to the same 30 s window anyway.
 
 Long audio (longer than the adapter's window): split into windows of ``window`` samples whose starts are
 whole frames apart, overlapping by ``overlap`` samples; every window of every clip goes through one padded
-encoder forward, and each window keeps the frames closest to its own centre (boundaries at the middle of
-each overlap), so no frame is lost or duplicated and frame ``f`` of a window starting at sample ``s`` is
+encoder forward, and each window keeps the frames between two seams: the middle of each overlap, or for
+Gemma 4, whose layers only look back, a few frames before the end of the earlier window (the later window's
+first frames lack left context). No frame is lost or duplicated and frame ``f`` of a window starting at sample ``s`` is
 global frame ``s / samples_per_frame + f``.
 
 This file is copied next to saved checkpoints (remote code): it imports only numpy, torch, transformers.
@@ -134,15 +139,15 @@ def prepare_encoder(family: str, model: nn.Module, layer: int | None) -> nn.Modu
         encoder = model.encoder
         k = _check_layer(layer, model.config.num_hidden_layers, family)
         encoder.layers = nn.ModuleList(list(encoder.layers)[:k])
-        # Stable-layer-norm encoders (large models) apply a final LayerNorm after the last layer; the
-        # others apply theirs before the first layer (it is part of every hidden state).
-        if model.config.do_stable_layer_norm and k < model.config.num_hidden_layers:
+        # Stable-layer-norm encoders (large models) apply a final LayerNorm after the last layer, which no
+        # `hidden_states[k]` includes; the others apply theirs before the first layer (part of every state).
+        if model.config.do_stable_layer_norm and layer is not None:
             encoder.layer_norm = nn.Identity()
         # layerdrop and masking only act in training mode, which a frozen encoder never enters.
     elif family == "whisper":
         k = _check_layer(layer, model.config.encoder_layers, family)
         model.layers = nn.ModuleList(list(model.layers)[:k])
-        if k < model.config.encoder_layers:
+        if layer is not None:
             model.layer_norm = nn.Identity()
     else:
         raise ValueError(f"unknown encoder family {family!r}")
@@ -180,6 +185,12 @@ class EncoderAdapter:
         self.feature_extractor = feature_extractor
         self.sampling_rate = int(feature_extractor.sampling_rate)
         hop = int(getattr(feature_extractor, "hop_length", round(self.sampling_rate / 100)))
+        # Gemma 4's conformer only looks back (causal light convolutions, attention with no right
+        # context) except for its two subsampling convolutions: a window's last frames are as good as
+        # any, its first ones lack left context. So seams sit `right_context_frames` before the end of
+        # the earlier window; for bidirectional encoders they sit in the middle of the overlap.
+        self.causal = family == "gemma4_audio"
+        self.right_context_frames = 4
         if family == "gemma4_audio":
             self.samples_per_frame = hop * 4
             self.min_samples = self.samples_per_frame
@@ -294,7 +305,13 @@ class EncoderAdapter:
             lo = 0
             for j, off in enumerate(offsets):
                 end = off + lengths[row + j]
-                hi = end if j + 1 == len(offsets) else min(end, max(lo, (offsets[j + 1] + end) // 2))
+                if j + 1 == len(offsets):
+                    hi = end
+                elif self.causal:
+                    hi = max(offsets[j + 1], end - self.right_context_frames)
+                else:
+                    hi = (offsets[j + 1] + end) // 2
+                hi = min(end, max(lo, hi))
                 parts.append(hidden[row + j, lo - off : hi - off])
                 lo = hi
             stitched.append(torch.cat(parts) if len(parts) > 1 else parts[0])
