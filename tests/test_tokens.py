@@ -325,6 +325,13 @@ def test_serialisation_identity_and_pickle():
     fmt.render_batch(np.zeros((2, 1, 10), dtype=int))
     fmt.parse(fmt.render([1, 2]))
     assert pickle.dumps(fmt) == before
+    # a digest that does not depend on the process (hash() of strings does)
+    assert get_format("ichigo").fingerprint() == get_format("ichigo").fingerprint()
+    assert get_format("ichigo").fingerprint() != get_format("ichigo", dedup=False).fingerprint()
+    # golden values: the digest must not change between processes or releases (caches are keyed by it);
+    # if a deliberate change of the format fields breaks this, bump FORMAT_VERSION and update them
+    assert get_format("ichigo").fingerprint() == "49bf54a5ff5c61e3"
+    assert get_format("gemma_rvq").fingerprint() == "aec609b9f6383081"
     with pytest.raises(ValueError, match="unknown token format fields"):
         SemanticTokenFormat.from_dict({**fmt.to_dict(), "bogus": 1})
 

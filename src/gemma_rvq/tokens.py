@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import json
 import re
 import string
 from collections.abc import Mapping, Sequence
@@ -312,6 +314,14 @@ class SemanticTokenFormat:
         if unknown:
             raise ValueError(f"unknown token format fields {unknown}; known: {sorted(known)}")
         return cls(**data)
+
+    def fingerprint(self) -> str:
+        """A digest of the fields that is stable across processes and Python versions (``hash()`` is not).
+
+        For cache keys and file names; ``datasets`` fingerprints the pickle, which holds only the fields.
+        """
+        payload = json.dumps(self.to_dict(), sort_keys=True, ensure_ascii=True)
+        return hashlib.sha256(payload.encode("ascii")).hexdigest()[:16]
 
     # ------------------------------------------------------------------ properties
     @property
