@@ -39,12 +39,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _time(fn: Callable[[], object], device: torch.device) -> float:
+def _time(fn: Callable[[], object], device: torch.device) -> tuple[float, float]:
+    """(wall-clock seconds, process CPU seconds) of one call."""
     _sync(device)
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     fn()
     _sync(device)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - start_cpu
 
 
 def _proc_status(key: str) -> int | None:
@@ -182,6 +183,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--vq-chunks", type=int, nargs="*", default=[512, 1024, 2048, 4096],
                    help="chunk sizes tried for vector-quantize-pytorch")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--slice-size", type=int, default=4096,
+                   help="the timed rounds alternate the methods on slices of this many frames")
     p.add_argument("--check-frames", type=int, default=4096, help="frames compared with exhaustive search")
     p.add_argument("--skip-vqtorch", action="store_true")
     p.add_argument("--seed", type=int, default=0)
@@ -211,7 +214,7 @@ def main(argv: list[str] | None = None) -> None:
         vq = _vqtorch_rvq(rq, device)
         probe = x[: min(n, 4096)]
         _vqtorch_encode(vq, probe, args.vq_chunks[0])
-        chunk_times = {c: min(_time(lambda c=c: _vqtorch_encode(vq, probe, c), device) for _ in range(2))
+        chunk_times = {c: min(_time(lambda c=c: _vqtorch_encode(vq, probe, c), device)[0] for _ in range(2))
                        for c in args.vq_chunks}
         vq_chunk = min(chunk_times, key=chunk_times.get)
         print("vector-quantize-pytorch chunk sweep (frames/s on 4096 frames): "
@@ -230,28 +233,39 @@ def main(argv: list[str] | None = None) -> None:
         for c in args.sweep:
             _gemm_pass(kind, probe, ws, bs, c)
             gemm_probe[kind, c] = min(_time(lambda kind=kind, ws=ws, bs=bs, c=c: _gemm_pass(kind, probe, ws, bs, c),
-                                            device) for _ in range(2))
+                                            device)[0] for _ in range(2))
     print("GEMM sweep (GFLOP/s): " + ", ".join(
         f"{kind}@{c}: {probe.shape[0] * flop_per_frame / t / 1e9:.0f}" for (kind, c), t in gemm_probe.items()))
     gemm_kind, gemm_chunk = min(gemm_probe, key=gemm_probe.get)
 
-    def gemm():
+    def gemm(xs):
         ws, bs = gemm_kinds[gemm_kind]
-        _gemm_pass(gemm_kind, x, ws, bs, gemm_chunk)
+        _gemm_pass(gemm_kind, xs, ws, bs, gemm_chunk)
 
     ours()
-    # -------- timed, interleaved rounds (machine load drifts: compare within a round)
-    times: dict[str, list[float]] = {"gemma-rvq": [], "gemm": []}
+    # -------- timed rounds, interleaved slice by slice: the load of a shared machine drifts, so every
+    # method sees the same conditions. Wall-clock and process CPU time (/ threads) are both recorded.
+    methods = {"gemma-rvq": lambda xs: rq.encode(xs), "gemm": gemm}
     if vq is not None:
-        times["vqtorch"] = []
-    for _ in range(args.repeats):
-        times["gemma-rvq"].append(_time(ours, device))
-        times["gemm"].append(_time(gemm, device))
-        if vq is not None:
-            times["vqtorch"].append(_time(lambda: _vqtorch_encode(vq, x, vq_chunk), device))
-    fps = {name: n / min(ts) for name, ts in times.items()}
-    fps_median = {name: n / statistics.median(ts) for name, ts in times.items()}
-    ratio_rounds = {name: [b / a for a, b in zip(times["gemma-rvq"], times[name])] for name in times}
+        methods["vqtorch"] = lambda xs: _vqtorch_encode(vq, xs, vq_chunk)
+    wall = {name: [0.0] * args.repeats for name in methods}
+    cpu = {name: [0.0] * args.repeats for name in methods}
+    slice_size = max(args.slice_size, rq.search_chunk_size)
+    load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
+    for rnd in range(args.repeats):
+        order = list(methods)
+        for i, start in enumerate(range(0, n, slice_size)):
+            xs = x[start:start + slice_size]
+            for name in order[i % len(order):] + order[:i % len(order)]:  # rotate who goes first
+                w, c = _time(lambda name=name, xs=xs: methods[name](xs), device)
+                wall[name][rnd] += w
+                cpu[name][rnd] += c
+    load_after = os.getloadavg() if hasattr(os, "getloadavg") else None
+    fps = {name: n / min(ts) for name, ts in wall.items()}
+    fps_median = {name: n / statistics.median(ts) for name, ts in wall.items()}
+    threads = torch.get_num_threads() if device.type == "cpu" else 1
+    fps_cpu = {name: n / (min(ts) / threads) for name, ts in cpu.items()}
+    ratio_rounds = {name: [b / a for a, b in zip(wall["gemma-rvq"], wall[name])] for name in wall}
 
     # -------- chunk sweep of gemma-rvq itself
     sweep = {}
@@ -259,7 +273,7 @@ def main(argv: list[str] | None = None) -> None:
     for c in args.sweep:
         rq.search_chunk_size = c
         rq.encode(probe)
-        sweep[c] = min(_time(lambda: rq.encode(probe), device) for _ in range(2))
+        sweep[c] = min(_time(lambda: rq.encode(probe), device)[0] for _ in range(2))
     rq.search_chunk_size = default_chunk
     print("gemma-rvq chunk sweep (frames/s on 4096 frames): "
           + ", ".join(f"{c}: {probe.shape[0] / t:,.0f}" for c, t in sweep.items()))
@@ -276,6 +290,8 @@ def main(argv: list[str] | None = None) -> None:
 
     bound = fps["gemm"]
     print()
+    if load_before is not None:
+        print(f"load average (1 min) before/after the timed rounds: {load_before[0]:.1f} / {load_after[0]:.1f}")
     print(f"GEMM bound ({gemm_kind}, chunk {gemm_chunk}): {bound * flop_per_frame / 1e9:.0f} GFLOP/s "
           f"-> {bound:,.0f} frames/s for {q} stages")
     print(f"gemma-rvq encode:        {fps['gemma-rvq']:>10,.0f} frames/s (best of {args.repeats}; "
@@ -287,6 +303,11 @@ def main(argv: list[str] | None = None) -> None:
               + ", ".join(f"{r:.2f}" for r in ratio_rounds["vqtorch"]) + "; target >= 3x)")
     print(f"ratio gemma-rvq / GEMM bound: {fps['gemma-rvq'] / bound:.1%} (per round: "
           + ", ".join(f"{r:.0%}" for r in ratio_rounds["gemm"]) + "; target >= 90%)")
+    if device.type == "cpu":
+        print("CPU-time based (frames per CPU-second x threads; less sensitive to other load): "
+              + ", ".join(f"{name} {v:,.0f}" for name, v in fps_cpu.items())
+              + f"; gemma-rvq / GEMM {fps_cpu['gemma-rvq'] / fps_cpu['gemm']:.1%}"
+              + (f", gemma-rvq / vqtorch {fps_cpu['gemma-rvq'] / fps_cpu['vqtorch']:.2f}x" if vq is not None else ""))
     print(f"exhaustive search agreement on {check} frames x {q} levels: {agree['identical']:.4%} identical; "
           f"{agree['mismatches']} mismatches, {agree['near_ties']} of them near-ties "
           f"(max relative distance gap {agree['max_rel_gap']:.1e})")
