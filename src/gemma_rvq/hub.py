@@ -27,6 +27,7 @@ __all__ = [
     "join_card",
     "push_folder",
     "push_metric",
+    "self_contained_module_source",
     "split_card",
     "write_metric_space",
     "write_space_folder",

@@ -33,6 +33,7 @@ from .functional import (
     per_level_errors,
     perplexity_from_counts,
     pooled_perplexity,
+    reconstruction_metrics,
     utilization_from_counts,
 )
 
@@ -66,6 +67,7 @@ __all__ = [
     "per_level_errors",
     "perplexity_from_counts",
     "pooled_perplexity",
+    "reconstruction_metrics",
     "unpad_codes",
     "unpad_frames",
     "utilization_from_counts",

@@ -132,6 +132,13 @@ def _mean_vector(mean: Any, dim: int) -> Tensor:
     return mean
 
 
+def _is_empty(example: Any) -> bool:
+    try:
+        return len(example) == 0
+    except TypeError:
+        return False
+
+
 def stack_frames(examples: Sequence[Any], *, name: str = "predictions") -> Tensor:
     """Concatenate per-example frames ``[T_i, D]`` (arrays, tensors or nested lists) into ``[N, D]``.
 
@@ -140,12 +147,12 @@ def stack_frames(examples: Sequence[Any], *, name: str = "predictions") -> Tenso
     """
     parts, dim = [], None
     for i, ex in enumerate(examples):
+        if _is_empty(ex):  # no frames (datasets may hand these back as object arrays)
+            continue
         try:
             t = torch.as_tensor(ex, dtype=torch.float32)
         except (TypeError, ValueError, RuntimeError):
             raise ValueError(f"{name}[{i}] is not a rectangular [T, D] array of numbers") from None
-        if t.numel() == 0 and t.dim() < 2:
-            continue
         if t.dim() != 2:
             raise ValueError(f"{name}[{i}] must be [T, D] (frames x features), got shape {list(t.shape)}")
         if dim is not None and t.shape[1] != dim:
@@ -185,7 +192,10 @@ def check_pairs(predictions: Sequence[Any], references: Sequence[Any]) -> None:
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions but {len(references)} references")
     for i, (p, r) in enumerate(zip(predictions, references)):
-        ps, rs = tuple(torch.as_tensor(p).shape), tuple(torch.as_tensor(r).shape)
+        if _is_empty(p) and _is_empty(r):
+            continue
+        ps = (0,) if _is_empty(p) else tuple(torch.as_tensor(p).shape)
+        rs = (0,) if _is_empty(r) else tuple(torch.as_tensor(r).shape)
         if ps != rs:
             raise ValueError(f"row {i}: prediction shape {list(ps)} != reference shape {list(rs)}")
 
