@@ -97,6 +97,9 @@ class _SearchTables:
 
     def __init__(self, key: tuple, codebooks: Tensor, backend: str) -> None:
         self.key = key
+        # Holding the source keeps its storage alive, so its address (part of the key) cannot be reused
+        # by a replacement tensor while this entry exists.
+        self.source = codebooks
         self.device = codebooks.device
         self.weight = codebooks.float().contiguous()
         self.bias = (-0.5 * self.weight.square().sum(-1)).contiguous()
@@ -136,7 +139,7 @@ class ResidualQuantizer(nn.Module):
             score matrix (never a full ``[N, K]`` one).
 
     State dict: ``codebooks [Q, K, Dc]`` and, for ``"ema"``, ``cluster_size [Q, K]`` and
-    ``embed_sum [Q, K, Dc]`` (invariant: ``codebooks == embed_sum / smoothed(cluster_size)``).
+    ``embed_sum [Q, K, Dc]`` (after every EMA update ``codebooks == embed_sum / smoothed(cluster_size)``).
     """
 
     def __init__(
