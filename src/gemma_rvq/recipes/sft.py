@@ -1,0 +1,386 @@
+"""SFT glue for TRL: the logic of ``examples/sft.py``.
+
+``run_sft(script_args, training_args, model_args)`` loads the model and tokenizer, adds the format's
+semantic tokens (``gemma_rvq.llm.add_semantic_tokens``, which resizes the embeddings BEFORE the trainer
+exists: ``SFTTrainer`` never resizes), builds the recipe's dataset, configures LoRA so that the new
+token rows are trainable (``trainable_token_indices``; the output rows too when the head is untied),
+builds ``trl.SFTTrainer``, trains, and saves the model (or adapter), the tokenizer and a
+``gemma_rvq_recipe.json`` that :func:`load_sft_model` reads back.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from trl import ScriptArguments
+
+from .data import RECIPES, build_recipe_dataset
+
+__all__ = [
+    "RECIPE_FILE",
+    "SemanticSFTArguments",
+    "build_sft_trainer",
+    "embedding_module_names",
+    "load_raw_dataset",
+    "load_sft_dataset",
+    "load_sft_model",
+    "patch_trainable_tokens_head",
+    "prepare_semantic_tokens",
+    "resolve_token_format",
+    "run_sft",
+    "save_recipe",
+    "semantic_peft_config",
+]
+
+logger = logging.getLogger(__name__)
+
+RECIPE_FILE = "gemma_rvq_recipe.json"
+
+_DEFAULT_TEMPLATE = {"speechless": "speechless", "asr": "spire_asr", "speech_instruct": None}
+
+
+@dataclass
+class SemanticSFTArguments(ScriptArguments):
+    """Script arguments of ``examples/sft.py`` (TRL's ``ScriptArguments`` plus the recipe's own)."""
+
+    recipe: str = field(default="speechless", metadata={"help": f"One of {list(RECIPES)}."})
+    token_format: str = field(
+        default="gemma_rvq",
+        metadata={"help": "Semantic token format: a preset (gemma_rvq, ichigo, spire) or a JSON file written "
+                          "from SemanticTokenFormat.to_dict()."},
+    )
+    codebook_size: int | None = field(default=None, metadata={"help": "Override the format's codebook size."})
+    num_levels: int | None = field(default=None, metadata={"help": "Override the format's number of levels."})
+    token_init: str = field(default="mean", metadata={"help": "Init of the new embedding rows (add_semantic_tokens)."})
+    embedding_pad_to_multiple_of: int | None = field(
+        default=64, metadata={"help": "Pad the resized embedding matrix to a multiple of this (None: no padding)."}
+    )
+    token_seed: int = field(default=0, metadata={"help": "Seed of the new rows' init (reproduced on reload)."})
+    train_new_token_rows: bool = field(
+        default=True,
+        metadata={"help": "With LoRA: train the new tokens' embedding (and untied output) rows via PEFT "
+                          "trainable_token_indices."},
+    )
+    data_files: list[str] | None = field(default=None, metadata={"help": "data_files for load_dataset."})
+    prepared_dataset: bool = field(
+        default=False, metadata={"help": "The dataset is already in TRL form (prompt/completion or messages)."}
+    )
+    text_column: str = field(default="text", metadata={"help": "Text column (speechless, asr)."})
+    tokens_column: str = field(default="semantic_tokens", metadata={"help": "Semantic token string column."})
+    response_column: str = field(default="response", metadata={"help": "Answer column (speech_instruct)."})
+    translation_column: str | None = field(default=None, metadata={"help": "Translation column (asr)."})
+    language: str | None = field(default=None, metadata={"help": "Language name for every row."})
+    language_column: str | None = field(default=None, metadata={"help": "Column holding the language name."})
+    target_language: str | None = field(default=None, metadata={"help": "Target language (speech translation)."})
+    prompt_template: str | None = field(
+        default=None, metadata={"help": "Prompt template preset (speechless, spire_asr, asr); default per recipe."}
+    )
+    system_prompt: str | None = field(default=None, metadata={"help": "System turn (speech_instruct)."})
+    user_template: str = field(default="{speech}", metadata={"help": "User turn (speech_instruct), with {speech}."})
+    instruct_output: str = field(
+        default="prompt_completion",
+        metadata={"help": "speech_instruct dataset form: prompt_completion (completion-only loss) or messages "
+                          "(needs assistant_only_loss and a chat template with generation markers)."},
+    )
+    drop_missing_tokens: bool = field(
+        default=False, metadata={"help": "Drop rows without semantic tokens (failed generations) instead of failing."}
+    )
+    validate_tokens: bool = field(default=False, metadata={"help": "Parse every token string before training."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use the first N training rows."})
+
+    def __post_init__(self) -> None:
+        if self.recipe not in RECIPES:
+            raise ValueError(f"recipe must be one of {list(RECIPES)}, got {self.recipe!r}")
+
+
+# ---------------------------------------------------------------------------------------------- tokens
+def resolve_token_format(token_format: Any, codebook_size: int | None = None, num_levels: int | None = None):
+    """A ``SemanticTokenFormat`` from a preset name, a JSON file path, a dict or a format, with overrides."""
+    from ..tokens import get_format
+
+    if isinstance(token_format, str) and token_format.endswith(".json"):
+        if not os.path.isfile(token_format):
+            raise ValueError(f"token format file {token_format!r} does not exist")
+        with open(token_format, encoding="utf-8") as handle:
+            token_format = json.load(handle)
+    overrides = {k: v for k, v in (("codebook_size", codebook_size), ("num_levels", num_levels)) if v is not None}
+    return get_format(token_format, **overrides)
+
+
+def prepare_semantic_tokens(model, tokenizer, token_format: Any, *, init: str = "mean",
+                            pad_to_multiple_of: int | None = 64, seed: int = 0, rvq_model=None) -> list[int]:
+    """Make sure ``tokenizer`` and ``model`` know the format's tokens; return their ids (vocabulary order).
+
+    Tokens are added with ``gemma_rvq.llm.add_semantic_tokens`` (which resizes and initialises the
+    embedding rows) unless the tokenizer has them all already (e.g. a stage-2 checkpoint reused for stage
+    3): then only a missing resize is done. Must run before the trainer is built.
+    """
+    from ..llm import add_semantic_tokens
+    from ..tokens import get_format
+
+    fmt = get_format(token_format)
+    vocab = fmt.vocabulary()
+    known = tokenizer.get_vocab()
+    present = [t in known for t in vocab]
+    if all(present):
+        ids = [known[t] for t in vocab]
+        if model.get_input_embeddings().num_embeddings < len(tokenizer):
+            model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=pad_to_multiple_of)
+    else:
+        if any(present):
+            logger.warning("the tokenizer already has %d of the %d tokens of format %r; adding the rest",
+                           sum(present), len(vocab), fmt.name)
+        ids = add_semantic_tokens(tokenizer, model, format=fmt, init=init, rvq_model=rvq_model,
+                                  pad_to_multiple_of=pad_to_multiple_of, seed=seed)
+    rows = model.get_input_embeddings().num_embeddings
+    if rows < len(tokenizer) or max(ids) >= rows:
+        raise RuntimeError(f"the embeddings have {rows} rows for a tokenizer of {len(tokenizer)} tokens")
+    return list(ids)
+
+
+def embedding_module_names(model) -> tuple[str, str | None, bool]:
+    """``(input embedding name, output embedding name or None, tied)``: last components of the module names."""
+    names = {module: name for name, module in model.named_modules()}
+    embed = model.get_input_embeddings()
+    head = model.get_output_embeddings()
+    tied = head is not None and head.weight.data_ptr() == embed.weight.data_ptr()
+    head_name = names[head].rsplit(".", 1)[-1] if head is not None else None
+    return names[embed].rsplit(".", 1)[-1], head_name, tied
+
+
+def semantic_peft_config(model_args, model, new_token_ids: list[int], *, train_new_token_rows: bool = True):
+    """TRL's ``get_peft_config(model_args)`` with the new token rows made trainable.
+
+    ``trainable_token_indices`` covers the input embedding and, for an untied head, the output embedding
+    (a tied head follows the input rows); Gemma 3n/4 per-layer embeddings (``embed_tokens_per_layer``)
+    are included when the model has them. Returns ``None`` without ``use_peft``.
+    """
+    from trl import get_peft_config
+
+    config = get_peft_config(model_args)
+    if config is None or not train_new_token_rows or not new_token_ids:
+        return config
+    embed_name, head_name, tied = embedding_module_names(model)
+    indices = dict(config.trainable_token_indices or {})
+    targets = [embed_name] + ([] if tied or head_name is None else [head_name])
+    if any(name.endswith("embed_tokens_per_layer") for name, _ in model.named_modules()):
+        targets.append("embed_tokens_per_layer")
+    saved = set(config.modules_to_save or ())
+    for target in targets:
+        if target in saved:  # the whole module is trained already
+            continue
+        indices[target] = sorted(set(indices.get(target, [])) | set(new_token_ids))
+    config.trainable_token_indices = indices or None
+    return config
+
+
+def patch_trainable_tokens_head(trainer) -> None:
+    """Work around TRL 1.16 reading ``lm_head.bias`` of a PEFT ``TrainableTokensWrapper`` (AttributeError).
+
+    The wrapper of a bias-free head has no ``bias`` attribute; giving it ``None`` is what the unwrapped
+    ``nn.Linear`` has.
+    """
+    head = trainer.model.get_output_embeddings()
+    if head is not None and type(head).__name__ == "TrainableTokensWrapper":
+        try:
+            head.bias  # noqa: B018
+        except AttributeError:
+            head.bias = None
+
+
+# ---------------------------------------------------------------------------------------------- data
+def load_raw_dataset(name: str | None, *, dataset_config: str | None = None, data_files=None,
+                     streaming: bool = False):
+    """Load a Hub dataset id, a ``save_to_disk`` folder, or a json/jsonl/csv/parquet file."""
+    from datasets import load_dataset, load_from_disk
+
+    if name is None:
+        raise ValueError("dataset_name is required: a Hub dataset id, a save_to_disk folder or a data file")
+    if os.path.isdir(name) and (
+        os.path.isfile(os.path.join(name, "dataset_dict.json")) or os.path.isfile(os.path.join(name, "state.json"))
+    ):
+        return load_from_disk(name)
+    if os.path.isfile(name):
+        extension = name.rsplit(".", 1)[-1].lower()
+        builder = {"jsonl": "json", "json": "json", "csv": "csv", "parquet": "parquet"}.get(extension)
+        if builder is None:
+            raise ValueError(f"unsupported data file {name!r} (json, jsonl, csv or parquet)")
+        return load_dataset(builder, data_files=name)
+    return load_dataset(name, name=dataset_config, data_files=data_files, streaming=streaming)
+
+
+def _builder_kwargs(script_args, token_format) -> dict[str, Any]:
+    fmt = token_format if script_args.validate_tokens else None
+    common = {"tokens_column": script_args.tokens_column, "drop_missing": script_args.drop_missing_tokens,
+              "token_format": fmt}
+    template = script_args.prompt_template or _DEFAULT_TEMPLATE[script_args.recipe]
+    if script_args.recipe == "speechless":
+        return {**common, "text_column": script_args.text_column, "language": script_args.language,
+                "language_column": script_args.language_column, "template": template}
+    if script_args.recipe == "asr":
+        return {**common, "text_column": script_args.text_column, "language": script_args.language or "English",
+                "language_column": script_args.language_column, "template": template,
+                "translation_column": script_args.translation_column,
+                "target_language": script_args.target_language}
+    return {**common, "response_column": script_args.response_column, "system_prompt": script_args.system_prompt,
+            "user_template": script_args.user_template, "output": script_args.instruct_output}
+
+
+def load_sft_dataset(script_args, token_format=None):
+    """Load ``script_args.dataset_name`` and build the recipe's dataset; returns ``(train, eval or None)``."""
+    from datasets import Dataset, DatasetDict, IterableDatasetDict
+
+    raw = load_raw_dataset(script_args.dataset_name, dataset_config=script_args.dataset_config,
+                           data_files=script_args.data_files, streaming=script_args.dataset_streaming)
+    if isinstance(raw, DatasetDict | IterableDatasetDict):
+        if script_args.dataset_train_split not in raw:
+            raise ValueError(f"split {script_args.dataset_train_split!r} not found; available: {list(raw)}")
+        train = raw[script_args.dataset_train_split]
+        evaluation = raw.get(script_args.dataset_test_split)
+    else:
+        train, evaluation = raw, None
+    if script_args.max_train_samples is not None:
+        train = train.select(range(min(script_args.max_train_samples, len(train)))) if isinstance(
+            train, Dataset) else train.take(script_args.max_train_samples)
+    if not script_args.prepared_dataset:
+        kwargs = _builder_kwargs(script_args, token_format)
+        train = build_recipe_dataset(script_args.recipe, train, **kwargs)
+        if evaluation is not None:
+            evaluation = build_recipe_dataset(script_args.recipe, evaluation, **kwargs)
+    return train, evaluation
+
+
+# ---------------------------------------------------------------------------------------------- trainer
+def _load_model_and_tokenizer(model_args, training_args):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not model_args.model_name_or_path:
+        raise ValueError("model_name_or_path is required")
+    init_kwargs = dict(training_args.model_init_kwargs or {})
+    dtype = model_args.dtype
+    init_kwargs.setdefault("dtype", getattr(torch, dtype) if dtype not in (None, "auto") else dtype)
+    if model_args.attn_implementation is not None:
+        init_kwargs.setdefault("attn_implementation", model_args.attn_implementation)
+    # the model is built here (it must be resized before the trainer), so the trainer gets no init kwargs
+    training_args.model_init_kwargs = None
+    model = AutoModelForCausalLM.from_pretrained(
+        model_args.model_name_or_path, revision=model_args.model_revision,
+        trust_remote_code=training_args.trust_remote_code, **init_kwargs,
+    )
+    tokenizer = AutoTokenizer.from_pretrained(
+        model_args.model_name_or_path, revision=model_args.model_revision,
+        trust_remote_code=training_args.trust_remote_code,
+    )
+    return model, tokenizer
+
+
+def build_sft_trainer(script_args, training_args, model_args, *, model=None, tokenizer=None,
+                      train_dataset=None, eval_dataset=None, rvq_model=None):
+    """Everything up to ``trainer.train()``: returns a ``trl.SFTTrainer`` ready to train.
+
+    ``model`` / ``tokenizer`` / datasets default to what the arguments name; passing them lets a notebook
+    reuse objects it already holds.
+    """
+    from trl import SFTTrainer
+
+    if (model is None) != (tokenizer is None):
+        raise ValueError("pass both model and tokenizer, or neither")
+    if model is None:
+        model, tokenizer = _load_model_and_tokenizer(model_args, training_args)
+    fmt = resolve_token_format(script_args.token_format, script_args.codebook_size, script_args.num_levels)
+    new_ids = prepare_semantic_tokens(model, tokenizer, fmt, init=script_args.token_init,
+                                      pad_to_multiple_of=script_args.embedding_pad_to_multiple_of,
+                                      seed=script_args.token_seed, rvq_model=rvq_model)
+    embedding_rows = model.get_input_embeddings().num_embeddings  # before PEFT wraps the embeddings
+    if train_dataset is None:
+        train_dataset, loaded_eval = load_sft_dataset(script_args, fmt)
+        eval_dataset = eval_dataset if eval_dataset is not None else loaded_eval
+    if training_args.eval_strategy == "no":
+        eval_dataset = None
+    if script_args.recipe == "speech_instruct" and script_args.instruct_output == "messages":
+        training_args.assistant_only_loss = True
+    peft_config = semantic_peft_config(model_args, model, new_ids,
+                                       train_new_token_rows=script_args.train_new_token_rows)
+    trainer = SFTTrainer(model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                         processing_class=tokenizer, peft_config=peft_config)
+    patch_trainable_tokens_head(trainer)
+    trainer.gemma_rvq_recipe = {
+        "recipe": script_args.recipe,
+        "token_format": fmt.to_dict(),
+        "num_new_tokens": len(new_ids),
+        "new_token_ids": [min(new_ids), max(new_ids)] if new_ids else None,
+        "vocab_size": len(tokenizer),
+        "embedding_rows": embedding_rows,
+        "base_model": model_args.model_name_or_path,
+        "token_init": script_args.token_init,
+        "token_seed": script_args.token_seed,
+        "pad_to_multiple_of": script_args.embedding_pad_to_multiple_of,
+        "peft": peft_config is not None,
+        "prompt_template": script_args.prompt_template or _DEFAULT_TEMPLATE[script_args.recipe],
+    }
+    return trainer
+
+
+def save_recipe(trainer, output_dir: str) -> None:
+    """Write ``gemma_rvq_recipe.json`` (what :func:`load_sft_model` needs) on the main process."""
+    if trainer.accelerator.is_main_process:
+        os.makedirs(output_dir, exist_ok=True)
+        with open(os.path.join(output_dir, RECIPE_FILE), "w", encoding="utf-8") as handle:
+            json.dump(trainer.gemma_rvq_recipe, handle, indent=2)
+
+
+def run_sft(script_args, training_args, model_args, **kwargs):
+    """Build the trainer, train, save (model or adapter, tokenizer, recipe file), push. Returns the trainer."""
+    trainer = build_sft_trainer(script_args, training_args, model_args, **kwargs)
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model(training_args.output_dir)
+    save_recipe(trainer, training_args.output_dir)
+    if training_args.push_to_hub:
+        if trainer.accelerator.is_main_process:
+            from huggingface_hub import upload_file
+
+            upload_file(path_or_fileobj=os.path.join(training_args.output_dir, RECIPE_FILE),
+                        path_in_repo=RECIPE_FILE, repo_id=trainer.hub_model_id)
+        trainer.push_to_hub(dataset_name=script_args.dataset_name)
+    return trainer
+
+
+def load_sft_model(path: str, *, base_model_name_or_path: str | None = None, rvq_model=None,
+                   **from_pretrained_kwargs: Any):
+    """Load what ``examples/sft.py`` saved in ``path``: ``(model, tokenizer)``.
+
+    A full fine-tune loads directly. A LoRA run saved an adapter: the base model is loaded, its tokenizer
+    extended exactly as in training (same format, init and seed, from ``gemma_rvq_recipe.json``), and the
+    adapter (LoRA weights and the trained token rows) applied with ``PeftModel.from_pretrained``.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if not os.path.isfile(os.path.join(path, "adapter_config.json")):
+        return AutoModelForCausalLM.from_pretrained(path, **from_pretrained_kwargs), tokenizer
+    from peft import PeftModel
+
+    recipe_path = os.path.join(path, RECIPE_FILE)
+    if not os.path.isfile(recipe_path):
+        raise ValueError(f"{path} holds an adapter but no {RECIPE_FILE}: was it saved by examples/sft.py?")
+    with open(recipe_path, encoding="utf-8") as handle:
+        recipe = json.load(handle)
+    base_path = base_model_name_or_path or recipe["base_model"]
+    base = AutoModelForCausalLM.from_pretrained(base_path, **from_pretrained_kwargs)
+    base_tokenizer = AutoTokenizer.from_pretrained(base_path)
+    prepare_semantic_tokens(base, base_tokenizer, recipe["token_format"], init=recipe["token_init"],
+                            pad_to_multiple_of=recipe["pad_to_multiple_of"], seed=recipe["token_seed"],
+                            rvq_model=rvq_model)
+    if len(base_tokenizer) != len(tokenizer) or base.get_input_embeddings().num_embeddings != recipe[
+            "embedding_rows"]:
+        raise ValueError(
+            f"re-extending the base model gave {len(base_tokenizer)} tokens / "
+            f"{base.get_input_embeddings().num_embeddings} rows, the adapter was trained with "
+            f"{len(tokenizer)} / {recipe['embedding_rows']}: wrong base model?"
+        )
+    return PeftModel.from_pretrained(base, path), tokenizer

@@ -1,0 +1,161 @@
+"""Stage 2 end to end on a toy mapping: train through examples/sft.py, then constrained generation.
+
+A tiny random Llama learns ~20 text -> token string pairs (the loss must fall clearly), then
+``generate_semantic_tokens`` / ``examples/generate_semantic.py`` turn texts into token strings that parse
+back to codes, with failures reported in an error column.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from datasets import Dataset, load_from_disk
+
+from gemma_rvq.recipes import (
+    SemanticVocabularyLogitsProcessor,
+    generate_semantic_dataset,
+    generate_semantic_tokens,
+    semantic_token_ids,
+)
+from gemma_rvq.testing import byte_level_bpe_tokenizer, tiny_llama, toy_semantic_pairs
+from gemma_rvq.tokens import get_format
+
+ROOT = Path(__file__).resolve().parents[1]
+FORMAT = get_format("gemma_rvq", codebook_size=8, num_levels=2)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    """Tiny models: one intra-op thread is fastest, and avoids oversubscription under ``pytest -n 2``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses resolve their annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def stage2(tmp_path_factory):
+    """A tiny Llama trained 30 full-FT steps on 20 toy pairs, through examples/sft.py."""
+    root = tmp_path_factory.mktemp("stage2")
+    tokenizer = byte_level_bpe_tokenizer()
+    tiny_llama(tokenizer, hidden_size=32).save_pretrained(root / "base")
+    tokenizer.save_pretrained(root / "base")
+    pairs = toy_semantic_pairs(FORMAT, num_rows=20, seed=3)
+    pairs.save_to_disk(root / "pairs")
+    sft = _script("sft")
+    args = sft.make_parser().parse_args_and_config([
+        "--config", str(ROOT / "examples" / "recipes" / "tiny_speechless.yaml"),
+        "--model_name_or_path", str(root / "base"), "--dataset_name", str(root / "pairs"),
+        "--output_dir", str(root / "out"), "--max_steps", "30", "--learning_rate", "1e-2",
+        "--per_device_train_batch_size", "20",
+    ])
+    trainer = sft.main(*args)
+    return trainer, pairs, root
+
+
+def test_stage2_loss_falls_on_a_toy_mapping(stage2):
+    trainer, _, _ = stage2
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses) == 30
+    first, last = sum(losses[:2]) / 2, sum(losses[-3:]) / 3
+    assert last < 0.5 * first, (first, last)
+
+
+def test_constrained_generation_parses_back_to_codes(stage2):
+    trainer, pairs, _ = stage2
+    out = generate_semantic_tokens(trainer.model, trainer.processing_class, pairs["text"], FORMAT,
+                                   batch_size=8, max_new_tokens=24, show_progress=False)
+    tokens, errors = out["semantic_tokens"], out["generation_error"]
+    assert len(tokens) == len(errors) == len(pairs)
+    assert all((t is None) != (e is None) for t, e in zip(tokens, errors))
+    parsed = [FORMAT.parse(t) for t in tokens if t is not None]
+    assert len(parsed) >= 15  # the model learned the frame structure (q0 q1 q0 q1 ... end)
+    for result in parsed:
+        assert result.codes.shape[0] == 2 and result.codes.shape[1] >= 1
+        assert int(result.codes.max()) < 8
+
+
+def test_rows_that_do_not_finish_are_reported_not_kept(stage2):
+    trainer, pairs, _ = stage2
+    out = generate_semantic_tokens(trainer.model, trainer.processing_class, pairs["text"][:3], FORMAT,
+                                   max_new_tokens=2, show_progress=False)
+    assert out["semantic_tokens"] == [None] * 3
+    assert all("max_new_tokens=2" in error for error in out["generation_error"])
+
+
+def test_untrained_model_generates_only_semantic_tokens_or_reports(tmp_path):
+    tokenizer = byte_level_bpe_tokenizer()
+    model = tiny_llama(tokenizer, hidden_size=32)
+    from gemma_rvq.llm import add_semantic_tokens
+
+    add_semantic_tokens(tokenizer, model, FORMAT, pad_to_multiple_of=None)
+    texts = ["Habari za asubuhi?", "Hello, how are you today?", "Mji mkuu wa Kenya ni Nairobi."]
+    out = generate_semantic_tokens(model, tokenizer, texts, FORMAT, max_new_tokens=10, show_progress=False,
+                                   do_sample=True, top_k=0)
+    vocabulary = set(FORMAT.vocabulary())
+    for tokens, error in zip(out["semantic_tokens"], out["generation_error"]):
+        if tokens is None:
+            assert error.startswith(("does not parse", "stopped without", "no stop token", "no frames"))
+        else:
+            assert error is None and FORMAT.parse(tokens).codes.shape[0] == 2
+            assert set(tokenizer.tokenize(tokens)) <= vocabulary
+
+
+def test_logits_processor_masks_everything_else():
+    processor = SemanticVocabularyLogitsProcessor([3, 7, 7, 1])
+    scores = torch.randn(2, 10)
+    masked = processor(torch.zeros(2, 1, dtype=torch.long), scores)
+    keep = torch.zeros(10, dtype=torch.bool)
+    keep[[1, 3, 7]] = True
+    assert torch.equal(masked[:, keep], scores[:, keep])
+    assert torch.isinf(masked[:, ~keep]).all()
+    with pytest.raises(ValueError, match="outside the logits"):
+        SemanticVocabularyLogitsProcessor([12])(torch.zeros(1, 1, dtype=torch.long), scores[:1])
+
+
+def test_tokenizer_without_the_format_is_refused():
+    with pytest.raises(ValueError, match="lacks 18 of the 18 tokens"):
+        semantic_token_ids(byte_level_bpe_tokenizer(), FORMAT)
+
+
+def test_generate_semantic_dataset_checks_columns(stage2):
+    trainer, pairs, _ = stage2
+    with pytest.raises(ValueError, match="text_column='instruction'"):
+        generate_semantic_dataset(trainer.model, trainer.processing_class, pairs, FORMAT, text_column="instruction")
+    with pytest.raises(ValueError, match="already has a 'semantic_tokens' column"):
+        generate_semantic_dataset(trainer.model, trainer.processing_class, pairs, FORMAT)
+
+
+def test_generate_semantic_script_writes_a_dataset(stage2, tmp_path):
+    _, pairs, root = stage2
+    instructions = Dataset.from_dict({"instruction": pairs["text"][:6], "response": ["ok"] * 6})
+    instructions.to_json(tmp_path / "instructions.jsonl")
+    script = _script("generate_semantic")
+    from transformers import HfArgumentParser
+
+    (args,) = HfArgumentParser(script.GenerateSemanticArguments).parse_args_into_dataclasses([
+        "--model_name_or_path", str(root / "out"), "--dataset_name", str(tmp_path / "instructions.jsonl"),
+        "--text_column", "instruction", "--output_dir", str(tmp_path / "generated"), "--batch_size", "4",
+        "--max_new_tokens", "24", "--dtype", "float32",
+    ])
+    script.main(args)
+    generated = load_from_disk(str(tmp_path / "generated"))
+    assert generated.column_names == ["instruction", "response", "semantic_tokens", "generation_error"]
+    assert len(generated) == 6
+    for tokens, error in zip(generated["semantic_tokens"], generated["generation_error"]):
+        assert (tokens is None) != (error is None)
+        if tokens is not None:
+            FORMAT.parse(tokens)
+    assert sum(t is not None for t in generated["semantic_tokens"]) >= 4

@@ -1,0 +1,214 @@
+"""examples/sft.py and gemma_rvq.recipes.sft on tiny real models (Llama + byte-level BPE, Gemma 3 + SentencePiece).
+
+Every training run goes through ``examples/sft.py``'s ``main`` with arguments parsed by its ``TrlParser``
+from the tiny YAML recipes, as ``accelerate launch examples/sft.py --config ...`` would.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from datasets import Dataset
+
+from gemma_rvq.recipes import (
+    RECIPE_FILE,
+    build_sft_trainer,
+    load_sft_model,
+)
+from gemma_rvq.testing import (
+    byte_level_bpe_tokenizer,
+    sentencepiece_tokenizer,
+    tiny_gemma_lm,
+    tiny_llama,
+    toy_semantic_pairs,
+)
+from gemma_rvq.tokens import get_format
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES_DIR = ROOT / "examples" / "recipes"
+FORMAT = {"token_format": "gemma_rvq", "codebook_size": 8, "num_levels": 2}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    """Tiny models: one intra-op thread is fastest, and avoids oversubscription under ``pytest -n 2``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("sft_script", ROOT / "examples" / "sft.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+SFT = _load_script()
+
+
+def parse(config: str, **overrides):
+    """Parse examples/recipes/<config> + overrides exactly as the script's command line would."""
+    args = ["--config", str(RECIPES_DIR / config)]
+    for key, value in overrides.items():
+        args += [f"--{key}", str(value)]
+    return SFT.make_parser().parse_args_and_config(args)
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = byte_level_bpe_tokenizer()
+    tiny_llama(tokenizer, hidden_size=48).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def gemma_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tiny-gemma")
+    tokenizer = sentencepiece_tokenizer()
+    tiny_gemma_lm(tokenizer, hidden_size=48).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> dict[str, Path]:
+    """The toy datasets, saved as the script would find them (save_to_disk folders and a jsonl file)."""
+    root = tmp_path_factory.mktemp("data")
+    pairs = toy_semantic_pairs(get_format("gemma_rvq", codebook_size=8, num_levels=2),
+                               num_rows=8, seed=1)
+    pairs.save_to_disk(root / "pairs")
+    instructions = pairs.map(lambda row: {"response": "Answer: " + row["text"].lower()}).rename_column(
+        "text", "instruction")
+    instructions.to_json(root / "instructions.jsonl")
+    return {"pairs": root / "pairs", "instructions": root / "instructions.jsonl"}
+
+
+def _rows(model, ids):
+    """(input rows, output rows) of ``ids``, as the model computes them (PEFT wrappers included)."""
+    index = torch.tensor(ids)
+    embed = model.get_input_embeddings()
+    head = model.get_output_embeddings()
+    inputs = embed(index[None])[0].detach().clone()
+    eye = torch.eye(model.config.get_text_config().hidden_size)
+    outputs = head(eye)[:, index].T.detach().clone()  # [len(ids), hidden]: the head's rows
+    return inputs, outputs
+
+
+@pytest.mark.parametrize(
+    ("model_fixture", "recipe", "config", "extra"),
+    [
+        ("llama_dir", "speechless", "tiny_speechless.yaml", {}),
+        ("gemma_dir", "speechless", "tiny_speechless.yaml", {"use_peft": "true"}),
+        ("llama_dir", "speech_instruct", "tiny_speech_instruct.yaml", {"use_peft": "false"}),
+        ("gemma_dir", "speech_instruct", "tiny_speech_instruct.yaml", {}),
+        ("llama_dir", "asr", "tiny_asr.yaml", {"use_peft": "true"}),
+        ("gemma_dir", "asr", "tiny_asr.yaml", {}),
+    ],
+)
+def test_each_recipe_trains_two_steps_through_the_script(request, tmp_path, data_dir, model_fixture, recipe,
+                                                         config, extra):
+    model_path = request.getfixturevalue(model_fixture)
+    dataset = data_dir["instructions"] if recipe == "speech_instruct" else data_dir["pairs"]
+    script_args, training_args, model_args = parse(
+        config, model_name_or_path=model_path, dataset_name=dataset, output_dir=tmp_path / "out", **extra)
+    assert script_args.recipe == recipe
+    trainer = SFT.main(script_args, training_args, model_args)
+
+    assert trainer.state.global_step == 2
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+    saved = json.loads((tmp_path / "out" / RECIPE_FILE).read_text())
+    assert saved["recipe"] == recipe and saved["num_new_tokens"] == len(get_format("gemma_rvq", **{
+        k: v for k, v in FORMAT.items() if k != "token_format"}).vocabulary())
+    weights = "adapter_model.safetensors" if model_args.use_peft else "model.safetensors"
+    assert (tmp_path / "out" / weights).is_file()
+
+
+def test_completion_only_masking_of_speechless_labels(tmp_path, llama_dir, data_dir):
+    script_args, training_args, model_args = parse(
+        "tiny_speechless.yaml", model_name_or_path=llama_dir, dataset_name=data_dir["pairs"],
+        output_dir=tmp_path, language="Swahili")
+    trainer = build_sft_trainer(script_args, training_args, model_args)
+    tokenizer = trainer.processing_class
+    pairs = Dataset.load_from_disk(str(data_dir["pairs"]))
+    by_tokens = dict(zip(pairs["semantic_tokens"], pairs["text"]))
+    for row in trainer.train_dataset:
+        ids, labels = row["input_ids"], row["labels"]
+        first = next(i for i, label in enumerate(labels) if label != -100)
+        assert all(label == -100 for label in labels[:first])
+        assert labels[first:] == ids[first:]
+        completion = tokenizer.decode(ids[first:])
+        assert completion.endswith(tokenizer.eos_token)
+        tokens = completion[: -len(tokenizer.eos_token)]
+        assert tokens in by_tokens  # the loss covers exactly the token string (+ eos)
+        assert tokenizer.decode(ids[:first], skip_special_tokens=True) == f"[Swahili] {by_tokens[tokens]}\n"
+
+
+@pytest.mark.parametrize("output", ["prompt_completion", "messages"])
+def test_assistant_only_masking_of_speech_instruct_labels(tmp_path, gemma_dir, data_dir, output):
+    script_args, training_args, model_args = parse(
+        "tiny_speech_instruct.yaml", model_name_or_path=gemma_dir, dataset_name=data_dir["instructions"],
+        output_dir=tmp_path, instruct_output=output)
+    trainer = build_sft_trainer(script_args, training_args, model_args)
+    tokenizer = trainer.processing_class
+    answers = set(Dataset.from_json(str(data_dir["instructions"]))["response"])
+    for row in trainer.train_dataset:
+        ids, labels = row["input_ids"], row["labels"]
+        trained = [i for i, label in zip(ids, labels) if label != -100]
+        assert [label for label in labels if label != -100] == trained
+        first = labels.index(trained[0])
+        assert all(label == -100 for label in labels[:first])  # system/user turns and the semantic tokens
+        text = tokenizer.decode(trained)
+        assert text.endswith("<end_of_turn>\n") or text.endswith("<end_of_turn>")
+        assert text.split("<end_of_turn>")[0] in answers
+        assert "<|rvq_start|>" in tokenizer.decode(ids[:first])
+
+
+@pytest.mark.parametrize(("model_fixture", "tied"), [("llama_dir", False), ("gemma_dir", True)])
+def test_lora_trains_new_token_rows_only_and_reloads(tmp_path, data_dir, model_fixture, tied, request):
+    model_path = request.getfixturevalue(model_fixture)
+    script_args, training_args, model_args = parse(
+        "tiny_speechless.yaml", model_name_or_path=model_path, dataset_name=data_dir["pairs"],
+        output_dir=tmp_path / "out", use_peft="true", learning_rate=5e-2)
+    trainer = build_sft_trainer(script_args, training_args, model_args)
+    model = trainer.model
+    base = model.get_base_model()
+    assert base.config.get_text_config().tie_word_embeddings == tied
+    tokenizer = trainer.processing_class
+    new_ids = tokenizer.convert_tokens_to_ids(get_format("gemma_rvq", codebook_size=8, num_levels=2).vocabulary())
+    old_ids = list(range(10, 30))
+    new_in, new_out = _rows(model, new_ids)
+    old_in, old_out = _rows(model, old_ids)
+
+    trainer.train()
+
+    after_in, after_out = _rows(model, new_ids)
+    assert (after_in - new_in).abs().amax(-1).min() > 0  # every new input row moved
+    assert (after_out - new_out).abs().amax(-1).max() > 0  # the head's new rows moved (tied or not)
+    assert (after_out - new_out).abs().amax(-1).gt(0).float().mean() > 0.5
+    old_after_in, old_after_out = _rows(model, old_ids)
+    torch.testing.assert_close(old_after_in, old_in, rtol=0, atol=0)
+    torch.testing.assert_close(old_after_out, old_out, rtol=0, atol=0)
+
+    # the saved adapter reloads on the re-extended base and reproduces the logits
+    trainer.save_model(training_args.output_dir)
+    from gemma_rvq.recipes.sft import save_recipe
+
+    save_recipe(trainer, training_args.output_dir)
+    reloaded, reloaded_tokenizer = load_sft_model(str(training_args.output_dir))
+    assert len(reloaded_tokenizer) == len(tokenizer)
+    batch = tokenizer(["Hello there\n<|rvq_start|><|q0_0003|><|q1_0005|><|rvq_end|>"], return_tensors="pt")
+    model.eval()
+    reloaded.eval()
+    with torch.no_grad():
+        expected = model(**batch).logits
+        actual = reloaded(**batch).logits
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
