@@ -155,5 +155,10 @@ def test_push_validates_before_any_network_call(tmp_path):
         hub.push_folder(tmp_path, "someone/x", repo_type="spaces")
     with pytest.raises(ValueError, match="space_sdk"):
         hub.push_folder(tmp_path, "someone/x", repo_type="space")  # no README header, no sdk
+    stale = tmp_path / "stale"
+    stale.mkdir()
+    (stale / "secret.txt").write_text("x")
+    with pytest.raises(ValueError, match=r"secret\.txt"):
+        hub.push_metric("rvq_quality", "someone/rvq_quality", folder=stale, dry_run=True)
     with pytest.raises(ValueError, match="not a folder"):
         hub.push_folder(tmp_path / "missing", "someone/x")

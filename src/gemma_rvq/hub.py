@@ -213,6 +213,12 @@ def write_metric_space(name: str, folder: PathLike) -> Path:
     """
     from .metrics import functional, module_path
 
+    names = {f"{name}.py", f"{_VENDORED_FUNCTIONAL}.py", "app.py", "README.md", "requirements.txt"}
+    stray = (
+        sorted(p.name for p in Path(folder).iterdir() if p.name not in names) if Path(folder).is_dir() else []
+    )
+    if stray:  # they would be uploaded with the Space
+        raise ValueError(f"{folder} holds files that are not part of the {name} Space: {stray}")
     meta, body = split_card(Path(module_path(name), "README.md").read_text(encoding="utf-8"))
     meta = {
         "title": name.replace("_", " ").title(),
