@@ -269,3 +269,29 @@ def test_codebook_init_errors_leave_the_tokenizer_untouched():
     with pytest.raises(ValueError, match="init must be one of"):
         add_semantic_tokens(tokenizer, model, fmt, init="zeros")
     assert len(tokenizer) == old_len
+
+
+def test_returned_ids_train_only_the_new_rows_with_peft():
+    from peft import LoraConfig, get_peft_model
+
+    tokenizer = byte_level_bpe_tokenizer()
+    model = tiny_llama(tokenizer, tie_word_embeddings=True)
+    fmt = get_format("ichigo", codebook_size=64)
+    ids = add_semantic_tokens(tokenizer, model, fmt)
+    before = model.get_input_embeddings().weight.detach().clone()
+    peft_model = get_peft_model(
+        model, LoraConfig(target_modules="all-linear", trainable_token_indices={"embed_tokens": ids})
+    )
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
+    batch = tokenizer(["Hello " + fmt.render([1, 1, 2, 3, 63])], return_tensors="pt")
+    for _ in range(2):
+        peft_model(**batch, labels=batch["input_ids"]).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    merged = peft_model.merge_and_unload()
+    after = merged.get_input_embeddings().weight.detach()
+    old = len(tokenizer) - len(ids)
+    torch.testing.assert_close(after[:old], before[:old], atol=0, rtol=0)
+    used = [ids[fmt.vocabulary().index(t)] for t in ("<|sound_0001|>", "<|sound_0063|>", "<|duration_02|>")]
+    assert (after[used] - before[used]).abs().amax(dim=1).min() > 1e-4
+    assert merged.get_output_embeddings().weight is merged.get_input_embeddings().weight

@@ -93,6 +93,7 @@ FORMATS = [
     get_format("ichigo", separator=", "),
     get_format("spire", codebook_size=2048),
     get_format("spire", dedup=False),
+    get_format("spire", num_levels=2, codebook_size=2048, dedup=False),
     SemanticTokenFormat.from_template("<unit_{code}>", dedup=True),
     SemanticTokenFormat.from_template(
         "[{level}|{code}]", num_levels=2, codebook_size=2048, dedup=True, duration_template="[x{duration}]"
