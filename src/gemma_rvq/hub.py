@@ -281,3 +281,234 @@ def push_metric(
         space_sdk="gradio",
         commit_message=f"Upload the {name} metric (gemma-rvq)",
     )
+
+
+# --------------------------------------------------------------------------------------------------
+# trained RVQ models (stage 1): model cards and pushing
+
+MODEL_CARD_TAGS = ("gemma-rvq", "speech-tokenizer", "residual-vector-quantization", "audio", "semantic-tokens")
+# the seed card's table, then the extra metrics (key in the metric dicts -> row name)
+_CARD_METRICS = (
+    ("mse", "Reconstruction MSE", "{:.4f}"),
+    ("cosine_similarity", "Cosine Similarity", "{:.4f}"),
+    ("codebook_utilization", "Codebook Utilization", "{:.1%}"),
+    ("codebook_perplexity", "Codebook Perplexity", "{:.0f}"),
+    ("nmse", "Normalised MSE (NMSE)", "{:.4f}"),
+    ("fvu", "Fraction of Variance Unexplained (FVU)", "{:.4f}"),
+    ("centred_cosine_similarity", "Centred Cosine Similarity", "{:.4f}"),
+    ("pooled_perplexity", "Pooled Perplexity (all levels)", "{:.0f}"),
+)
+_HUB_DATASET_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    import json
+
+    if not path.exists():
+        return {}
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _model_card_body(name: str, repo_id: str | None, cfg: Mapping[str, Any], info: Mapping[str, Any],
+                     training: Mapping[str, Any], variant: str | None, folder: Path) -> str:
+    import math
+
+    q, k = cfg.get("num_quantizers"), cfg.get("codebook_size")
+    family = cfg.get("encoder_family", "gemma4_audio")
+    fps = 25 if family == "gemma4_audio" else 50
+    encoder = cfg.get("encoder_name_or_path") or f"bundled {family} encoder (weights in this checkpoint)"
+    layer = cfg.get("encoder_layer")
+    lines = [
+        f"# {name}",
+        "",
+        "A [gemma-rvq](https://github.com/gemma-rvq/gemma-rvq) speech tokenizer: a frozen speech encoder "
+        "followed by a residual vector quantizer (RVQ) that turns speech into discrete semantic tokens an "
+        "LLM can learn from.",
+        "",
+        "## Model",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| Encoder | `{encoder}` ({family}, {'last layer' if layer is None else f'layer {layer}'}) |",
+        f"| Embedding size D | {cfg.get('dim')} |",
+        f"| Codebook dim Dc | {cfg.get('codebook_dim')} |",
+        f"| Levels Q x codes K | {q} x {k} |",
+        f"| Codebooks | {cfg.get('codebook_type')} (EMA decay {cfg.get('ema_decay')}) |",
+        f"| Frame rate | {fps} frames/s |",
+    ]
+    if q and k:
+        lines.append(f"| Bitrate | {q * math.log2(k) * fps:.0f} bit/s |")
+    if variant:
+        what = {"best": "the checkpoint with the lowest dev MSE",
+                "averaged": "the element-wise mean of the last checkpoints' weights",
+                "final": "the weights at the last training step"}.get(variant, variant)
+        lines.append(f"| Weights | `{variant}`: {what} (step {info.get('step', '?')}) |")
+    data = info.get("train_data") or {}
+    dev = info.get("dev_data") or {}
+    if data:
+        langs = ", ".join(f"{lang} ({n})" for lang, n in (data.get("languages") or {}).items()) or "n/a"
+        lines += ["", "## Training data", "",
+                  "| split | hours | utterances | frames | languages (utterances) |", "|---|---|---|---|---|",
+                  f"| train | {data.get('hours', 0):.2f} | {data.get('utterances')} | {data.get('frames')} | {langs} |"]
+        if dev:
+            dlangs = ", ".join(f"{lang} ({n})" for lang, n in (dev.get("languages") or {}).items()) or "n/a"
+            lines.append(f"| dev | {dev.get('hours', 0):.2f} | {dev.get('utterances')} | {dev.get('frames')} | "
+                         f"{dlangs} |")
+    metrics = info.get("metrics") or {}
+    if metrics:
+        splits = [s for s in ("dev", "train") if s in metrics]
+        lines += ["", "## Evaluation", "",
+                  "| Metric | " + " | ".join(splits) + " |", "|---|" + "---|" * len(splits)]
+        for key, label, fmt in _CARD_METRICS:
+            if all(key in metrics[s] for s in splits):
+                lines.append(f"| {label} | " + " | ".join(fmt.format(metrics[s][key]) for s in splits) + " |")
+        first = metrics[splits[0]]
+        if "codebook_utilization_per_level" in first:
+            lines += ["", f"Per level ({splits[0]}):", "",
+                      "| level | utilization | perplexity | MSE with levels 1..k | FVU with levels 1..k |",
+                      "|---|---|---|---|---|"]
+            errors = first.get("level_errors") or {}
+            for i, (u, p) in enumerate(zip(first["codebook_utilization_per_level"],
+                                           first["codebook_perplexity_per_level"])):
+                cells = [f"{errors[m][i]:.4f}" if i < len(errors.get(m, [])) else "" for m in ("mse", "fvu")]
+                lines.append(f"| {i + 1} | {u:.1%} | {p:.0f} | {cells[0]} | {cells[1]} |")
+        lines += ["", "Definitions (gemma_rvq.metrics): MSE per element in the encoder space; NMSE = error / "
+                  "target energy; FVU = error / variance around the mean frame; cosine = mean per-frame cosine "
+                  "(centred: both sides minus the mean frame). Utilization = fraction of a codebook's codes used "
+                  "at least once over the whole evaluation set, perplexity = exp(entropy) of its code histogram "
+                  "over the same set; both per codebook, then averaged over levels."]
+    hub_id = repo_id or "path/to/this/folder"
+    lines += [
+        "", "## Usage", "", "```python",
+        "import gemma_rvq  # registers GemmaRVQModel with the transformers Auto classes",
+        "from transformers import AutoModel", "",
+        f'model = AutoModel.from_pretrained("{hub_id}")',
+        "# waveform: 1-D float array at any sampling rate (resampled to 16 kHz)",
+        "out = model.encode([waveform], sampling_rate=sr)",
+        "codes, mask = out.audio_codes, out.codes_mask  # [B, Q, T] long, [B, T] bool",
+        "embeddings = model.decode(codes, mask).embeddings  # [B, T, D] reconstruction",
+        "```", "",
+        "Token strings for an LLM: `gemma_rvq.SpeechTokenizer(model)` as a `datasets.map` transform. "
+        "Without gemma-rvq installed: `AutoModel.from_pretrained(..., trust_remote_code=True)`.",
+    ]
+    if training:
+        keys = ("batch_size", "max_steps", "num_train_epochs", "learning_rate", "lr_scheduler_type", "warmup_ratio",
+                "max_grad_norm", "kmeans_init_frames", "dead_code_restart_steps", "average_last_n", "seed")
+        lines += ["", "## Training", "",
+                  "Trained with `examples/train_rvq.py` (gemma-rvq): k-means initialisation of every codebook, "
+                  "EMA codebooks with dead-code restarts, AdamW on the projections, loss = mse_weight x MSE + "
+                  "cosine_weight x (1 - cos) + commitment_weight x commitment.", "",
+                  "| setting | value |", "|---|---|"]
+        lines += [f"| {key} | {training[key]} |" for key in keys if key in training]
+        lines += [f"| {key} | {cfg.get(key)} |" for key in ("mse_weight", "cosine_weight", "commitment_weight")]
+    plots = [(p, t) for p, t in (("code_usage.png", "Code usage per level"),
+                                 ("level_errors.png", "Error after the first k levels"),
+                                 ("loss_curves.png", "Training curves")) if (folder / p).exists()]
+    if plots:
+        lines += ["", "## Plots", ""] + [f"![{t}]({p})" for p, t in plots]
+    return "\n".join(lines) + "\n"
+
+
+def write_model_card(
+    folder: PathLike,
+    *,
+    variant: str | None = None,
+    repo_id: str | None = None,
+    dataset_name: str | None = None,
+    languages: Sequence[str] | None = None,
+    license: str = "apache-2.0",
+    model_name: str | None = None,
+) -> Path:
+    """Write ``README.md`` (YAML metadata + Markdown) into a trained ``save_pretrained`` folder.
+
+    Reads what the trainer left there: ``config.json`` (model), ``training_info.json`` (metrics,
+    data summary, step), ``training_config.yaml`` (training settings) and the PNG plots. The metadata
+    holds ``library_name: gemma-rvq``, tags, ``datasets`` (when ``dataset_name`` is a Hub id),
+    ``language``, ``base_model`` (the encoder's Hub id) and a ``model-index`` with the dev metrics.
+
+    Returns:
+        the path of the README.
+    """
+    from huggingface_hub import EvalResult, ModelCardData
+
+    folder = Path(folder)
+    cfg = _read_json(folder / "config.json")
+    if not cfg:
+        raise ValueError(f"{folder} has no config.json: not a save_pretrained folder")
+    info = _read_json(folder / "training_info.json")
+    training: dict[str, Any] = {}
+    if (folder / "training_config.yaml").exists():
+        training = yaml.safe_load((folder / "training_config.yaml").read_text(encoding="utf-8")) or {}
+    dataset_name = dataset_name or training.get("dataset_name")
+    if languages is None:
+        languages = training.get("languages") or list((info.get("train_data") or {}).get("languages") or {})
+    if repo_id is not None:
+        _check_repo_id(repo_id)
+    name = model_name or (repo_id.split("/")[-1] if repo_id else f"gemma-rvq-{folder.name}")
+    hub_dataset = dataset_name if dataset_name and _HUB_DATASET_ID.match(dataset_name) and not os.path.exists(
+        dataset_name) else None
+    dev = (info.get("metrics") or {}).get("dev") or {}
+    eval_results = [
+        EvalResult(task_type="feature-extraction", task_name="Speech tokenization (embedding reconstruction)",
+                   dataset_type=hub_dataset or "custom", dataset_name=f"{dataset_name or 'dev'} (dev split)",
+                   dataset_split="dev", metric_type=key, metric_name=label, metric_value=round(float(dev[key]), 6))
+        for key, label, _ in _CARD_METRICS if key in dev
+    ]
+    encoder_id = cfg.get("encoder_name_or_path")
+    data = ModelCardData(
+        library_name="gemma-rvq",
+        license=license,
+        tags=list(MODEL_CARD_TAGS),
+        datasets=[hub_dataset] if hub_dataset else None,
+        language=list(languages) or None,
+        base_model=encoder_id if encoder_id and _HUB_DATASET_ID.match(encoder_id) else None,
+        metrics=[key for key, _, _ in _CARD_METRICS if key in dev] or None,
+        model_name=name,
+        eval_results=eval_results or None,
+    )
+    body = _model_card_body(name, repo_id, cfg, info, training, variant, folder)
+    path = folder / "README.md"
+    path.write_text(f"---\n{data.to_yaml()}\n---\n\n{body}", encoding="utf-8")
+    return path
+
+
+def push_model(
+    folder: PathLike,
+    repo_id: str,
+    *,
+    token: str | None = None,
+    private: bool = False,
+    commit_message: str | None = None,
+    revision: str | None = None,
+    dry_run: bool = False,
+) -> str | list[str]:
+    """Push a trained model folder (``best`` / ``averaged`` / ``final``) to the Hub model repo ``repo_id``.
+
+    The folder is checked first: it must load with ``AutoModel.from_pretrained`` and hold a model card
+    (written with :func:`write_model_card` when missing).
+
+    Returns:
+        the repo URL, or with ``dry_run`` the sorted relative paths that would be uploaded (no network).
+    """
+    from transformers import AutoModel
+
+    from . import GemmaRVQModel
+
+    folder = Path(folder)
+    _check_repo_id(repo_id)
+    if not (folder / "config.json").exists():
+        raise ValueError(f"{folder} has no config.json: not a save_pretrained folder")
+    model = AutoModel.from_pretrained(folder)
+    if not isinstance(model, GemmaRVQModel):
+        raise ValueError(f"{folder} holds a {type(model).__name__}, not a GemmaRVQModel")
+    del model
+    if not (folder / "README.md").exists():
+        write_model_card(folder, repo_id=repo_id)
+    if dry_run:
+        return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+    return push_folder(folder, repo_id, repo_type="model", token=token, private=private,
+                       commit_message=commit_message or f"Upload {folder.name} gemma-rvq model", revision=revision)
+
+
+__all__ += ["MODEL_CARD_TAGS", "push_model", "write_model_card"]

@@ -77,7 +77,7 @@ class RVQTrainingConfig:
     batch_size: int = field(default=4096, metadata={"help": "Frames per optimiser step and process."})
     num_train_epochs: float = field(default=1.0, metadata={"help": "Epochs over the cached training frames."})
     max_steps: int = field(default=-1, metadata={"help": "If > 0: total optimiser steps (overrides epochs)."})
-    learning_rate: float = 1e-3
+    learning_rate: float = 1e-4
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
@@ -121,6 +121,7 @@ class RVQTrainingConfig:
         default="tensorboard", metadata={"help": "accelerate trackers (comma separated: tensorboard, trackio, ...)."}
     )
     project_name: str = "gemma-rvq"
+    make_plots: bool = field(default=True, metadata={"help": "Write loss-curve, code-usage and level-error PNGs."})
     disable_tqdm: bool = False
 
     # ---------------------------------------------------------------- export

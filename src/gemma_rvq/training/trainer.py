@@ -125,7 +125,8 @@ def evaluate_frames(model: nn.Module, frames: torch.Tensor, *, chunk_size: int =
     result equals the one-shot metrics over all N frames. Centred cosine is centred by the mean of
     ``frames``. Keys: ``mse, nmse, fvu, cosine_similarity, centred_cosine_similarity,
     codebook_utilization(_per_level), codebook_perplexity(_per_level), pooled_perplexity`` and, with
-    ``per_level``, ``level_errors`` = ``{"num_quantizers", "mse", "fvu", ...}`` lists over k.
+    ``per_level``, ``level_errors`` = ``{"num_quantizers", "mse", "fvu", ...}`` lists over k, and
+    ``code_counts`` (``LongTensor [Q, K]``).
     """
     from ..metrics.functional import RVQStatsAccumulator
 
@@ -147,6 +148,7 @@ def evaluate_frames(model: nn.Module, frames: torch.Tensor, *, chunk_size: int =
     finally:
         model.train(was_training)
     out: dict[str, Any] = accs[q].compute()
+    out["code_counts"] = accs[q].counts  # [Q, K] long tensor (dropped from JSON logs; used for plots)
     if per_level:
         per = [accs[lv].compute() for lv in levels]
         out["level_errors"] = {"num_quantizers": list(levels),
@@ -281,8 +283,14 @@ class RVQTrainer:
             shutil.rmtree(folder)
         model.save_pretrained(folder)
         self.config.to_yaml(os.path.join(folder, "training_config.yaml"))
+        extra = dict(extra or {})
+        metrics = extra.get("metrics") or {}
+        split = "dev" if "dev" in metrics else "train" if "train" in metrics else None
+        if split is not None and self.config.make_plots:
+            metric_plots(folder, metrics[split])
+        extra["metrics"] = _jsonable(metrics)
         info = {"train_data": summarize_cache(self.train_cache),
-                "dev_data": summarize_cache(self.dev_cache) if self.dev_cache else None, **(extra or {})}
+                "dev_data": summarize_cache(self.dev_cache) if self.dev_cache else None, **extra}
         with open(os.path.join(folder, "training_info.json"), "w", encoding="utf-8") as f:
             json.dump(info, f, indent=1, default=float)
 
@@ -420,7 +428,7 @@ class RVQTrainer:
         acc = self.accelerator
         if acc.is_main_process and self.dev_cache is not None:
             metrics = self.evaluate()
-            state.eval_log.append({"step": step, **metrics})
+            state.eval_log.append({"step": step, **_jsonable(metrics)})
             acc.log({f"{split}/{k}": v for split, m in metrics.items() for k, v in m.items()
                      if isinstance(v, (int, float))}, step=step)
             dev_mse = metrics["dev"]["mse"]
@@ -450,8 +458,8 @@ class RVQTrainer:
                                                                   "averaging": summary})
             with open(os.path.join(folders["best"], "training_info.json"), encoding="utf-8") as f:
                 best_info = json.load(f)
-            metrics = {"best": best_info.get("metrics", final_metrics), "final": final_metrics,
-                       "averaged": avg_metrics}
+            metrics = {"best": best_info["metrics"], "final": _jsonable(final_metrics),
+                       "averaged": _jsonable(avg_metrics)}
             results = {"steps": state.step, "best_step": state.best_step, "init": state.init_metrics,
                        "metrics": metrics, "dead_codes_restarted": state.dead_codes_restarted,
                        "train_data": summarize_cache(self.train_cache),
@@ -460,10 +468,13 @@ class RVQTrainer:
                 json.dump(results, f, indent=1, default=float)
             with open(os.path.join(self.output_dir, "history.json"), "w", encoding="utf-8") as f:
                 json.dump({"train": state.train_log, "eval": state.eval_log}, f, indent=1, default=float)
-            plots = save_plots(self.output_dir, state, metrics)
+            curves = plot_loss_curves(self.output_dir, state) if cfg.make_plots else None
             for name in ("best", "final", "averaged"):
-                for p in plots:
-                    shutil.copy(p, folders[name])
+                if curves:
+                    shutil.copy(curves, folders[name])
+            for plot in ("code_usage.png", "level_errors.png"):
+                if os.path.exists(os.path.join(folders["best"], plot)):
+                    shutil.copy(os.path.join(folders["best"], plot), self.output_dir)
         acc.wait_for_everyone()
         return TrainResult(self.output_dir, state.step, folders, metrics, state.init_metrics)
 
@@ -525,51 +536,55 @@ def summarize_cache(cache: EmbeddingCache | None) -> dict[str, Any] | None:
             "languages": cache.languages}
 
 
-def save_plots(output_dir: str, state: TrainerState, metrics: dict[str, dict[str, Any]]) -> list[str]:
-    """Loss curves, per-level code usage and per-level error plots (PNG) into ``output_dir``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    paths = []
-    if state.train_log:
-        fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-        steps = [r["step"] for r in state.train_log]
-        for key in ("train/loss", "train/mse_loss", "train/cosine_loss", "train/commitment_loss"):
-            if key in state.train_log[0]:
-                axes[0].plot(steps, [r[key] for r in state.train_log], label=key.split("/")[1])
-        axes[0].set_xlabel("step")
-        axes[0].set_yscale("log")
-        axes[0].legend()
-        axes[0].set_title("training losses")
-        ev = [r for r in state.eval_log if "dev" in r]
-        if ev:
-            axes[1].plot([r["step"] for r in ev], [r["dev"]["fvu"] for r in ev], "o-", label="dev FVU")
-            if "train" in ev[0]:
-                axes[1].plot([r["step"] for r in ev], [r["train"]["fvu"] for r in ev], "o-", label="train FVU")
-            axes[1].set_xlabel("step")
-            axes[1].legend()
-            axes[1].set_title("fraction of variance unexplained")
-        fig.tight_layout()
-        path = os.path.join(output_dir, "loss_curves.png")
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        paths.append(path)
-    best = metrics.get("best", {}).get("dev") or metrics.get("final", {}).get("train")
-    if best:
-        from ..metrics import plots as mplots
-
-        paths.extend(_metric_plots(mplots, output_dir, best))
-    return paths
+def _jsonable(metrics: Any) -> Any:
+    """Metrics without tensors (code counts), for JSON logs."""
+    if isinstance(metrics, dict):
+        return {k: _jsonable(v) for k, v in metrics.items() if not isinstance(v, torch.Tensor)}
+    return metrics
 
 
-def _metric_plots(mplots: Any, output_dir: str, m: dict[str, Any]) -> list[str]:
+def plot_loss_curves(output_dir: str, state: TrainerState) -> str | None:
+    """Training losses and dev/train FVU over steps -> ``<output_dir>/loss_curves.png``."""
+    if not state.train_log:
+        return None
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 3.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 2)
+    steps = [r["step"] for r in state.train_log]
+    for key in ("train/loss", "train/mse_loss", "train/cosine_loss", "train/commitment_loss"):
+        values = [r.get(key) for r in state.train_log]
+        if all(v is not None and v > 0 for v in values):
+            axes[0].plot(steps, values, label=key.split("/")[1])
+    axes[0].set_xlabel("step")
+    axes[0].set_yscale("log")
+    axes[0].legend(fontsize=8)
+    axes[0].set_title("training losses")
+    ev = [r for r in state.eval_log if "dev" in r or "train" in r]
+    for split in ("dev", "train"):
+        pts = [(r["step"], r[split]["fvu"]) for r in ev if split in r]
+        if pts:
+            axes[1].plot(*zip(*pts), "o-", label=f"{split} FVU")
+    if state.init_metrics.get("init_dev_fvu") is not None:
+        axes[1].axhline(state.init_metrics["init_dev_fvu"], ls="--", c="gray", label="dev FVU at init")
+    axes[1].set_xlabel("step")
+    axes[1].legend(fontsize=8)
+    axes[1].set_title("fraction of variance unexplained")
+    path = os.path.join(output_dir, "loss_curves.png")
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def metric_plots(folder: str, metrics: dict[str, Any]) -> list[str]:
+    """``code_usage.png`` (per-level code histograms) and ``level_errors.png`` (error vs levels used)."""
+    from ..metrics import plots
+
     out = []
-    if "codebook_utilization_per_level" in m:
-        out.append(mplots.plot_code_usage(
-            {"utilization": m["codebook_utilization_per_level"], "perplexity": m["codebook_perplexity_per_level"]},
-            os.path.join(output_dir, "code_usage.png")))
-    if "level_errors" in m:
-        out.append(mplots.plot_level_errors(m["level_errors"], os.path.join(output_dir, "level_errors.png")))
-    return [os.fspath(p) for p in out if p]
+    if isinstance(metrics.get("code_counts"), torch.Tensor):
+        out.append(plots.plot_code_usage(metrics["code_counts"], os.path.join(folder, "code_usage.png")))
+    if "level_errors" in metrics:
+        errors = {k: v for k, v in metrics["level_errors"].items() if k in ("mse", "fvu", "cosine_similarity")}
+        out.append(plots.plot_level_errors(errors, os.path.join(folder, "level_errors.png")))
+    return out
