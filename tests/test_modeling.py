@@ -278,6 +278,26 @@ def test_quantizer_only_checkpoint_with_lazily_loaded_encoder(make_speech, tmp_p
     assert reloaded.encoder is not None and torch.equal(reloaded.encode([wave]).audio_codes, out.audio_codes)
 
 
+def test_lazy_whisper_encoder_from_a_full_whisper_checkpoint(make_speech, tmp_path):
+    from transformers import WhisperFeatureExtractor, WhisperModel
+
+    from gemma_rvq.testing import tiny_whisper_config
+
+    torch.manual_seed(0)
+    whisper = WhisperModel(tiny_whisper_config()).eval()
+    whisper.save_pretrained(tmp_path)
+    WhisperFeatureExtractor(feature_size=80).save_pretrained(tmp_path)
+    model = GemmaRVQModel(GemmaRVQConfig(encoder_family="whisper", encoder_name_or_path=str(tmp_path), dim=32,
+                                         num_quantizers=2, codebook_size=8))
+    wave = make_speech(1.0, SR, seed=14)
+    emb, mask = model.embed([wave])
+    assert type(model._lazy_encoder).__name__ == "WhisperEncoder" and emb.shape == (1, 50, 32) and mask.all()
+    feats = WhisperFeatureExtractor(feature_size=80)(wave, sampling_rate=SR, return_tensors="pt")
+    with torch.no_grad():
+        expected = whisper.encoder(feats["input_features"]).last_hidden_state[:, :50]
+    torch.testing.assert_close(emb, expected)
+
+
 def test_lazy_encoder_with_wrong_hidden_size_is_rejected(tmp_path):
     model = tiny_rvq_model("hubert", bundle_encoder=False, encoder_path=tmp_path / "enc")
     model.config.dim = 48  # does not match the saved 32-d encoder

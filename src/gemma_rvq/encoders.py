@@ -91,7 +91,7 @@ def load_encoder(family: str, name_or_path: str, *, revision: str | None = None,
     if family == "whisper":
         import transformers
 
-        config = transformers.AutoConfig.from_pretrained(name_or_path, **kwargs)
+        config = transformers.AutoConfig.from_pretrained(name_or_path, revision=revision)
         if "WhisperEncoder" not in (getattr(config, "architectures", None) or []):
             return transformers.WhisperModel.from_pretrained(name_or_path, **kwargs).get_encoder()
     return model_cls.from_pretrained(name_or_path, **kwargs)

@@ -388,16 +388,24 @@ class GemmaRVQModel(PreTrainedAudioTokenizerBase):
 
         Only valid frames reach the quantizer. `num_quantizers` (default: all) selects the first levels.
         """
+        return self._quantize(embeddings, mask, num_quantizers, reconstruct=True)
+
+    def _quantize(
+        self, embeddings: torch.Tensor, mask: torch.Tensor | None, num_quantizers: int | None, reconstruct: bool
+    ) -> GemmaRVQQuantizerOutput:
         embeddings, mask = self._check_embeddings(embeddings, mask)
         x = _gather(embeddings, mask).to(self._param_dtype())
         if x.numel() and not bool(torch.isfinite(x).all()):
             raise ValueError("embeddings contain NaN or infinite values on valid frames")
         codes = self.quantizer.encode(self.project_in(x), num_quantizers)  # [N, Q']
-        quantized = self.project_out(self.quantizer.decode(codes))
+        mask = mask.to(codes.device)
+        quantized = None
+        if reconstruct:
+            quantized = _scatter(self.project_out(self.quantizer.decode(codes)), mask)
         return GemmaRVQQuantizerOutput(
             audio_codes=_scatter(codes, mask).permute(0, 2, 1).contiguous(),
             codes_mask=mask,
-            quantized=_scatter(quantized, mask),
+            quantized=quantized,
         )
 
     @torch.no_grad()
@@ -428,7 +436,7 @@ class GemmaRVQModel(PreTrainedAudioTokenizerBase):
             raise ValueError("pass exactly one of input_values (audio) or embeddings")
         if embeddings is None:
             embeddings, embeddings_mask = self.embed(input_values, padding_mask, sampling_rate=sampling_rate)
-        out = self.quantize(embeddings, embeddings_mask, num_quantizers)
+        out = self._quantize(embeddings, embeddings_mask, num_quantizers, reconstruct=False)
         result = GemmaRVQEncoderOutput(audio_codes=out.audio_codes, codes_mask=out.codes_mask, embeddings=embeddings)
         return result if return_dict else result.to_tuple()
 

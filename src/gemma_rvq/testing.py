@@ -279,8 +279,8 @@ def tiny_rvq_model(
 ):
     """A ``GemmaRVQModel`` over a tiny random encoder of ``encoder_family``, ready for ``encode``.
 
-    ``dim`` is the encoder's hidden size. With ``bundle_encoder=True`` the encoder is built from an
-    embedded ``encoder_config`` (saved with the RVQ); with ``False`` the tiny encoder and its feature
+    ``dim`` (optional keyword) is the encoder's hidden size (default: the tiny config's). With
+    ``bundle_encoder=True`` the encoder is built from an embedded ``encoder_config`` (saved with the RVQ); with ``False`` the tiny encoder and its feature
     extractor are saved to ``encoder_path`` (required) and referenced by path, to be loaded lazily.
     Weights (encoder, projections, codebooks) are seeded by ``seed``.
     """
@@ -303,7 +303,11 @@ def tiny_rvq_model(
     if encoder_family not in makers:
         raise ValueError(f"unknown encoder family {encoder_family!r}; expected one of {sorted(makers)}")
     make_config, fe_cls, hidden_key = makers[encoder_family]
-    encoder_config = make_config(**(encoder_kwargs or {}))
+    encoder_kwargs = dict(encoder_kwargs or {})
+    if "dim" in config_kwargs:  # dim is the encoder's hidden size
+        encoder_kwargs.setdefault("d_model" if encoder_family == "whisper" else "hidden_size",
+                                  config_kwargs.pop("dim"))
+    encoder_config = make_config(**encoder_kwargs)
     feature_extractor = fe_cls(feature_size=80) if encoder_family == "whisper" else fe_cls()
     kwargs = dict(
         encoder_family=encoder_family,
@@ -313,22 +317,23 @@ def tiny_rvq_model(
         codebook_size=codebook_size,
     )
     kwargs.update(config_kwargs)
-    torch.manual_seed(seed)
-    if bundle_encoder:
-        config = GemmaRVQConfig(
-            encoder_name_or_path=None,
-            encoder_config=encoder_config.to_dict(),
-            feature_extractor_config=feature_extractor.to_dict(),
-            **kwargs,
-        )
-        return GemmaRVQModel(config).eval()
-    if encoder_path is None:
+    if not bundle_encoder and encoder_path is None:
         raise ValueError("bundle_encoder=False needs encoder_path: a directory to save the tiny encoder to")
-    encoder = build_encoder(encoder_family, encoder_config.to_dict())
-    encoder.save_pretrained(encoder_path)
-    feature_extractor.save_pretrained(encoder_path)
-    config = GemmaRVQConfig(encoder_name_or_path=str(encoder_path), **kwargs)
-    return GemmaRVQModel(config).eval()
+    with torch.random.fork_rng(devices=[]):  # seeded weights, global RNG state left untouched
+        torch.manual_seed(seed)
+        if bundle_encoder:
+            config = GemmaRVQConfig(
+                encoder_name_or_path=None,
+                encoder_config=encoder_config.to_dict(),
+                feature_extractor_config=feature_extractor.to_dict(),
+                **kwargs,
+            )
+            return GemmaRVQModel(config).eval()
+        encoder = build_encoder(encoder_family, encoder_config.to_dict())
+        encoder.save_pretrained(encoder_path)
+        feature_extractor.save_pretrained(encoder_path)
+        config = GemmaRVQConfig(encoder_name_or_path=str(encoder_path), **kwargs)
+        return GemmaRVQModel(config).eval()
 
 
 def toy_semantic_pairs(token_format="gemma_rvq", num_rows: int = 20, *, min_frames: int = 3, max_frames: int = 6,
