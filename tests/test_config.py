@@ -33,6 +33,7 @@ def test_derived_rates_per_family(family, frame_rate, samples_per_frame):
     assert config.sampling_rate == 16000
     assert config.frame_rate == frame_rate
     assert config.samples_per_frame == samples_per_frame
+    assert config.min_samples == (400 if family in ("hubert", "wav2vec2") else samples_per_frame)
 
 
 def test_encoder_config_object_is_stored_as_dict_and_checked():

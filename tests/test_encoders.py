@@ -85,7 +85,8 @@ def test_frame_counts_follow_the_frame_rate(family, seconds, expected, make_spee
     emb, mask = model.embed([make_speech(seconds, SR)])
     assert int(mask.sum()) == expected == emb.shape[1]
     assert abs(expected - seconds * model.config.frame_rate) <= 1
-    assert model._encoder_adapter().frame_rate == model.config.frame_rate
+    adapter = model._encoder_adapter()
+    assert adapter.frame_rate == model.config.frame_rate and adapter.min_samples == model.config.min_samples
 
 
 def _full_hidden_states(family, truncated, encoder_config, features):
@@ -221,3 +222,14 @@ def test_long_and_short_clips_in_one_batch(tiny_gemma4_rvq, make_speech):
 def test_audio_shorter_than_one_frame_is_rejected(tiny_gemma4_rvq):
     with pytest.raises(ValueError, match=r"input 1: too short"):
         tiny_gemma4_rvq.embed([np.zeros(16000, np.float32), np.zeros(100, np.float32)])
+
+
+@pytest.mark.parametrize("family", ["gemma4_audio", "hubert", "whisper"])
+def test_shortest_accepted_audio_gives_one_frame(family):
+    model = tiny_rvq_model(family)
+    n = model.config.min_samples
+    wave = 0.1 * np.sin(np.arange(n) / 5).astype(np.float32)
+    out = model.encode([wave])
+    assert out.audio_codes.shape[-1] == 1 and bool(out.codes_mask.all())
+    with pytest.raises(ValueError, match="too short"):
+        model.encode([wave[:-1]])

@@ -226,6 +226,23 @@ class GemmaRVQConfig(PreTrainedConfig):
         return int(math.prod(strides))
 
     @property
+    def min_samples(self) -> int:
+        """Fewest input samples (at `sampling_rate`) that give one output frame; shorter audio is rejected.
+
+        Gemma 4 / Whisper: one frame's worth (`samples_per_frame`). HuBERT / wav2vec2: the receptive field
+        of the convolutional front end (400 samples = 25 ms with the standard kernels).
+        """
+        if self.encoder_family in ("gemma4_audio", "whisper"):
+            return self.samples_per_frame
+        enc = self.encoder_config or {}
+        kernels = enc.get("conv_kernel", (10, 3, 3, 3, 3, 2, 2))
+        strides = enc.get("conv_stride", (5, 2, 2, 2, 2, 2, 2))
+        field = 1
+        for kernel, stride in zip(reversed(kernels), reversed(strides)):
+            field = (field - 1) * stride + kernel
+        return int(field)
+
+    @property
     def frame_rate(self) -> float:
         """Output frames per second: 25 for Gemma 4 audio, 50 for HuBERT / wav2vec2 / Whisper."""
         return self.sampling_rate / self.samples_per_frame
