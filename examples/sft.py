@@ -7,7 +7,7 @@ Single process:
 Several GPUs (DDP), or DeepSpeed / FSDP with an accelerate config file (see docs/scaling.md):
 
     accelerate launch --num_processes 8 examples/sft.py --config examples/recipes/speechless_llama3.2_1b.yaml
-    accelerate launch --config_file examples/accelerate/deepspeed_zero3.yaml examples/sft.py --config ...
+    accelerate launch --config_file examples/recipes/accelerate_deepspeed_zero3.yaml examples/sft.py --config ...
 
 Arguments: ``gemma_rvq.recipes.SemanticSFTArguments`` (recipe, dataset, token format, columns, templates),
 ``trl.SFTConfig`` (training) and ``trl.ModelConfig`` (model, LoRA). Any of them can be set in the YAML

@@ -18,6 +18,7 @@ from gemma_rvq.recipes import (
     RECIPE_FILE,
     build_sft_trainer,
     load_sft_model,
+    resolve_token_format,
 )
 from gemma_rvq.testing import (
     byte_level_bpe_tokenizer,
@@ -212,3 +213,86 @@ def test_lora_trains_new_token_rows_only_and_reloads(tmp_path, data_dir, model_f
         expected = model(**batch).logits
         actual = reloaded(**batch).logits
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_gemma4_multimodal_stage3_trains_new_rows_including_per_layer_embeddings(tmp_path, data_dir):
+    """Stage 3's real target: Gemma 4 (multimodal class, tied head, per-layer embeddings), LoRA on the LM only."""
+    from gemma_rvq.testing import tiny_gemma4_multimodal
+
+    tokenizer = sentencepiece_tokenizer()
+    tiny_gemma4_multimodal(tokenizer).save_pretrained(tmp_path / "gemma4")
+    tokenizer.save_pretrained(tmp_path / "gemma4")
+    script_args, training_args, model_args = parse(
+        "tiny_speech_instruct.yaml", model_name_or_path=tmp_path / "gemma4", dataset_name=data_dir["instructions"],
+        output_dir=tmp_path / "out", learning_rate=5e-2,
+        lora_target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)")
+    trainer = build_sft_trainer(script_args, training_args, model_args)
+    model = trainer.model
+    lora = [n for n, p in model.named_parameters() if p.requires_grad and "lora_" in n]
+    assert lora and all("language_model" in n for n in lora)  # the audio tower is left alone
+    indices = model.peft_config["default"].trainable_token_indices
+    assert set(indices) == {"embed_tokens", "embed_tokens_per_layer"}
+    new_ids = indices["embed_tokens"]
+    per_layer = model.get_base_model().model.language_model.embed_tokens_per_layer
+    before = per_layer(torch.tensor([new_ids])).detach().clone()
+    new_in, _ = _rows(model, new_ids)
+    trainer.train()
+    assert (per_layer(torch.tensor([new_ids])) - before).abs().sum() > 0
+    after_in, _ = _rows(model, new_ids)
+    assert (after_in - new_in).abs().amax(-1).gt(0).float().mean() > 0.5
+
+
+REAL_RECIPES = sorted(p.name for p in RECIPES_DIR.glob("*.yaml") if not p.name.startswith(("tiny_", "accelerate_")))
+
+
+@pytest.mark.parametrize("config", REAL_RECIPES)
+def test_real_recipes_parse(config):
+    """Every field of the hardware YAMLs exists (TrlParser refuses unknown keys); bf16 off only for this CPU."""
+    script_args, training_args, model_args = parse(config, bf16="false")
+    assert training_args.gradient_checkpointing and training_args.learning_rate > 0
+    assert resolve_token_format(script_args.token_format, script_args.codebook_size, script_args.num_levels)
+    if script_args.recipe == "speechless":  # Ichigo's Speechless hyperparameters
+        assert (training_args.learning_rate, training_args.num_train_epochs, training_args.warmup_steps,
+                training_args.max_length, model_args.use_peft) == (1.5e-4, 3, 200, 512, False)
+    else:
+        assert model_args.use_peft and "language_model" in model_args.lora_target_modules
+
+
+def test_stage2_and_stage3_recipes_share_the_token_format():
+    """Stage 3 reads what stage 2 generates: the formats must agree."""
+    formats = {config: resolve_token_format(*(lambda s: (s.token_format, s.codebook_size, s.num_levels))(
+        parse(config, bf16="false")[0])) for config in REAL_RECIPES}
+    assert len(set(formats.values())) == 1, formats
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in RECIPES_DIR.glob("accelerate_*.yaml")))
+def test_accelerate_configs_load(config):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    loaded = load_config_from_file(str(RECIPES_DIR / config))
+    assert loaded.num_processes == 8 and loaded.mixed_precision == "bf16"
+
+
+@pytest.mark.slow
+def test_accelerate_launch_two_cpu_processes(tmp_path, llama_dir, data_dir):
+    """`accelerate launch` with 2 processes (DDP over gloo): sft.py trains, generate_semantic.py shards + gathers."""
+    import os
+    import subprocess
+    import sys
+
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    subprocess.run([*launch, str(ROOT / "examples" / "sft.py"), "--config", str(RECIPES_DIR / "tiny_speechless.yaml"),
+                    "--model_name_or_path", str(llama_dir), "--dataset_name", str(data_dir["pairs"]),
+                    "--output_dir", str(tmp_path / "out")], check=True, env=env, cwd=tmp_path, timeout=300)
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+    texts = Dataset.load_from_disk(str(data_dir["pairs"])).select_columns(["text"])
+    texts.to_json(tmp_path / "texts.jsonl")
+    subprocess.run([*launch, str(ROOT / "examples" / "generate_semantic.py"), "--model_name_or_path",
+                    str(tmp_path / "out"), "--dataset_name", str(tmp_path / "texts.jsonl"), "--output_dir",
+                    str(tmp_path / "generated"), "--max_new_tokens", "8", "--batch_size", "2"],
+                   check=True, env=env, cwd=tmp_path, timeout=300)
+    generated = Dataset.load_from_disk(str(tmp_path / "generated"))
+    assert generated["text"] == texts["text"]  # every row once, in order, after the gather
+    assert all((t is None) != (e is None) for t, e in zip(generated["semantic_tokens"], generated["generation_error"]))
