@@ -249,8 +249,14 @@ class EncoderAdapter:
         )
         x = feats["input_features"].to(self.device, self.dtype)
         mask = feats["input_features_mask"].to(self.device)
-        out = self.model(x, attention_mask=mask, output_hidden_states=True)
-        return out.hidden_states[-1], out.attention_mask.bool()
+        # Keep only the wanted state (index k of k kept layers; [0] is the input of the first layer) instead
+        # of all of them: transformers >= 5.2x accepts indices; older versions treat the list as `True`.
+        last = len(self.model.layers)
+        out = self.model(x, attention_mask=mask, output_hidden_states=[last])
+        hidden = out.hidden_states[-1]
+        if hidden is None:  # pragma: no cover - depends on the transformers version
+            hidden = self.model(x, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
+        return hidden, out.attention_mask.bool()
 
     def _w2v(self, clips: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
         feats = self.feature_extractor(
