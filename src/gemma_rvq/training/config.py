@@ -101,7 +101,7 @@ class RVQTrainingConfig:
         default=50, metadata={"help": "Restart dead codes every N steps (0 = never), from held-in residuals."}
     )
     dead_code_restart_until: float = field(
-        default=0.9, metadata={"help": "No restarts after this fraction of training (keeps the averaged window stable)."}
+        default=0.9, metadata={"help": "No restarts after this fraction of training, nor inside the averaging window."}
     )
 
     # ---------------------------------------------------------------- evaluation, checkpoints, logging

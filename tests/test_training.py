@@ -1,0 +1,198 @@
+"""Stage-1 training on the committed speech corpus through a tiny random Gemma 4 audio encoder (offline)."""
+
+from __future__ import annotations
+
+import json
+import os
+import runpy
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from transformers import AutoModel
+
+import gemma_rvq
+from gemma_rvq.hub import push_model, split_card, write_model_card
+from gemma_rvq.training import (
+    RVQTrainer,
+    RVQTrainingConfig,
+    build_embedding_cache,
+    build_model,
+    evaluate_frames,
+    initialize_from_sample,
+    load_audio_splits,
+    parse_args,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_YAML = ROOT / "examples" / "configs" / "train_rvq_tiny.yaml"
+QUIET = dict(disable_tqdm=True, log_with=None, make_plots=False)
+
+
+def _config(tmp: Path, **overrides) -> RVQTrainingConfig:
+    return RVQTrainingConfig.from_yaml(TINY_YAML, output_dir=str(tmp), **{**QUIET, **overrides})
+
+
+@pytest.fixture(scope="module")
+def caches(tmp_path_factory):
+    """Train/dev caches of the corpus (25 + 10 clips, unseen voice and texts in dev), built once."""
+    root = tmp_path_factory.mktemp("cache")
+    cfg = _config(root / "run", cache_dir=str(root / "cache"))
+    model = build_model(cfg)
+    train_src, dev_src = load_audio_splits(cfg)
+    assert set(dev_src["voice"]).isdisjoint(set(train_src["voice"]))
+    train = build_embedding_cache(model, train_src, root / "cache" / "train", audio_column="file",
+                                  batch_size=8, shard_frames=cfg.shard_frames, progress=False)
+    dev = build_embedding_cache(model, dev_src, root / "cache" / "dev", audio_column="file", batch_size=8,
+                                shard_frames=cfg.shard_frames, progress=False)
+    return root / "cache", train, dev
+
+
+def test_cache_of_real_audio(caches):
+    _, train, dev = caches
+    assert train.num_utterances == 25 and dev.num_utterances == 10
+    assert train.dim == 64 and train.num_frames > 1000
+    assert abs(train.num_frames / train.seconds - 25) < 1.0  # Gemma 4: 25 frames per second
+    assert set(train.languages) == {"en", "sw", "vi", "es", "fr"}
+    # frames match a direct model.embed of the same clip (fp16 storage)
+    cfg = _config(caches[0])
+    model = build_model(cfg)
+    record, emb = next(train.utterances())
+    train_src, _ = load_audio_splits(cfg)
+    from gemma_rvq.audio import decode_audio
+
+    wave, sr = decode_audio(train_src[record["row"]]["file"])
+    ref, mask = model.embed([wave], sampling_rate=sr)
+    torch.testing.assert_close(torch.from_numpy(emb).float(), ref[0][mask[0]].float(), atol=2e-2, rtol=1e-2)
+
+
+def test_identity_init_and_kmeans(caches):
+    _, train, _ = caches
+    model = build_model(_config(caches[0]))
+    x = train.sample_frames(None)
+    stats = initialize_from_sample(model, x, num_iters=5)
+    assert torch.equal(model.in_proj.weight, torch.eye(64))
+    assert stats["init_fvu"] < 0.6  # 2 x 32 codes explain most of the variance of the training frames
+    # PCA in-projection when codebook_dim < dim: the projected sample is centred, variance ordered
+    small = build_model(_config(caches[0], model_config={"dim": 64, "num_quantizers": 2, "codebook_size": 32,
+                                                         "codebook_dim": 16}))
+    initialize_from_sample(small, x, num_iters=2)
+    z = small.project_in(x).detach()
+    assert z.mean(0).abs().max() < 1e-3
+    var = z.var(0)
+    assert torch.all(var[:-1] >= var[1:] - 1e-4)
+
+
+def test_train_improves_on_kmeans_init_and_exports_loadable_folders(caches, tmp_path):
+    _, train, dev = caches
+    # k-means on a small sample (256 frames, 1 Lloyd step): training over all data must beat it
+    cfg = _config(tmp_path, max_steps=30, batch_size=128, eval_steps=10, save_steps=10, average_last_n=3,
+                  kmeans_init_frames=256, kmeans_iters=1, dead_code_restart_steps=5, eval_train_frames=4096)
+    trainer = RVQTrainer(build_model(cfg), cfg, train, dev)
+    result = trainer.train()
+    init_fvu = result.init_metrics["init_dev_fvu"]
+    assert result.metrics["final"]["dev"]["fvu"] < init_fvu
+    assert result.metrics["best"]["dev"]["fvu"] < init_fvu
+    assert result.metrics["final"]["train"]["codebook_utilization"] >= 0.95  # no dead codes on training data
+    history = json.loads((tmp_path / "history.json").read_text())
+    assert [e["step"] for e in history["eval"]] == [10, 20, 30]
+    best_mse = min(e["dev"]["mse"] for e in history["eval"])
+    # the three exports load through the Auto classes and score what the run reported
+    for name in ("best", "final", "averaged"):
+        model = AutoModel.from_pretrained(tmp_path / name)
+        assert isinstance(model, gemma_rvq.GemmaRVQModel)
+        again = evaluate_frames(model, dev.sample_frames(None), per_level=False)
+        assert again["mse"] == pytest.approx(result.metrics[name]["dev"]["mse"], rel=1e-5)
+    assert result.metrics["best"]["dev"]["mse"] == pytest.approx(best_mse)
+    # averaged = element-wise mean of the last 3 checkpoints
+    states = [load_file(tmp_path / "checkpoints" / f"checkpoint-{s}" / "model" / "model.safetensors")
+              for s in (10, 20, 30)]
+    avg = load_file(tmp_path / "averaged" / "model.safetensors")
+    for key in ("in_proj.weight", "out_proj.bias"):
+        torch.testing.assert_close(avg[key], sum(s[key] for s in states) / 3, rtol=1e-5, atol=1e-6)
+    # codebooks are averaged too: restarts (steps 5, 10) stop before the averaging window (steps 10..30)
+    info = json.loads((tmp_path / "averaged" / "training_info.json").read_text())
+    assert info["averaging"]["codes_taken_from_newest"] == 0 and info["averaging"]["num_checkpoints"] == 3
+    torch.testing.assert_close(avg["quantizer.codebooks"], sum(s["quantizer.codebooks"] for s in states) / 3,
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_resume_after_kill_matches_uninterrupted_run(caches, tmp_path):
+    _, train, dev = caches
+    kw = dict(max_steps=14, batch_size=128, save_steps=6, eval_steps=100, dead_code_restart_steps=4,
+              kmeans_init_frames=512, kmeans_iters=2)
+    straight = RVQTrainer(build_model(_config(tmp_path / "a", **kw)), _config(tmp_path / "a", **kw), train, dev)
+    assert straight.train().steps == 14
+    # killed after step 8: the last checkpoint is step 6, mid-epoch (about 10 batches per epoch)
+    killed_cfg = _config(tmp_path / "b", **kw)
+    partial = RVQTrainer(build_model(killed_cfg), killed_cfg, train, dev).train(stop_after_step=8)
+    assert not partial.completed and not (tmp_path / "b" / "final").exists()
+    state = json.loads((tmp_path / "b" / "checkpoints" / "checkpoint-6" / "trainer_state.json").read_text())
+    assert state["stream"]["batch"] == 6 or state["stream"]["epoch"] == 1
+    resumed_cfg = _config(tmp_path / "b", resume_from_checkpoint="latest", **kw)
+    # a fresh model object: everything must come from the checkpoint
+    torch.manual_seed(123)
+    resumed = RVQTrainer(build_model(resumed_cfg), resumed_cfg, train, dev).train()
+    assert resumed.steps == 14
+    a = load_file(tmp_path / "a" / "final" / "model.safetensors")
+    b = load_file(tmp_path / "b" / "final" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_model_card_and_dry_run_push(caches, tmp_path):
+    _, train, dev = caches
+    cfg = _config(tmp_path, max_steps=6, batch_size=128, eval_steps=3, save_steps=3, make_plots=True)
+    result = RVQTrainer(build_model(cfg), cfg, train, dev).train()
+    folder = Path(result.folders["best"])
+    assert (folder / "code_usage.png").exists() and (folder / "loss_curves.png").exists()
+    readme = write_model_card(folder, variant="best", repo_id="someone/rvq-tiny")
+    meta, body = split_card(readme.read_text())
+    assert meta["library_name"] == "gemma-rvq" and "speech-tokenizer" in meta["tags"]
+    assert meta["language"] == ["en", "sw", "vi", "es", "fr"]
+    mse = result.metrics["best"]["dev"]["mse"]
+    reported = {m["type"]: m["value"] for m in meta["model-index"][0]["results"][0]["metrics"]}
+    assert reported["mse"] == pytest.approx(mse, rel=1e-5)
+    for row in ("Reconstruction MSE", "Cosine Similarity", "Codebook Utilization", "Codebook Perplexity", "FVU"):
+        assert row in body
+    assert f"{mse:.4f}" in body and "0.02 | 25 |" in body  # data summary: hours, utterances
+    assert 'AutoModel.from_pretrained("someone/rvq-tiny")' in body and "![Code usage per level]" in body
+    files = push_model(folder, "someone/rvq-tiny", dry_run=True)
+    assert {"README.md", "config.json", "model.safetensors", "code_usage.png"} <= set(files)
+    with pytest.raises(ValueError, match="invalid Hub repo id"):
+        push_model(folder, "not a repo", dry_run=True)
+    with pytest.raises(ValueError, match=r"no config\.json"):
+        write_model_card(tmp_path / "checkpoints")
+
+
+def test_config_yaml_and_command_line(tmp_path):
+    cfg = parse_args(["--config", str(TINY_YAML), "--batch_size", "64", "--output_dir", str(tmp_path)])
+    assert cfg.batch_size == 64 and cfg.model_config["codebook_size"] == 32 and cfg.tiny_encoder
+    cfg.to_yaml(tmp_path / "c.yaml")
+    assert RVQTrainingConfig.from_yaml(tmp_path / "c.yaml") == cfg
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump({"batch_sise": 3}))
+    with pytest.raises(ValueError, match="batch_sise"):
+        parse_args(["--config", str(tmp_path / "bad.yaml")])
+    with pytest.raises(ValueError, match="lr_scheduler_type"):
+        RVQTrainingConfig(lr_scheduler_type="exotic")
+
+
+def test_example_script_end_to_end(caches, tmp_path):
+    cache_dir = caches[0]
+    main = runpy.run_path(str(ROOT / "examples" / "train_rvq.py"))["main"]
+    cwd = os.getcwd()
+    os.chdir(ROOT)  # the YAML's dataset path is relative to the repository
+    try:
+        summary = main(["--config", str(TINY_YAML), "--output_dir", str(tmp_path), "--cache_dir", str(cache_dir),
+                        "--max_steps", "8", "--eval_steps", "4", "--save_steps", "4", "--disable_tqdm", "true"])
+    finally:
+        os.chdir(cwd)
+    assert set(summary) == {"best", "final", "averaged"}
+    assert 0 < summary["final"]["dev"]["fvu"] < 1.5
+    for name in ("best", "final", "averaged"):
+        assert (tmp_path / name / "README.md").exists()
+        AutoModel.from_pretrained(tmp_path / name)
+    assert any((tmp_path / "logs").rglob("events.out.tfevents.*"))  # tensorboard tracker
