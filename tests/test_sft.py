@@ -296,3 +296,13 @@ def test_accelerate_launch_two_cpu_processes(tmp_path, llama_dir, data_dir):
     generated = Dataset.load_from_disk(str(tmp_path / "generated"))
     assert generated["text"] == texts["text"]  # every row once, in order, after the gather
     assert all((t is None) != (e is None) for t, e in zip(generated["semantic_tokens"], generated["generation_error"]))
+
+
+def test_all_rows_dropped_is_a_clear_error(tmp_path, llama_dir):
+    Dataset.from_dict({"instruction": ["a", "b"], "response": ["x", "y"], "semantic_tokens": [None, None],
+                       "generation_error": ["no stop token", "no stop token"]}).save_to_disk(tmp_path / "gen")
+    script_args, training_args, model_args = parse(
+        "tiny_speech_instruct.yaml", model_name_or_path=llama_dir, dataset_name=tmp_path / "gen",
+        output_dir=tmp_path / "out", drop_missing_tokens="true")
+    with pytest.raises(ValueError, match="every row was dropped by drop_missing_tokens"):
+        build_sft_trainer(script_args, training_args, model_args)

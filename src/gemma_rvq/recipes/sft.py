@@ -252,6 +252,13 @@ def load_sft_dataset(script_args, token_format=None):
         train = build_recipe_dataset(script_args.recipe, train, **kwargs)
         if evaluation is not None:
             evaluation = build_recipe_dataset(script_args.recipe, evaluation, **kwargs)
+    if isinstance(train, Dataset) and len(train) == 0:
+        raise ValueError(
+            f"the training split of {script_args.dataset_name!r} is empty after building the "
+            f"{script_args.recipe!r} dataset" + (" (every row was dropped by drop_missing_tokens: did the "
+                                                 "generation fail everywhere? see its generation_error column)"
+                                                 if script_args.drop_missing_tokens else "")
+        )
     return train, evaluation
 
 
