@@ -49,7 +49,7 @@ _MEMORY_MODELS: weakref.WeakValueDictionary[str, torch.nn.Module] = weakref.Weak
 # Models loaded from a path / Hub id, one per (reference, device, dtype) and process.
 _LOADED_MODELS: dict[tuple, torch.nn.Module] = {}
 _LOAD_LOCK = threading.Lock()
-_WORKER_THREADS_SET = False
+_THREADS_SET_IN: int | None = None
 
 
 def _package_version() -> str:
@@ -163,12 +163,17 @@ class SpeechTokenizer:
             ``path``, decoded with soundfile), a file path, or a raw 1-D/2-D array.
         sampling_rate_column: column with the sampling rate of raw arrays.
         sampling_rate: sampling rate of raw arrays when there is no such column.
+        pcm_dtype: width of integer PCM samples (``"int16"``, ``"int32"``): datasets hands integer
+            columns to map functions as int64, so without it int64 / Python-int samples are refused
+            rather than scaled to near silence. Float samples need nothing.
         output_column: column for the token strings.
         return_codes: also write the codes, ``[Q][T]`` ints per row, to ``codes_column``.
         return_num_frames: also write the frame count per row to ``num_frames_column``.
         batch_size: most clips per encoder call, or ``"auto"``: 64 on a GPU; on a CPU the fastest of a
             few settings (one clip at a time up to ``batch_seconds``), timed on the first clips.
         batch_seconds: most padded audio seconds per encoder call (clips are sorted by length first).
+        max_padding: a minibatch only takes another clip while padding stays within this share of its
+            padded length, so the padding fraction stays below it.
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``...; ``None``: GPU ``rank % n_gpus`` when GPUs exist
             (``rank`` from ``with_rank=True``), else CPU.
         dtype: compute dtype (``"float32"``, ``"bfloat16"``...); ``None`` keeps the model's. It changes
@@ -193,6 +198,7 @@ class SpeechTokenizer:
         audio_column: str = "audio",
         sampling_rate_column: str | None = None,
         sampling_rate: int | None = None,
+        pcm_dtype: str | None = None,
         output_column: str = "semantic_tokens",
         return_codes: bool = False,
         codes_column: str = "audio_codes",
@@ -201,6 +207,7 @@ class SpeechTokenizer:
         error_column: str | None = None,
         batch_size: int | str = "auto",
         batch_seconds: float = 60.0,
+        max_padding: float = 0.1,
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
         on_error: str = "raise",
@@ -214,6 +221,8 @@ class SpeechTokenizer:
             raise ValueError(f"batch_size must be a positive int or 'auto', got {batch_size!r}")
         if not batch_seconds > 0:
             raise ValueError(f"batch_seconds must be > 0, got {batch_seconds!r}")
+        if not 0.0 <= max_padding < 1.0:
+            raise ValueError(f"max_padding must be in [0, 1), got {max_padding!r}")
         if sampling_rate is not None and sampling_rate <= 0:
             raise ValueError(f"sampling_rate must be positive, got {sampling_rate!r}")
         self._model: torch.nn.Module | None = None
@@ -231,6 +240,9 @@ class SpeechTokenizer:
         self.audio_column = audio_column
         self.sampling_rate_column = sampling_rate_column
         self.sampling_rate = sampling_rate
+        if pcm_dtype is not None and np.dtype(pcm_dtype).kind not in "iu":
+            raise ValueError(f"pcm_dtype must be an integer dtype such as 'int16', got {pcm_dtype!r}")
+        self.pcm_dtype = str(np.dtype(pcm_dtype)) if pcm_dtype is not None else None
         self.output_column = output_column
         self.return_codes = return_codes
         self.codes_column = codes_column
@@ -239,6 +251,7 @@ class SpeechTokenizer:
         self.error_column = error_column or f"{output_column}_error"
         self.batch_size = batch_size
         self.batch_seconds = float(batch_seconds)
+        self.max_padding = float(max_padding)
         self.device = str(device) if device is not None else None
         self.dtype = _dtype_name(dtype)
         self.on_error = on_error
@@ -256,26 +269,26 @@ class SpeechTokenizer:
         )
 
     _OPTIONS = (
-        "audio_column", "sampling_rate_column", "sampling_rate", "output_column", "return_codes",
+        "audio_column", "sampling_rate_column", "sampling_rate", "pcm_dtype", "output_column", "return_codes",
         "codes_column", "return_num_frames", "num_frames_column", "error_column", "dtype", "on_error",
         "num_quantizers",
     )  # fmt: skip
     # Options that do not change the output (and so stay out of the cache identity) but travel to workers.
-    _RUNTIME_OPTIONS = ("batch_size", "batch_seconds", "device", "num_threads")
+    _RUNTIME_OPTIONS = ("batch_size", "batch_seconds", "max_padding", "device", "num_threads")
 
     def model_identity(self) -> dict:
-        """What identifies the model: ``{"digest": ...}`` for objects and local paths (computed once),
-        ``{"hub_id", "revision"}`` for Hub ids (the cached commit when the revision is a branch/tag)."""
-        if self._model_digest is not None:
-            return {"digest": self._model_digest}
-        if self._model is not None:
-            self._model_digest = state_dict_digest(self._model)
-            _MEMORY_MODELS[self._model_digest] = self._model
+        """What identifies the model: ``{"digest": ...}`` for objects (state-dict digest, computed once per
+        instance) and local paths (file digest, computed once per file state and process); ``{"hub_id",
+        "revision"}`` for Hub ids (the cached commit when the revision is a branch or tag)."""
+        if self._model is not None or self._memory_key is not None:
+            if self._model_digest is None:
+                self._model_digest = state_dict_digest(self._model)
+            if self._model is not None:
+                _MEMORY_MODELS[self._model_digest] = self._model
             return {"digest": self._model_digest}
         ref = self._resolved_ref()
         if os.path.exists(ref):
-            self._model_digest = path_digest(ref)
-            return {"digest": self._model_digest}
+            return {"digest": path_digest(ref)}
         return {"hub_id": ref, "revision": _hub_commit(ref, self.revision) or self.revision or "main"}
 
     def _resolved_ref(self) -> str:
@@ -310,8 +323,9 @@ class SpeechTokenizer:
         self._format_spec = state["format"]
         self._model = None
         self._model_ref = state["load"].get("ref")
+        self.revision = state["load"].get("revision")
         self._memory_key = state["load"].get("memory")
-        self._model_digest = state["model"].get("digest")
+        self._model_digest = self._memory_key
         self._pickled_version = state["gemma_rvq"]
         self._init_runtime()
 
@@ -348,7 +362,8 @@ class SpeechTokenizer:
         if model is not None:
             return _place(model, device, dtype)
         ref = self._resolved_ref()
-        key = (ref, self.revision, str(device), str(dtype))
+        # the identity keeps a path whose weights changed from reusing the model loaded before
+        key = (ref, json.dumps(self.model_identity(), sort_keys=True), str(device), str(dtype))
         with _LOAD_LOCK:
             if key not in _LOADED_MODELS:
                 from .convert import load_any
@@ -497,12 +512,48 @@ class SpeechTokenizer:
         elif isinstance(value, (str, os.PathLike, bytes)):
             array, rate = decode_audio(value)
         else:
-            array = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else value
+            array = value
+        array = self._integer_width(array)
         if rate is None:
             raise ValueError(
                 "no sampling rate for a raw array: pass sampling_rate_column=... or sampling_rate=..."
             )
         return prepare_waveform(array, int(rate), target_sr, min_samples=min_samples, name="audio")
+
+    def _integer_width(self, array: Any) -> Any:
+        """Integer PCM reaches a map function as int64 (datasets keeps values, not the column's int16
+        width), which would scale to near silence: require ``pcm_dtype`` for it."""
+        if isinstance(array, (np.ndarray, torch.Tensor)):
+            kind = (
+                array.numpy().dtype
+                if isinstance(array, torch.Tensor) and array.dtype != torch.bfloat16
+                else None
+            )
+            dtype = kind if kind is not None else getattr(array, "dtype", None)
+            if not isinstance(dtype, np.dtype):
+                return array
+            is_int, wide = dtype.kind in "iu", dtype.itemsize == 8
+        elif isinstance(array, Sequence) and len(array) and isinstance(array[0], (int, np.integer)):
+            is_int, wide = not isinstance(array[0], bool), True
+        else:
+            return array
+        if not is_int:
+            return array
+        if self.pcm_dtype is None:
+            if not wide:
+                return array
+            raise ValueError(
+                "integer samples arrived as int64 / Python ints, so their PCM width is unknown (datasets "
+                "returns int16 columns as int64): pass pcm_dtype='int16' (or 'int32'), or store float samples"
+            )
+        target = np.dtype(self.pcm_dtype)
+        values = np.asarray(array.numpy() if isinstance(array, torch.Tensor) else array)
+        info = np.iinfo(target)
+        if values.size and (values.min() < info.min or values.max() > info.max):
+            raise ValueError(
+                f"integer samples in [{values.min()}, {values.max()}] do not fit pcm_dtype={self.pcm_dtype!r}"
+            )
+        return values.astype(target)
 
     def _encode(self, model, waves, errors, indices, sr: int) -> list[np.ndarray | None]:
         """Encode valid waveforms in length-sorted minibatches; codes ``[Q, T_i]`` per row, input order."""
@@ -513,13 +564,16 @@ class SpeechTokenizer:
         while pos < len(todo):
             max_count, max_seconds, trial = self._batch_limits(model)
             group = [todo[pos]]
-            longest = len(waves[todo[pos]])
-            while (
-                pos + len(group) < len(todo)
-                and len(group) < max_count
-                and (len(group) + 1) * longest <= max_seconds * sr
-            ):
+            longest = real = len(waves[todo[pos]])
+            # Grow the minibatch (clips sorted longest first) while it stays within the clip count, the
+            # padded-seconds budget and the padding budget.
+            while pos + len(group) < len(todo) and len(group) < max_count:
+                nxt = len(waves[todo[pos + len(group)]])
+                padded = (len(group) + 1) * longest
+                if padded > max_seconds * sr or padded - real - nxt > self.max_padding * padded:
+                    break
                 group.append(todo[pos + len(group)])
+                real += nxt
             pos += len(group)
             start = time.perf_counter()
             self._encode_group(model, group, waves, codes, errors, indices, sr)
@@ -575,8 +629,8 @@ class SpeechTokenizer:
         if auto["chosen"] is not None:
             return auto["chosen"], self.batch_seconds, None
         trials = auto["trials"]
-        # Time each setting on >= 15 s of audio, two rounds each, then keep the fastest per audio second.
-        if all(t["audio"] >= 15.0 for t in trials) and auto["next"] >= 2 * len(trials):
+        # Time each setting on >= 10 s of audio, two rounds each, then keep the fastest per audio second.
+        if all(t["audio"] >= 10.0 for t in trials) and auto["next"] >= 2 * len(trials):
             best = min(trials, key=lambda t: t["seconds"] / t["audio"])
             auto["chosen"] = best["count"]
             logger.info("gemma-rvq: batch_size='auto' chose %d clips per call on CPU", best["count"])
@@ -604,10 +658,10 @@ def _dtype_name(dtype: str | torch.dtype | None) -> str | None:
 
 
 def _configure_worker_threads(num_threads: int | None) -> None:
-    global _WORKER_THREADS_SET
-    if _WORKER_THREADS_SET:
+    global _THREADS_SET_IN
+    if os.getpid() == _THREADS_SET_IN:  # once per process; a forked child inherits the parent's flag
         return
-    _WORKER_THREADS_SET = True
+    _THREADS_SET_IN = os.getpid()
     if num_threads is not None:
         torch.set_num_threads(num_threads)
     elif _in_subprocess():
