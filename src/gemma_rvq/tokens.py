@@ -23,6 +23,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import numbers
 import re
 import string
 from collections.abc import Mapping, Sequence
@@ -161,6 +162,10 @@ class SemanticTokenFormat:
 
     # ------------------------------------------------------------------ construction
     def __post_init__(self) -> None:
+        for field_name in ("code_width", "duration_width", "max_duration", "codebook_size", "num_levels"):
+            value = getattr(self, field_name)  # numpy / torch integers (e.g. from a config) become ints
+            if isinstance(value, numbers.Integral) and not isinstance(value, (bool, int)):
+                object.__setattr__(self, field_name, int(value))
         for field_name in ("code_width", "duration_width", "max_duration"):
             value = getattr(self, field_name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
