@@ -306,3 +306,15 @@ def test_all_rows_dropped_is_a_clear_error(tmp_path, llama_dir):
         output_dir=tmp_path / "out", drop_missing_tokens="true")
     with pytest.raises(ValueError, match="every row was dropped by drop_missing_tokens"):
         build_sft_trainer(script_args, training_args, model_args)
+
+
+def test_speech_instruct_needs_a_chat_template(tmp_path, data_dir):
+    tokenizer = byte_level_bpe_tokenizer()
+    tokenizer.chat_template = None
+    tiny_llama(tokenizer, hidden_size=32).save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    script_args, training_args, model_args = parse(
+        "tiny_speech_instruct.yaml", model_name_or_path=tmp_path / "base", dataset_name=data_dir["instructions"],
+        output_dir=tmp_path / "out")
+    with pytest.raises(ValueError, match="has none: use an instruction-tuned model"):
+        build_sft_trainer(script_args, training_args, model_args)

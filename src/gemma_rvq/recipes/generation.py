@@ -171,6 +171,9 @@ def _to_string(ids: list[int], stops: list[int], fmt, id_to_token: dict[int, str
                 kept.append(token_id)
             break
         kept.append(token_id)
+    outside = [i for i in kept if i not in id_to_token]
+    if outside:  # cannot happen under SemanticVocabularyLogitsProcessor; guards custom logits processors
+        return None, f"generated ids outside the format's vocabulary: {outside[:5]}"
     if end_id is None:
         return None, f"no stop token within max_new_tokens={max_new_tokens}"
     if fmt.end_token is not None and (not kept or id_to_token.get(kept[-1]) != fmt.end_token):

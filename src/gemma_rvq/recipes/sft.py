@@ -309,6 +309,13 @@ def build_sft_trainer(script_args, training_args, model_args, *, model=None, tok
         eval_dataset = eval_dataset if eval_dataset is not None else loaded_eval
     if training_args.eval_strategy == "no":
         eval_dataset = None
+    if (script_args.recipe == "speech_instruct" and getattr(tokenizer, "chat_template", None) is None
+            and training_args.chat_template_path is None):
+        raise ValueError(
+            f"the speech_instruct recipe renders conversations with the model's chat template, and the tokenizer "
+            f"of {model_args.model_name_or_path!r} has none: use an instruction-tuned model, set "
+            "--chat_template_path (a tokenizer folder or .jinja file), or use the asr recipe (plain text prompts)"
+        )
     if script_args.recipe == "speech_instruct" and script_args.instruct_output == "messages":
         training_args.assistant_only_loss = True
     peft_config = semantic_peft_config(model_args, model, new_ids,
