@@ -1,0 +1,263 @@
+"""Throughput of ``dataset.map(SpeechTokenizer(...), batched=True)`` against the seed card's snippet.
+
+All three measured in one process, on the same tiny random Gemma 4 audio encoder and the same 8 x 2048
+codebooks, over the same clips (the committed espeak-ng corpus at 22.05 kHz, concatenated into clips of
+1-20 s, a few minutes in all), stored as FLAC bytes in an ``Audio(decode=False)`` column:
+
+(a) ``map``: ``ds.map(SpeechTokenizer(model), batched=True)`` end to end: FLAC decode, resampling to
+    16 kHz, log-mel features, encoder, RVQ, token strings, Arrow cache-file writing.
+(b) the seed card's snippet, one clip at a time: soundfile decode + soxr resampling,
+    ``Gemma4AudioFeatureExtractor``, the encoder in bfloat16 (the card's ``torch_dtype``) with a forward
+    hook on ``output_proj`` to catch its input, the seed's ``RVQWrapper`` (LayerNorm -> Linear ->
+    vector-quantize-pytorch ``ResidualVQ``, fp32 as loaded) with the same codebooks, token strings.
+(c) the limit: the encoder's own forward on already-computed features (fp32, clips sorted by length,
+    best of 1 / 4 / 16 clips per call).
+
+Rounds are interleaved (a, b, c, a, b, c, ...) and the best round of each is reported: these shared
+machines drift, so only ratios taken in one run mean anything.
+
+    python benchmarks/bench_tokenize.py                   # ~3 min of audio, 3 rounds, 2 threads
+    python benchmarks/bench_tokenize.py --minutes 1 --rounds 2 --profile
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import cProfile
+import io
+import json
+import pstats
+import tempfile
+import time
+from pathlib import Path
+
+import datasets
+import numpy as np
+import soundfile
+import soxr
+import torch
+from datasets import Audio, Dataset, load_from_disk
+from torch import nn
+from transformers import Gemma4AudioFeatureExtractor
+
+from gemma_rvq.testing import tiny_rvq_model
+from gemma_rvq.tokens import get_format
+from gemma_rvq.transforms import SpeechTokenizer
+
+CORPUS = Path(__file__).resolve().parents[1] / "data" / "corpus"
+
+
+def make_clips(minutes: float, seed: int) -> tuple[list[bytes], list[float], int]:
+    """FLAC clips of 1-20 s (corpus clips concatenated, cut to a drawn length), ``minutes`` in all."""
+    rows = [json.loads(line) for line in (CORPUS / "metadata.jsonl").read_text().splitlines() if line]
+    waves, rate = [], None
+    for row in rows:
+        wave, rate = soundfile.read(CORPUS / row["file"], dtype="float32")
+        waves.append(wave)
+    rng = np.random.default_rng(seed)
+    stream = np.concatenate([waves[i] for i in rng.permutation(len(waves))] * 8)
+    clips, durations, pos, total = [], [], 0, 0.0
+    while total < minutes * 60:
+        seconds = float(rng.uniform(1.0, 20.0))
+        n = int(seconds * rate)
+        if pos + n > len(stream):
+            pos = 0
+        buf = io.BytesIO()
+        soundfile.write(buf, stream[pos : pos + n], rate, format="FLAC", subtype="PCM_16")
+        clips.append(buf.getvalue())
+        durations.append(n / rate)
+        pos += n
+        total += n / rate
+    return clips, durations, rate
+
+
+class SeedRVQWrapper(nn.Module):
+    """The seed's ``RVQWrapper`` layout (LayerNorm -> Linear -> ResidualVQ), codebooks copied from ``model``."""
+
+    def __init__(self, model) -> None:
+        from vector_quantize_pytorch import ResidualVQ
+
+        super().__init__()
+        cfg = model.config
+        self.norm = copy.deepcopy(model.in_norm)
+        self.proj = copy.deepcopy(model.in_proj)
+        self.rvq = ResidualVQ(
+            dim=cfg.codebook_dim, num_quantizers=cfg.num_quantizers, codebook_size=cfg.codebook_size
+        )
+        state = self.rvq.state_dict()
+        codebooks = model.quantizer.codebooks.detach().float()
+        for q in range(cfg.num_quantizers):
+            state[f"layers.{q}._codebook.embed"] = codebooks[q][None].clone()
+            state[f"layers.{q}._codebook.embed_avg"] = codebooks[q][None].clone()
+            state[f"layers.{q}._codebook.cluster_size"] = torch.ones(1, cfg.codebook_size)
+            state[f"layers.{q}._codebook.initted"] = torch.tensor(True)
+        self.rvq.load_state_dict(state)
+        self.eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, D] -> indices [B, T, Q]
+        _, indices, _ = self.rvq(self.proj(self.norm(x)))
+        return indices
+
+
+class SeedSnippet:
+    """(b): the card's usage, one clip at a time."""
+
+    def __init__(self, model, dtype: torch.dtype) -> None:
+        self.encoder = copy.deepcopy(model.get_audio_encoder()).to(dtype).eval()
+        self.dtype = dtype
+        self.feature_extractor = Gemma4AudioFeatureExtractor()
+        self.rvq = SeedRVQWrapper(model)
+        self.format = get_format("gemma_rvq")
+        self._captured: list[torch.Tensor] = []
+        self.encoder.output_proj.register_forward_hook(lambda mod, args, out: self._captured.append(args[0]))
+
+    @torch.no_grad()
+    def codes(self, flac: bytes) -> np.ndarray:
+        wave, rate = soundfile.read(io.BytesIO(flac), dtype="float32")
+        wave = soxr.resample(wave, rate, 16000, quality="HQ")
+        feats = self.feature_extractor([wave], return_tensors="pt")
+        self._captured.clear()
+        out = self.encoder(
+            feats["input_features"].to(self.dtype), attention_mask=feats["input_features_mask"]
+        )
+        hidden = self._captured[0].float()  # [1, T, D]: the input of output_proj
+        mask = out.attention_mask.bool()
+        indices = self.rvq(hidden)[0]  # [T, Q]
+        return indices[mask[0]].T.numpy()  # [Q, T]
+
+    def __call__(self, clips: list[bytes]) -> list[str]:
+        return [self.format.render(self.codes(c)) for c in clips]
+
+
+def file_backed(clips: list[bytes], folder: str) -> Dataset:
+    ds = Dataset.from_dict({"audio": [{"bytes": c, "path": None} for c in clips]})
+    ds = ds.cast_column("audio", Audio(decode=False))
+    ds.save_to_disk(folder)
+    return load_from_disk(folder)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--minutes", type=float, default=3.0, help="total audio")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch-size", default="auto", help="SpeechTokenizer batch_size (int or auto)")
+    parser.add_argument("--batch-seconds", type=float, default=60.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--profile", action="store_true", help="cProfile one (a) run, print the top entries")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    datasets.disable_progress_bars()
+    batch_size = args.batch_size if args.batch_size == "auto" else int(args.batch_size)
+
+    clips, durations, rate = make_clips(args.minutes, args.seed)
+    total = sum(durations)
+    print(
+        f"{len(clips)} clips, {total:.0f} s of audio at {rate} Hz (FLAC), {min(durations):.1f}-"
+        f"{max(durations):.1f} s; torch threads {torch.get_num_threads()}"
+    )
+    model = tiny_rvq_model(num_quantizers=8, codebook_size=2048, seed=args.seed).eval()
+    print(
+        f"model: tiny Gemma 4 audio encoder (hidden {model.config.dim}), RVQ {model.config.num_quantizers} x "
+        f"{model.config.codebook_size}"
+    )
+    seed = SeedSnippet(model, torch.bfloat16)
+    tmp = tempfile.TemporaryDirectory()
+    ds = file_backed(clips, f"{tmp.name}/ds")
+
+    # (c) inputs: features of every clip, computed once.
+    fe = Gemma4AudioFeatureExtractor()
+    waves = [
+        soxr.resample(soundfile.read(io.BytesIO(c), dtype="float32")[0], rate, 16000, quality="HQ")
+        for c in clips
+    ]
+    order = np.argsort([-len(w) for w in waves], kind="stable")
+    encoder = model.get_audio_encoder()
+
+    def features(count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        out = []
+        for i in range(0, len(order), count):
+            f = fe([waves[j] for j in order[i : i + count]], truncation=False, return_tensors="pt")
+            out.append((f["input_features"], f["input_features_mask"]))
+        return out
+
+    feature_sets = {count: features(count) for count in (1, 4, 16)}
+
+    def run_a() -> tuple[float, SpeechTokenizer, Dataset]:
+        tok = SpeechTokenizer(model, batch_size=batch_size, batch_seconds=args.batch_seconds)
+        start = time.perf_counter()
+        out = ds.map(tok, batched=True, batch_size=256, load_from_cache_file=False)
+        return time.perf_counter() - start, tok, out
+
+    def run_b() -> tuple[float, list[str]]:
+        start = time.perf_counter()
+        strings = seed(clips)
+        return time.perf_counter() - start, strings
+
+    @torch.inference_mode()
+    def run_c() -> dict[int, float]:
+        times = {}
+        for count, sets in feature_sets.items():
+            start = time.perf_counter()
+            for x, mask in sets:
+                encoder(x, attention_mask=mask, output_hidden_states=True)
+            times[count] = time.perf_counter() - start
+        return times
+
+    best = {"a": float("inf"), "b": float("inf"), "c": float("inf")}
+    for r in range(args.rounds):
+        ta, tok, out = run_a()
+        tb, seed_strings = run_b()
+        tc = run_c()
+        best["a"], best["b"] = min(best["a"], ta), min(best["b"], tb)
+        best["c"] = min(best["c"], *tc.values())
+        cbest = min(tc, key=tc.get)
+        print(
+            f"round {r + 1}: (a) {total / ta:7.1f}  (b) {total / tb:7.1f}  (c) "
+            + "  ".join(f"{k}/call {total / v:6.1f}" for k, v in tc.items())
+            + f"  audio s/s; (a) chose {tok._auto_choice['chosen'] if tok._auto_choice else batch_size} "
+            f"clips/call, (c) best {cbest}"
+        )
+
+    # Faithfulness: the seed snippet in fp32 gives the same codes as the transform.
+    seed32 = SeedSnippet(model, torch.float32)
+    same = sum(s == t for s, t in zip(seed32(clips[:8]), out[:8]["semantic_tokens"]))
+    agree = np.mean(
+        [
+            np.mean(np.asarray(seed.codes(c))[0] == np.asarray(o)[0])
+            for c, o in zip(
+                clips[:8],
+                SpeechTokenizer(model, return_codes=True).tokenize([{"bytes": c} for c in clips[:8]])[
+                    "audio_codes"
+                ],
+            )
+        ]
+    )
+    speeds = {k: total / v for k, v in best.items()}
+    print()
+    print(f"audio seconds per second (best of {args.rounds}):")
+    print(f"  (a) dataset.map(SpeechTokenizer, batched=True), end to end: {speeds['a']:8.1f}")
+    print(f"  (b) seed card snippet, one clip at a time (bf16 encoder):   {speeds['b']:8.1f}")
+    print(f"  (c) encoder forward alone on precomputed features:          {speeds['c']:8.1f}")
+    print(f"  (a) / (b) = {speeds['a'] / speeds['b']:.2f}x   (target >= 2)")
+    print(f"  (a) / (c) = {speeds['a'] / speeds['c']:.0%}   (target >= 70%)")
+    print(f"  padding fraction of (a): {tok.padding_fraction:.1%}   (target < 10%)")
+    print(
+        f"  checks: seed snippet in fp32 == transform on {same}/8 clips; bf16 snippet level-0 code "
+        f"agreement {agree:.1%}"
+    )
+
+    if args.profile:
+        prof = cProfile.Profile()
+        prof.enable()
+        run_a()
+        prof.disable()
+        print("\ncProfile of one (a) run, top 20 by internal time:")
+        pstats.Stats(prof).sort_stats("tottime").print_stats(20)
+
+
+if __name__ == "__main__":
+    main()

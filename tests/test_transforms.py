@@ -1,0 +1,322 @@
+"""The datasets transform: SpeechTokenizer / tokenize_speech on the committed espeak-ng corpus (22.05 kHz)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+import soundfile
+import torch
+from datasets import Audio, Dataset, load_from_disk
+from datasets.fingerprint import Hasher
+from datasets.utils._dill import dumps
+
+import gemma_rvq
+from gemma_rvq import transforms
+from gemma_rvq.audio import decode_audio, prepare_waveform
+from gemma_rvq.testing import tiny_rvq_model
+from gemma_rvq.tokens import get_format
+from gemma_rvq.transforms import DEFAULT_MODEL, MODEL_ENV_VAR, SpeechTokenizer, tokenize_speech
+
+CORPUS = Path(__file__).resolve().parents[1] / "data" / "corpus"
+N_CLIPS = 3
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _quiet():
+    datasets.disable_progress_bars()
+    yield
+    datasets.enable_progress_bars()
+
+
+@pytest.fixture(scope="module")
+def files() -> list[str]:
+    rows = [json.loads(line) for line in (CORPUS / "metadata.jsonl").read_text().splitlines() if line]
+    return [str(CORPUS / r["file"]) for r in rows[:: len(rows) // N_CLIPS][:N_CLIPS]]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_rvq_model(num_quantizers=8, codebook_size=16, seed=0).eval()
+
+
+def bytes_dataset(files: list[str]) -> Dataset:
+    ds = Dataset.from_dict({"audio": [{"bytes": Path(f).read_bytes(), "path": f} for f in files]})
+    return ds.cast_column("audio", Audio(decode=False))
+
+
+def file_backed(ds: Dataset, folder: Path) -> Dataset:
+    ds.save_to_disk(str(folder))
+    return load_from_disk(str(folder))
+
+
+def direct(model, wave: np.ndarray, rate: int, fmt="gemma_rvq") -> tuple[str, np.ndarray]:
+    """What the transform must produce for one clip: model.encode on that clip alone + format.render."""
+    wave = prepare_waveform(wave, rate, model.config.sampling_rate)
+    out = model.encode([wave], sampling_rate=model.config.sampling_rate)
+    codes = out.audio_codes[0][:, out.codes_mask[0]].numpy()
+    return get_format(fmt).render(codes), codes
+
+
+@pytest.fixture(scope="module")
+def expected(model, files) -> list[tuple[str, np.ndarray]]:
+    result = []
+    for f in files:
+        wave, rate = decode_audio(f)
+        assert rate == 22050  # the corpus' native rate: every test below exercises resampling
+        result.append(direct(model, wave, rate))
+    return result
+
+
+class FakeSamples:
+    def __init__(self, data, sample_rate):
+        self.data, self.sample_rate = data, sample_rate
+
+
+class DecoderLike:
+    """The duck-typed protocol of torchcodec's AudioDecoder (torchcodec does not load here)."""
+
+    def __init__(self, path: str) -> None:
+        wave, self.rate = soundfile.read(path, dtype="float32")
+        self.data = torch.from_numpy(np.stack([wave, wave]))  # [C, S], channels first
+
+    def get_all_samples(self) -> FakeSamples:
+        return FakeSamples(self.data, self.rate)
+
+
+def test_map_equals_direct_encode_and_render(model, files, expected):
+    tok = SpeechTokenizer(model, return_codes=True, return_num_frames=True, batch_size=4)
+    out = bytes_dataset(files).map(tok, batched=True, batch_size=4)
+    assert out.column_names == ["audio", "semantic_tokens", "audio_codes", "num_frames"]
+    for row, (string, codes) in zip(out, expected):
+        assert row["semantic_tokens"] == string
+        assert row["semantic_tokens"].startswith("<|rvq_start|>")
+        np.testing.assert_array_equal(np.asarray(row["audio_codes"]), codes)
+        assert row["num_frames"] == codes.shape[1] > 10
+    assert tok.stats["examples"] == len(files)
+    assert tok.stats["encode_calls"] < len(files)  # clips were batched
+
+
+def test_input_forms_agree(model, files, expected):
+    strings = [s for s, _ in expected]
+    tok = SpeechTokenizer(model)
+    waves = [soundfile.read(f, dtype="float32") for f in files]
+    # undecoded paths
+    by_path = Dataset.from_dict({"audio": files}).cast_column("audio", Audio(decode=False))
+    assert by_path.map(tok, batched=True)["semantic_tokens"] == strings
+    # decoded dicts (array + sampling_rate)
+    dicts = Dataset.from_dict({"audio": [{"array": w, "sampling_rate": r} for w, r in waves]})
+    assert dicts.map(tok, batched=True)["semantic_tokens"] == strings
+    # raw int16 PCM (the FLAC files' own samples) + a sampling-rate column, under other column names
+    pcm = [np.round(w * 32768).clip(-32768, 32767).astype(np.int16) for w, _ in waves]
+    raw = Dataset.from_dict({"speech": pcm, "sr": [r for _, r in waves]})
+    tok_raw = SpeechTokenizer(model, audio_column="speech", sampling_rate_column="sr", output_column="units")
+    with pytest.raises(ValueError, match="pcm_dtype"):  # int16 comes back from Arrow as int64
+        raw.map(tok_raw, batched=True, batch_size=4)
+    tok_raw = SpeechTokenizer(
+        model, audio_column="speech", sampling_rate_column="sr", output_column="units", pcm_dtype="int16"
+    )
+    assert raw.map(tok_raw, batched=True, batch_size=4)["units"] == strings
+    # AudioDecoder-like objects (stereo, channels first) through the same code path map uses
+    assert tok({"audio": [DecoderLike(f) for f in files]})["semantic_tokens"] == strings
+    # batched=False
+    assert by_path.map(tok)["semantic_tokens"] == strings
+
+
+def test_sorted_minibatches_keep_order_and_pad_little(model, files):
+    # ten clips of 1.5-3 s: corpus clips concatenated and cut
+    waves = [decode_audio(f)[0] for f in files]
+    clips = [np.concatenate(waves[k % 3 : k % 3 + 2])[: int(22050 * (1.5 + k / 6))] for k in range(10)]
+    order = np.random.default_rng(0).permutation(len(clips))
+    ds = Dataset.from_dict({"audio": [clips[i] for i in order], "sr": [22050] * len(clips)})
+    one = SpeechTokenizer(model, sampling_rate_column="sr", batch_size=1)
+    many = SpeechTokenizer(model, sampling_rate_column="sr", batch_size=16, batch_seconds=30, max_padding=0.1)
+    ref = ds.map(one, batched=True)["semantic_tokens"]
+    got = ds.map(many, batched=True)["semantic_tokens"]
+    assert got == ref  # dataset order restored, codes independent of batching
+    assert one.padding_fraction == 0.0
+    assert many.stats["encode_calls"] <= len(clips) / 2
+    assert 0.0 < many.padding_fraction < 0.1
+    # without sorting the same batches would have padded far more
+    lengths = np.array([len(c) for c in clips])[order]
+    unsorted = 1 - lengths.sum() / sum(
+        len(g) * g.max() for g in np.array_split(lengths, many.stats["encode_calls"])
+    )
+    assert unsorted > 2 * many.padding_fraction
+
+
+def test_pickled_identity_is_small_stable_and_computed_once(model, monkeypatch):
+    calls = []
+    real = transforms.state_dict_digest
+    monkeypatch.setattr(transforms, "state_dict_digest", lambda m: calls.append(1) or real(m))
+    tok = SpeechTokenizer(model)
+    first = Hasher.hash(tok)
+    assert Hasher.hash(tok) == first and len(calls) == 1  # weights digest computed once
+    assert len(dumps(tok)) < 4096  # no weights in the pickle
+    assert Hasher.hash(SpeechTokenizer(model)) == first  # same weights, new object: same identity
+    assert Hasher.hash(SpeechTokenizer(model, format="ichigo")) != first
+    assert Hasher.hash(SpeechTokenizer(model, num_quantizers=1)) != first
+    other = tiny_rvq_model(num_quantizers=8, codebook_size=16, seed=0)
+    assert Hasher.hash(SpeechTokenizer(other)) == first  # equal weights, equal digest
+    with torch.no_grad():
+        other.quantizer.codebooks[0, 0, 0] += 1e-3
+    assert Hasher.hash(SpeechTokenizer(other)) != first
+    monkeypatch.setattr(gemma_rvq, "__version__", "999.0")
+    assert Hasher.hash(SpeechTokenizer(model)) != first
+    # Hub ids are identified by id + revision, without loading anything
+    hub = SpeechTokenizer("someone/some-rvq", revision="a" * 40)
+    assert hub.identity()["model"] == {"hub_id": "someone/some-rvq", "revision": "a" * 40}
+
+
+def test_cache_hit_and_miss_with_model_object(model, files, tmp_path, monkeypatch):
+    ds = file_backed(bytes_dataset(files[:2]), tmp_path / "ds")
+    tok = SpeechTokenizer(model)
+    first = ds.map(tok, batched=True)
+    assert tok.stats["examples"] == 2
+    again = SpeechTokenizer(model)
+    second = ds.map(again, batched=True)
+    assert again.stats["examples"] == 0  # served from the cache file
+    assert second.cache_files == first.cache_files
+    assert second["semantic_tokens"] == first["semantic_tokens"]
+
+    changed = tiny_rvq_model(num_quantizers=8, codebook_size=16, seed=0)
+    with torch.no_grad():
+        changed.quantizer.codebooks.mul_(-1.0)
+    miss = SpeechTokenizer(changed)
+    third = ds.map(miss, batched=True)
+    assert miss.stats["examples"] == 2 and third["semantic_tokens"] != first["semantic_tokens"]
+
+    fmt = SpeechTokenizer(model, format="ichigo")
+    assert ds.map(fmt, batched=True)["semantic_tokens"][0].startswith("<|sound_start|>")
+    assert fmt.stats["examples"] == 2
+
+    monkeypatch.setattr(gemma_rvq, "__version__", "999.0")
+    upgraded = SpeechTokenizer(model)
+    ds.map(upgraded, batched=True)
+    assert upgraded.stats["examples"] == 2
+
+
+def test_cache_with_a_path_and_num_proc(model, files, expected, tmp_path):
+    path = tmp_path / "rvq"
+    model.save_pretrained(path)
+    ds = file_backed(bytes_dataset(files), tmp_path / "ds")
+    tok = SpeechTokenizer(str(path), return_num_frames=True)
+    out = ds.map(tok, batched=True, batch_size=3, num_proc=2, with_rank=True)
+    assert out["semantic_tokens"] == [s for s, _ in expected]  # two workers, one model each, same result
+    assert tok.stats["examples"] == 0  # the work happened in the workers
+
+    hit = SpeechTokenizer(str(path), return_num_frames=True)
+    ds.map(hit, batched=True, batch_size=3, num_proc=2, with_rank=True)
+    assert hit.stats["examples"] == 0
+    # single-process map: separate cache entry (num_proc is part of datasets' file naming), same tokens
+    single = SpeechTokenizer(str(path), return_num_frames=True)
+    assert ds.map(single, batched=True)["semantic_tokens"] == out["semantic_tokens"]
+
+    changed = tiny_rvq_model(num_quantizers=8, codebook_size=16, seed=1)
+    changed.save_pretrained(path)  # new weights at the same path
+    miss = SpeechTokenizer(str(path), return_num_frames=True)
+    ds.map(miss, batched=True)
+    assert miss.stats["examples"] == len(files)
+
+
+def test_num_proc_with_in_memory_model(model, files, expected):
+    tok = SpeechTokenizer(model, batch_size=2)
+    out = bytes_dataset(files).map(tok, batched=True, batch_size=2, num_proc=2)
+    assert out["semantic_tokens"] == [s for s, _ in expected]
+
+
+def bad_dataset(files: list[str], nan: bool = True, empty: bool = True) -> Dataset:
+    good = [soundfile.read(f, dtype="float32")[0] for f in files[:3]]
+    with_nan = good[1].copy()
+    with_nan[100] = np.nan
+    rows = [
+        good[0],
+        good[1],
+        good[2],
+        with_nan if nan else good[1],
+        np.zeros(0, np.float32) if empty else good[2],
+    ]
+    rows.append(good[0])
+    return Dataset.from_dict({"audio": [{"array": w, "sampling_rate": 22050} for w in rows]})
+
+
+@pytest.mark.parametrize(
+    ("row", "message"), [(3, "NaN"), (4, "empty"), (2, "cannot decode"), (1, "too short")]
+)
+def test_bad_rows_raise_naming_the_row(model, files, row, message):
+    ds = bad_dataset(files, nan=row == 3, empty=row == 4)
+    if row == 2:  # an unreadable file: garbage bytes in an undecoded audio column
+        ds = bytes_dataset(files[:3])
+        ds = Dataset.from_dict({"audio": [*ds["audio"][:2], {"bytes": b"not audio", "path": None}]})
+        ds = ds.cast_column("audio", Audio(decode=False))
+    if row == 1:  # shorter than one encoder frame
+        ds = Dataset.from_dict(
+            {
+                "audio": [
+                    {"array": np.ones(22050) * 0.1, "sampling_rate": 22050},
+                    {"array": np.ones(100) * 0.1, "sampling_rate": 22050},
+                ]
+            }
+        )
+    tok = SpeechTokenizer(model)
+    with pytest.raises(ValueError, match=rf"row {row}\b.*{message}"):
+        ds.map(tok, batched=True, batch_size=2, with_indices=True)
+    with pytest.raises(ValueError, match=rf"row {row % 2} of this batch.*{message}"):
+        ds.map(tok, batched=True, batch_size=2)
+
+
+def test_bad_rows_skip(model, files):
+    ds = bad_dataset(files)
+    tok = SpeechTokenizer(model, on_error="skip", return_codes=True, return_num_frames=True)
+    out = ds.map(tok, batched=True, batch_size=4)
+    clean = ds.select([0, 1, 2, 5]).map(SpeechTokenizer(model), batched=True)["semantic_tokens"]
+    assert [out["semantic_tokens"][i] for i in (0, 1, 2, 5)] == clean
+    assert out["semantic_tokens"][3] == out["semantic_tokens"][4] == ""
+    errors = out["semantic_tokens_error"]
+    assert errors[0] is None and errors[5] is None
+    assert "NaN" in errors[3] and "empty" in errors[4]
+    assert out["num_frames"][3] == 0 and out["audio_codes"][3] == [[]] * 8
+    assert tok.stats["errors"] == 2
+
+
+def test_default_transform_loads_lazily_from_env(model, files, expected, tmp_path, monkeypatch):
+    assert tokenize_speech.identity()["model"]["hub_id"] in (DEFAULT_MODEL, os.environ.get(MODEL_ENV_VAR))
+    path = tmp_path / "default"
+    model.save_pretrained(path)
+    monkeypatch.setenv(MODEL_ENV_VAR, str(path))
+    assert not any(key[0] == str(path) for key in transforms._LOADED_MODELS)  # nothing loaded yet
+    identity = tokenize_speech.identity()["model"]
+    assert "digest" in identity
+    out = bytes_dataset(files[:2]).map(tokenize_speech, batched=True)
+    assert out["semantic_tokens"] == [s for s, _ in expected[:2]]
+    assert any(key[0] == str(path) for key in transforms._LOADED_MODELS)
+    # a copy sent through pickle (what num_proc does) loads the same model in its process
+    clone = dumps(tokenize_speech)
+    assert len(clone) < 4096
+
+
+def test_long_clip_is_chunked_not_cut(files):
+    model = tiny_rvq_model(
+        num_quantizers=8, codebook_size=16, seed=0, max_chunk_seconds=3.0, chunk_overlap_seconds=1.0
+    ).eval()
+    long = np.concatenate([decode_audio(f)[0] for f in files])  # ~12 s at 22.05 kHz
+    ds = Dataset.from_dict({"audio": [long, long[:22050]], "sr": [22050, 22050]})
+    out = ds.map(SpeechTokenizer(model, sampling_rate_column="sr", return_num_frames=True), batched=True)
+    string, codes = direct(model, long, 22050)
+    assert out["semantic_tokens"][0] == string
+    assert out["num_frames"][0] == codes.shape[1] == pytest.approx(len(long) / 22050 * 25, abs=2)
+
+
+def test_options_are_validated(model):
+    with pytest.raises(ValueError, match="on_error"):
+        SpeechTokenizer(model, on_error="ignore")
+    with pytest.raises(ValueError, match="batch_size"):
+        SpeechTokenizer(model, batch_size=0)
+    with pytest.raises(KeyError, match="no column 'audio'"):
+        SpeechTokenizer(model)({"speech": [np.zeros(16000)]})
+    with pytest.raises(ValueError, match="no sampling rate"):
+        SpeechTokenizer(model)({"audio": [np.zeros(16000, np.float32)]})
