@@ -241,6 +241,18 @@ def test_gemma4_multimodal_stage3_trains_new_rows_including_per_layer_embeddings
     after_in, _ = _rows(model, new_ids)
     assert (after_in - new_in).abs().amax(-1).gt(0).float().mean() > 0.5
 
+    from gemma_rvq.recipes.sft import save_recipe
+
+    trainer.save_model(training_args.output_dir)
+    save_recipe(trainer, training_args.output_dir)
+    reloaded, _ = load_sft_model(str(training_args.output_dir))
+    batch = trainer.processing_class.apply_chat_template(
+        [{"role": "user", "content": "<|rvq_start|><|q0_0003|><|q1_0005|><|rvq_end|>"}], add_generation_prompt=True,
+        return_dict=True, return_tensors="pt")
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded.eval()(**batch).logits, model(**batch).logits, rtol=1e-5, atol=1e-5)
+
 
 REAL_RECIPES = sorted(p.name for p in RECIPES_DIR.glob("*.yaml") if not p.name.startswith(("tiny_", "accelerate_")))
 
