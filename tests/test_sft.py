@@ -330,3 +330,24 @@ def test_speech_instruct_needs_a_chat_template(tmp_path, data_dir):
         output_dir=tmp_path / "out")
     with pytest.raises(ValueError, match="has none: use an instruction-tuned model"):
         build_sft_trainer(script_args, training_args, model_args)
+
+
+@pytest.mark.parametrize("drop", [True, False])
+def test_rows_longer_than_max_length_are_dropped_not_cut(tmp_path, llama_dir, data_dir, drop):
+    """A cut token string would lose its end marker: such rows are dropped (unless asked to truncate)."""
+    script_args, training_args, model_args = parse(
+        "tiny_speechless.yaml", model_name_or_path=llama_dir, dataset_name=data_dir["pairs"],
+        output_dir=tmp_path, max_length=25, drop_long_examples=str(drop).lower())
+    trainer = build_sft_trainer(script_args, training_args, model_args)
+    tokenizer = trainer.processing_class
+    end = tokenizer.convert_tokens_to_ids("<|rvq_end|>")
+    rows = list(trainer.train_dataset)
+    assert all(len(row["input_ids"]) <= 25 for row in rows)
+    complete = [row["labels"][-2:] == [end, tokenizer.eos_token_id] for row in rows]
+    if drop:
+        assert 0 < len(rows) < 8 and all(complete)
+    else:
+        assert len(rows) == 8 and not all(complete)
+    with pytest.raises(ValueError, match="every one of the 8 rows is longer than max_length=5"):
+        build_sft_trainer(*parse("tiny_speechless.yaml", model_name_or_path=llama_dir,
+                                 dataset_name=data_dir["pairs"], output_dir=tmp_path, max_length=5))

@@ -25,6 +25,7 @@ __all__ = [
     "RECIPE_FILE",
     "SemanticSFTArguments",
     "build_sft_trainer",
+    "drop_long_examples",
     "embedding_module_names",
     "load_raw_dataset",
     "load_sft_dataset",
@@ -92,6 +93,11 @@ class SemanticSFTArguments(ScriptArguments):
     )
     validate_tokens: bool = field(default=False, metadata={"help": "Parse every token string before training."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Use the first N training rows."})
+    drop_long_examples: bool = field(
+        default=True,
+        metadata={"help": "Drop rows longer than max_length instead of letting TRL truncate them (a cut token "
+                          "string loses its end marker and teaches the model not to stop)."},
+    )
 
     def __post_init__(self) -> None:
         if self.recipe not in RECIPES:
@@ -262,6 +268,35 @@ def load_sft_dataset(script_args, token_format=None):
     return train, evaluation
 
 
+def drop_long_examples(dataset, tokenizer, max_length: int, *, num_proc: int | None = None):
+    """Drop rows whose tokenised prompt + completion (or messages) exceed ``max_length`` tokens.
+
+    Lengths are counted as TRL counts them: the chat template for conversational rows, the tokenizer (with
+    its special tokens) plus the appended eos for plain text. Returns the filtered dataset.
+    """
+    from datasets import Dataset
+
+    def length(example: dict) -> int:
+        if "messages" in example:
+            conversation = example["messages"]
+        elif isinstance(example.get("prompt"), list):
+            conversation = example["prompt"] + example["completion"]
+        else:
+            return len(tokenizer(example["prompt"] + example["completion"])["input_ids"]) + 1
+        return len(tokenizer.apply_chat_template(conversation, tokenize=True, return_dict=True)["input_ids"])
+
+    kwargs = {"num_proc": num_proc, "desc": f"Dropping rows longer than {max_length} tokens"} if isinstance(
+        dataset, Dataset) else {}
+    before = len(dataset) if isinstance(dataset, Dataset) else None
+    kept = dataset.filter(lambda example: length(example) <= max_length, **kwargs)
+    if before is not None and len(kept) < before:
+        if len(kept) == 0:
+            raise ValueError(f"every one of the {before} rows is longer than max_length={max_length} tokens: "
+                             "raise max_length (or pass --drop_long_examples false to truncate instead)")
+        logger.warning("dropped %d of %d rows longer than max_length=%d", before - len(kept), before, max_length)
+    return kept
+
+
 # ---------------------------------------------------------------------------------------------- trainer
 def _load_model_and_tokenizer(model_args, training_args):
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -309,6 +344,12 @@ def build_sft_trainer(script_args, training_args, model_args, *, model=None, tok
         eval_dataset = eval_dataset if eval_dataset is not None else loaded_eval
     if training_args.eval_strategy == "no":
         eval_dataset = None
+    if script_args.drop_long_examples and training_args.max_length is not None and not training_args.packing:
+        train_dataset = drop_long_examples(train_dataset, tokenizer, training_args.max_length,
+                                           num_proc=training_args.dataset_num_proc)
+        if eval_dataset is not None:
+            eval_dataset = drop_long_examples(eval_dataset, tokenizer, training_args.max_length,
+                                              num_proc=training_args.dataset_num_proc)
     if (script_args.recipe == "speech_instruct" and getattr(tokenizer, "chat_template", None) is None
             and training_args.chat_template_path is None):
         raise ValueError(
