@@ -395,12 +395,7 @@ def run_sft(script_args, training_args, model_args, **kwargs):
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
     save_recipe(trainer, training_args.output_dir)
-    if training_args.push_to_hub:
-        if trainer.accelerator.is_main_process:
-            from huggingface_hub import upload_file
-
-            upload_file(path_or_fileobj=os.path.join(training_args.output_dir, RECIPE_FILE),
-                        path_in_repo=RECIPE_FILE, repo_id=trainer.hub_model_id)
+    if training_args.push_to_hub:  # uploads output_dir, gemma_rvq_recipe.json included
         trainer.push_to_hub(dataset_name=script_args.dataset_name)
     return trainer
 
