@@ -138,6 +138,9 @@ def test_sorted_minibatches_keep_order_and_pad_little(model, files):
     ref = ds.map(one, batched=True)["semantic_tokens"]
     got = ds.map(many, batched=True)["semantic_tokens"]
     assert got == ref  # dataset order restored, codes independent of batching
+    streams = SpeechTokenizer(model, sampling_rate_column="sr", batch_size=2, cpu_streams=2)
+    assert ds.map(streams, batched=True)["semantic_tokens"] == ref  # concurrent minibatches, same tokens
+    assert streams.stats["encode_calls"] >= 3
     assert one.padding_fraction == 0.0
     assert many.stats["encode_calls"] <= len(clips) / 2
     assert 0.0 < many.padding_fraction < 0.1

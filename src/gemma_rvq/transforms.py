@@ -174,6 +174,8 @@ class SpeechTokenizer:
         batch_seconds: most padded audio seconds per encoder call (clips are sorted by length first).
         max_padding: a minibatch only takes another clip while padding stays within this share of its
             padded length, so the padding fraction stays below it.
+        cpu_streams: on a CPU, encode this many minibatches at once in threads, splitting the torch
+            threads between them (the numpy feature extractor is single-threaded). Tokens are the same.
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``...; ``None``: GPU ``rank % n_gpus`` when GPUs exist
             (``rank`` from ``with_rank=True``), else CPU.
         dtype: compute dtype (``"float32"``, ``"bfloat16"``...); ``None`` keeps the model's. It changes
@@ -208,6 +210,7 @@ class SpeechTokenizer:
         batch_size: int | str = "auto",
         batch_seconds: float = 60.0,
         max_padding: float = 0.1,
+        cpu_streams: int = 1,
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
         on_error: str = "raise",
@@ -252,6 +255,9 @@ class SpeechTokenizer:
         self.batch_size = batch_size
         self.batch_seconds = float(batch_seconds)
         self.max_padding = float(max_padding)
+        if not (isinstance(cpu_streams, int) and cpu_streams >= 1):
+            raise ValueError(f"cpu_streams must be a positive int, got {cpu_streams!r}")
+        self.cpu_streams = cpu_streams
         self.device = str(device) if device is not None else None
         self.dtype = _dtype_name(dtype)
         self.on_error = on_error
@@ -274,7 +280,7 @@ class SpeechTokenizer:
         "num_quantizers",
     )  # fmt: skip
     # Options that do not change the output (and so stay out of the cache identity) but travel to workers.
-    _RUNTIME_OPTIONS = ("batch_size", "batch_seconds", "max_padding", "device", "num_threads")
+    _RUNTIME_OPTIONS = ("batch_size", "batch_seconds", "max_padding", "cpu_streams", "device", "num_threads")
 
     def model_identity(self) -> dict:
         """What identifies the model: ``{"digest": ...}`` for objects (state-dict digest, computed once per
@@ -563,30 +569,74 @@ class SpeechTokenizer:
         pos = 0
         while pos < len(todo):
             max_count, max_seconds, trial = self._batch_limits(model)
-            group = [todo[pos]]
-            longest = real = len(waves[todo[pos]])
-            # Grow the minibatch (clips sorted longest first) while it stays within the clip count, the
-            # padded-seconds budget and the padding budget.
-            while pos + len(group) < len(todo) and len(group) < max_count:
-                nxt = len(waves[todo[pos + len(group)]])
-                padded = (len(group) + 1) * longest
-                if padded > max_seconds * sr or padded - real - nxt > self.max_padding * padded:
-                    break
-                group.append(todo[pos + len(group)])
-                real += nxt
+            streams = self._streams(model)
+            if trial is None and streams > 1 and self.stats["encode_calls"] > 0:
+                # steady state on a CPU: the remaining minibatches in `streams` concurrent encode calls
+                groups = []
+                while pos < len(todo):
+                    groups.append(self._next_group(todo, pos, waves, max_count, max_seconds * sr))
+                    pos += len(groups[-1])
+                self._encode_concurrently(model, groups, streams, waves, codes, errors, indices, sr)
+                break
+            group = self._next_group(todo, pos, waves, max_count, max_seconds * sr)
             pos += len(group)
             start = time.perf_counter()
             self._encode_group(model, group, waves, codes, errors, indices, sr)
             elapsed = time.perf_counter() - start
-            audio = sum(len(waves[i]) for i in group) / sr
-            self.stats["audio_seconds"] += audio
-            self.stats["padded_seconds"] += len(group) * longest / sr
-            self.stats["encode_calls"] += 1
-            self.stats["encode_seconds"] += elapsed
+            audio = self._count(group, waves, sr, elapsed)
             if trial is not None:
                 trial["seconds"] += elapsed
                 trial["audio"] += audio
         return codes
+
+    def _next_group(self, todo: list[int], pos: int, waves, max_count: int, max_samples: float) -> list[int]:
+        """The next minibatch from ``todo[pos:]`` (sorted longest first): it grows while it stays within
+        the clip count, the padded-samples budget and the padding budget."""
+        group = [todo[pos]]
+        longest = real = len(waves[todo[pos]])
+        while pos + len(group) < len(todo) and len(group) < max_count:
+            nxt = len(waves[todo[pos + len(group)]])
+            padded = (len(group) + 1) * longest
+            if padded > max_samples or padded - real - nxt > self.max_padding * padded:
+                break
+            group.append(todo[pos + len(group)])
+            real += nxt
+        return group
+
+    def _count(self, group: list[int], waves, sr: int, elapsed: float) -> float:
+        audio = sum(len(waves[i]) for i in group) / sr
+        self.stats["audio_seconds"] += audio
+        self.stats["padded_seconds"] += len(group) * len(waves[group[0]]) / sr
+        self.stats["encode_calls"] += 1
+        self.stats["encode_seconds"] += elapsed
+        return audio
+
+    def _streams(self, model) -> int:
+        if self.cpu_streams <= 1 or next(model.parameters()).device.type != "cpu":
+            return 1
+        return self.cpu_streams
+
+    def _encode_concurrently(self, model, groups, streams, waves, codes, errors, indices, sr) -> None:
+        """Run minibatches in ``streams`` threads, each with ``threads // streams`` torch threads: the
+        feature extractor (numpy) and small encoder kernels then keep every core busy."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        threads = torch.get_num_threads()
+        torch.set_num_threads(max(1, threads // streams))
+        start = time.perf_counter()
+        try:
+            with ThreadPoolExecutor(streams) as pool:
+                futures = [
+                    pool.submit(self._encode_group, model, g, waves, codes, errors, indices, sr)
+                    for g in groups
+                ]
+                for future in futures:
+                    future.result()
+        finally:
+            torch.set_num_threads(threads)
+        elapsed = (time.perf_counter() - start) / len(groups)
+        for group in groups:
+            self._count(group, waves, sr, elapsed)
 
     def _encode_group(self, model, group, waves, codes, errors, indices, sr) -> None:
         try:
