@@ -233,3 +233,20 @@ def test_shortest_accepted_audio_gives_one_frame(family):
     assert out.audio_codes.shape[-1] == 1 and bool(out.codes_mask.all())
     with pytest.raises(ValueError, match="too short"):
         model.encode([wave[:-1]])
+
+
+def test_feature_extractor_resolution_order(tmp_path):
+    from transformers import Gemma4AudioFeatureExtractor, Wav2Vec2FeatureExtractor
+
+    from gemma_rvq.encoders import build_feature_extractor
+
+    # 1. an explicit config wins (derived arrays are recomputed, not read)
+    fe = build_feature_extractor("gemma4_audio", {"feature_size": 128, "mel_floor": 0.01, "hop_length": 999})
+    assert isinstance(fe, Gemma4AudioFeatureExtractor) and float(fe.mel_floor) == 0.01 and fe.hop_length == 160
+    # 2. the one saved next to the encoder
+    Wav2Vec2FeatureExtractor(do_normalize=False).save_pretrained(tmp_path / "with")
+    assert build_feature_extractor("hubert", None, str(tmp_path / "with")).do_normalize is False
+    # 3. the family default when there is none
+    (tmp_path / "without").mkdir()
+    fe = build_feature_extractor("hubert", None, str(tmp_path / "without"))
+    assert isinstance(fe, Wav2Vec2FeatureExtractor) and fe.do_normalize is True

@@ -49,6 +49,9 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
 
 FAMILIES = ("gemma4_audio", "hubert", "wav2vec2", "whisper")
 
@@ -114,8 +117,11 @@ def build_feature_extractor(
     if name_or_path is not None:
         try:
             return fe_cls.from_pretrained(name_or_path, revision=revision)
-        except (OSError, ValueError):
-            pass  # no preprocessor_config.json next to the encoder: use the family's defaults
+        except (OSError, ValueError) as err:  # no preprocessor_config.json next to the encoder
+            logger.warning(
+                f"no feature extractor found at {name_or_path!r} ({type(err).__name__}); using the default "
+                f"{fe_cls.__name__}(). Set config.feature_extractor_config if the encoder needs other settings."
+            )
     return fe_cls()
 
 
