@@ -191,13 +191,16 @@ class EncoderAdapter:
         self.feature_extractor = feature_extractor
         self.sampling_rate = int(feature_extractor.sampling_rate)
         hop = int(getattr(feature_extractor, "hop_length", round(self.sampling_rate / 100)))
-        # Gemma 4's conformer only looks back (causal light convolutions, attention with no right
-        # context) except for its two subsampling convolutions: a window's last frames are as good as
-        # any, its first ones lack left context. So seams sit `right_context_frames` before the end of
-        # the earlier window; for bidirectional encoders they sit in the middle of the overlap.
-        self.causal = family == "gemma4_audio"
-        self.right_context_frames = 4
+        # Gemma 4's conformer barely looks ahead (causal light convolutions, attention with
+        # `attention_context_right` frames of right context, 0 by default, and two subsampling
+        # convolutions): a window's last frames are as good as any, its first ones lack left context. So
+        # seams sit `right_context_frames` before the end of the earlier window (never before the middle
+        # of the overlap); for bidirectional encoders they sit in the middle of the overlap.
+        self.right_context_frames = 1 << 30  # bidirectional: seams in the middle of each overlap
         if family == "gemma4_audio":
+            config = model.config
+            lookahead = getattr(config, "attention_context_right", 0) * len(model.layers)
+            self.right_context_frames = 4 + lookahead  # 4: the two 3x3 stride-2 subsampling convolutions
             self.samples_per_frame = hop * 4
             self.min_samples = self.samples_per_frame
         elif family == "whisper":
@@ -319,10 +322,8 @@ class EncoderAdapter:
                 end = off + lengths[row + j]
                 if j + 1 == len(offsets):
                     hi = end
-                elif self.causal:
-                    hi = max(offsets[j + 1], end - self.right_context_frames)
-                else:
-                    hi = (offsets[j + 1] + end) // 2
+                else:  # middle of the overlap, or later when the encoder barely looks ahead
+                    hi = max((offsets[j + 1] + end) // 2, end - self.right_context_frames)
                 hi = min(end, max(lo, hi))
                 parts.append(hidden[row + j, lo - off : hi - off])
                 lo = hi
