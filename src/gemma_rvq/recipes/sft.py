@@ -334,6 +334,13 @@ def build_sft_trainer(script_args, training_args, model_args, *, model=None, tok
         raise ValueError("pass both model and tokenizer, or neither")
     if model is None:
         model, tokenizer = _load_model_and_tokenizer(model_args, training_args)
+    if (script_args.recipe == "speech_instruct" and getattr(tokenizer, "chat_template", None) is None
+            and training_args.chat_template_path is None):
+        raise ValueError(
+            f"the speech_instruct recipe renders conversations with the model's chat template, and the tokenizer "
+            f"of {model_args.model_name_or_path!r} has none: use an instruction-tuned model, set "
+            "--chat_template_path (a tokenizer folder or .jinja file), or use the asr recipe (plain text prompts)"
+        )
     fmt = resolve_token_format(script_args.token_format, script_args.codebook_size, script_args.num_levels)
     new_ids = prepare_semantic_tokens(model, tokenizer, fmt, init=script_args.token_init,
                                       pad_to_multiple_of=script_args.embedding_pad_to_multiple_of,
@@ -344,19 +351,15 @@ def build_sft_trainer(script_args, training_args, model_args, *, model=None, tok
         eval_dataset = eval_dataset if eval_dataset is not None else loaded_eval
     if training_args.eval_strategy == "no":
         eval_dataset = None
-    if script_args.drop_long_examples and training_args.max_length is not None and not training_args.packing:
+    # (a template given by --chat_template_path is only installed by the trainer: TRL truncates those rows)
+    templated = script_args.recipe != "speech_instruct" or getattr(tokenizer, "chat_template", None) is not None
+    if (script_args.drop_long_examples and training_args.max_length is not None and not training_args.packing
+            and templated):
         train_dataset = drop_long_examples(train_dataset, tokenizer, training_args.max_length,
                                            num_proc=training_args.dataset_num_proc)
         if eval_dataset is not None:
             eval_dataset = drop_long_examples(eval_dataset, tokenizer, training_args.max_length,
                                               num_proc=training_args.dataset_num_proc)
-    if (script_args.recipe == "speech_instruct" and getattr(tokenizer, "chat_template", None) is None
-            and training_args.chat_template_path is None):
-        raise ValueError(
-            f"the speech_instruct recipe renders conversations with the model's chat template, and the tokenizer "
-            f"of {model_args.model_name_or_path!r} has none: use an instruction-tuned model, set "
-            "--chat_template_path (a tokenizer folder or .jinja file), or use the asr recipe (plain text prompts)"
-        )
     if script_args.recipe == "speech_instruct" and script_args.instruct_output == "messages":
         training_args.assistant_only_loss = True
     peft_config = semantic_peft_config(model_args, model, new_ids,
