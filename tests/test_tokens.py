@@ -139,6 +139,43 @@ def test_round_trip_random(fmt: SemanticTokenFormat):
             np.testing.assert_array_equal(spaced.codes, parsed.codes)
 
 
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f"{f.name}-{f.num_levels}-{f.dedup}-{f.separator!r}")
+def test_fast_parse_agrees_with_the_strict_parser_on_corrupted_strings(fmt: SemanticTokenFormat):
+    """The vectorised path either returns exactly the strict parser's result or defers to it."""
+    from gemma_rvq.tokens import _fast_parse, _Parser
+
+    rng = np.random.default_rng(5)
+    levels = fmt.num_levels or 3
+    fast_hits = 0
+    for _ in range(60):
+        text = fmt.render(random_codes_with_runs(rng, levels, int(rng.integers(1, 120)), 2048))
+        pieces = list(text)
+        for _ in range(int(rng.integers(0, 3))):  # random character edits: delete, duplicate, insert
+            at = int(rng.integers(0, len(pieces)))
+            edit = int(rng.integers(0, 3))
+            if edit == 0 and len(pieces) > 1:
+                del pieces[at]
+            elif edit == 1:
+                pieces.insert(at, pieces[at])
+            else:
+                pieces.insert(at, str(rng.choice(["0", "1", "<", ">", "|", " ", "_", "\U000f0001"])))
+        corrupted = "".join(pieces)
+        try:
+            strict = _Parser(fmt, corrupted).run()
+        except ValueError:
+            strict = None
+        fast = _fast_parse(fmt, corrupted)
+        if fast is not None:
+            fast_hits += 1
+            assert strict is not None, corrupted
+            np.testing.assert_array_equal(fast.codes, strict.codes)
+            assert (fast.durations is None) == (strict.durations is None)
+            if fast.durations is not None:
+                np.testing.assert_array_equal(fast.durations, strict.durations)
+    if not fmt.separator.strip() and fmt.codebook_size is not None:
+        assert fast_hits > 0  # the fast path is actually taken
+
+
 def test_render_batch_matches_render_and_respects_mask():
     rng = np.random.default_rng(1)
     codes = torch.from_numpy(rng.integers(0, 2048, size=(5, 4, 60)))

@@ -26,6 +26,7 @@ import json
 import numbers
 import re
 import string
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -35,6 +36,7 @@ import numpy as np
 __all__ = ["PRESETS", "ParsedTokens", "SemanticTokenFormat", "get_format"]
 
 FORMAT_VERSION = 1
+_WHITESPACE = re.compile(r"\s")
 _SURROGATES = (0xD800, 0xDFFF)
 
 
@@ -486,7 +488,157 @@ class SemanticTokenFormat:
         """
         if not isinstance(text, str):
             raise ValueError(f"parse() takes a string, got {type(text).__name__}")
-        return _Parser(self, text).run()
+        fast = _fast_parse(self, text)
+        return fast if fast is not None else _Parser(self, text).run()
+
+
+def _fast_parse(fmt: SemanticTokenFormat, text: str) -> ParsedTokens | None:
+    """Vectorised parse of a well-formed string; ``None`` whenever anything is unusual.
+
+    Tokens are turned into numbers with ``str.replace`` of their literal parts and ``np.fromstring``
+    (C speed), and the result is accepted only if
+    re-rendering it gives back the input (up to whitespace between tokens): so this path never accepts
+    what the strict :class:`_Parser` rejects, and everything else (errors, non-canonical but valid
+    strings, non-whitespace separators) goes to the strict parser.
+    """
+    if fmt.separator.strip() or not text or text.isspace():
+        return None
+    fast = _fast_patterns(fmt)
+    if fast is None:
+        return None
+    if fmt.codepoint_offset is not None:
+        if fmt.start_token is not None or fmt.end_token is not None or fmt.uses_durations:
+            return None
+        compact = "".join(text.split())
+        points = (
+            np.frombuffer(compact.encode("utf-32-le"), dtype=np.uint32).astype(np.int64)
+            - fmt.codepoint_offset
+        )
+        if points.min() < 0:
+            return None
+        size = fmt.codebook_size
+        levels, values = (points // size, points % size) if size else (np.zeros_like(points), points)
+        durations = None
+    else:
+        body = text.strip()
+        if fast.inner_space is None:
+            if any(c.isspace() for c in body):
+                return None
+        elif _WHITESPACE.search(body) and fast.inner_space.search(body):
+            return None  # whitespace that may sit inside a token: the strict parser decides
+        if fmt.start_token is not None:
+            if not body.startswith(fmt.start_token):
+                return None
+            body = body[len(fmt.start_token) :]
+        if fmt.end_token is not None:
+            if not body.endswith(fmt.end_token):
+                return None
+            body = body[: len(body) - len(fmt.end_token)]
+        numeric = body
+        if fast.duration_prefix is not None:  # durations become negative numbers: " -NN "
+            numeric = numeric.replace(fast.duration_prefix, " -").replace(fast.duration_suffix, " ")
+        for literal in fast.code_literals:  # code tokens become " level code " (or " code ")
+            numeric = numeric.replace(literal, " ")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # numpy warns (future: raises) on text it cannot read to the end
+            try:
+                stream = np.fromstring(numeric, dtype=np.int64, sep=" ")  # text mode: C-speed parsing
+            except (ValueError, DeprecationWarning):
+                return None
+        is_duration = stream < 0
+        fields = stream[~is_duration]
+        if not len(fields) or len(fields) % fast.per_code:
+            return None
+        fields = fields.reshape(-1, fast.per_code)
+        if fast.per_code == 1:
+            levels, values = np.zeros(len(fields), dtype=np.int64), fields[:, 0]
+        else:
+            levels, values = (
+                (fields[:, 0], fields[:, 1]) if fast.level_first else (fields[:, 1], fields[:, 0])
+            )
+        durations = None
+        if is_duration.any():
+            if not fmt.uses_durations:
+                return None
+            # the code token after each duration, as an index among code tokens
+            durations_at = np.cumsum(~is_duration)[is_duration] // fast.per_code
+            if durations_at[-1] >= len(levels) or (levels[durations_at] != 0).any():
+                return None
+    if not len(levels):
+        return None
+    q = fmt.num_levels
+    if q is None:
+        later_zero = np.flatnonzero(levels[1:] == 0)
+        q = int(later_zero[0]) + 1 if len(later_zero) else len(levels)
+    if len(levels) % q or not np.array_equal(levels, np.tile(np.arange(q), len(levels) // q)):
+        return None
+    if fmt.codebook_size is not None and values.max() >= fmt.codebook_size:
+        return None
+    codes = values.reshape(-1, q).T.copy()
+    if fmt.codepoint_offset is None and fmt.uses_durations:
+        durations = np.ones(codes.shape[1], dtype=np.int64)
+        if is_duration.any():
+            durations[durations_at // q] = -stream[is_duration]
+        if ((durations < 1) | (durations > fmt.max_duration)).any():
+            return None
+    parsed = ParsedTokens(codes, durations)
+    rendered = _render_parsed(fmt, parsed)
+    if rendered is None or "".join(rendered.split()) != "".join(text.split()):
+        return None
+    return parsed
+
+
+def _render_parsed(fmt: SemanticTokenFormat, parsed: ParsedTokens) -> str | None:
+    """The canonical rendering of parsed codes (durations expanded), or None if it cannot be rendered."""
+    try:
+        return fmt.render(parsed.expand())
+    except ValueError:
+        return None
+
+
+class _FastPlan(NamedTuple):
+    duration_prefix: str | None
+    duration_suffix: str | None
+    code_literals: tuple[str, ...]
+    per_code: int  # numbers per code token: 1 (code) or 2 (level and code)
+    level_first: bool
+    inner_space: re.Pattern | None  # finds whitespace not between two tokens; None: cannot tell
+
+
+@functools.lru_cache(maxsize=64)
+def _fast_patterns(fmt: SemanticTokenFormat) -> _FastPlan | None:
+    """How :func:`_fast_parse` turns tokens into numbers with plain ``str.replace`` (C speed).
+
+    ``None`` for the rare templates it cannot handle (a duration template starting with its number).
+    """
+    prefix = suffix = None
+    if fmt.duration_template is not None:
+        literals, _, _ = _template_parts(fmt.duration_template, ("duration",), "duration")
+        if not literals[0]:
+            return None
+        prefix, suffix = literals[0], literals[1] or " "
+    code_literals: tuple[str, ...] = ()
+    per_code, level_first = 1, True
+    if fmt.codepoint_offset is None:
+        literals, fields, _ = _template_parts(fmt.code_template, ("code", "level"), "code")
+        code_literals = tuple(sorted({lit for lit in literals if lit}, key=len, reverse=True))
+        per_code = len(fields)
+        level_first = fields[0] == "level"
+    # whitespace is tolerated between tokens only: find any that is not (after a token's last character
+    # and before a token's first character); possible when those characters are not digits or spaces
+    tokens = [t for t in (fmt.start_token, fmt.end_token) if t is not None]
+    if fmt.duration_template is not None:
+        tokens.append(fmt.duration_token(2))
+    if fmt.codepoint_offset is None:
+        tokens.append(fmt.code_token(0, 0))
+    inner_space = None
+    if tokens and not any(c.isspace() for t in tokens for c in t):
+        firsts, lasts = {t[0] for t in tokens}, {t[-1] for t in tokens}
+        if not any(c.isdigit() for c in firsts | lasts):
+            ends = "".join(re.escape(c) for c in sorted(lasts))
+            starts = "".join(re.escape(c) for c in sorted(firsts))
+            inner_space = re.compile(f"[^{ends}\\s]\\s|\\s[^{starts}\\s]")
+    return _FastPlan(prefix, suffix, code_literals, per_code, level_first, inner_space)
 
 
 class _Parser:
@@ -681,14 +833,13 @@ class _Scanner:
         if fmt.duration_template is not None:
             literals, _, _ = _template_parts(fmt.duration_template, ("duration",), "duration")
             alternatives.append(
-                f"(?P<duration>{re.escape(literals[0])}(?P<dvalue>\\d+){re.escape(literals[1])})"
+                f"(?P<duration>{re.escape(literals[0])}(?P<dvalue>[0-9]+){re.escape(literals[1])})"
             )
         if fmt.codepoint_offset is not None:
-            span = (
-                (fmt.num_levels or 1) * fmt.codebook_size
-                if fmt.codebook_size
-                else 0x10FFFF - fmt.codepoint_offset + 1
-            )
+            span = 0x10FFFF - fmt.codepoint_offset + 1
+            if fmt.codebook_size:
+                levels = fmt.num_levels or span // fmt.codebook_size
+                span = levels * fmt.codebook_size
             lo, hi = fmt.codepoint_offset, fmt.codepoint_offset + span - 1
             alternatives.append(f"(?P<char>[{_char_class(lo)}-{_char_class(hi)}])")
         else:
@@ -696,7 +847,7 @@ class _Scanner:
             pattern = re.escape(literals[0])
             for field, literal in zip(fields, literals[1:]):
                 group = "cvalue" if field == "code" else "lvalue"
-                pattern += f"(?P<{group}>\\d+)" + re.escape(literal)
+                pattern += f"(?P<{group}>[0-9]+)" + re.escape(literal)
             alternatives.append(f"(?P<code>{pattern})")
         self.regex = re.compile("|".join(alternatives))
 
