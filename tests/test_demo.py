@@ -126,9 +126,10 @@ def test_report_lists_a_push_command_per_folder(demo):
     for name, folder in demo.hub_folders.items():
         assert folder.is_dir()
         rel = folder.relative_to(demo.output_dir).as_posix()
-        assert re.search(rf"`gemma-rvq push demo_output/{re.escape(rel)} your-name/\S+ --repo-type "
+        assert re.search(rf"`gemma-rvq push \S*demo_output/{re.escape(rel)} your-name/\S+ --repo-type "
                          r"(model|dataset|space)`", text), name
     assert "--repo-type space" in text and "--repo-type dataset" in text
+    assert re.search(r"Rerun: `gemma-rvq demo --output-dir \S*demo_output --seed 0`", text)
     # the push command's arguments are the CLI's
     args = cli.build_parser().parse_args(["push", "demo_output/hub/rvq_quality", "your-name/x", "--repo-type", "space"])
     assert args.func is cli.cmd_push

@@ -745,11 +745,21 @@ def _make_plots(folder: Path, counts, level_errors, state: dict, tokens, stage2_
               ("stage 3: LoRA speech-instruct loss", state["stage3"]["losses"])]
     for ax, (title, points) in zip(axes, panels):
         if points:
-            ax.plot(*zip(*points), marker="." if len(points) < 40 else None)
+            ax.plot(*zip(*points), marker="." if len(points) < 40 else None, label="training loss")
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step")
         ax.set_ylabel("training loss")
         ax.grid(alpha=0.3)
+    dev_fvu = [(r["step"], r["dev"]["fvu"]) for r in history["eval"] if isinstance(r.get("dev"), dict)]
+    if dev_fvu:
+        twin = axes[0].twinx()
+        twin.plot(*zip(*dev_fvu), "o--", color="tab:orange", label="dev FVU")
+        init_fvu = state["stage1"]["init"].get("init_dev_fvu")
+        if init_fvu is not None:
+            twin.axhline(init_fvu, ls=":", color="gray", label="dev FVU at k-means init")
+        twin.set_ylabel("dev FVU")
+        handles = axes[0].get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
+        axes[0].legend(handles=handles, fontsize=7)
     fig.savefig(folder / "loss_curves.png", dpi=100)
     out["loss_curves"] = folder / "loss_curves.png"
 
@@ -784,9 +794,21 @@ _PUSH_WHAT = {
 }
 
 
+def _display_path(path: Path) -> str:
+    """``path`` relative to the working directory when it lies below it (shorter commands), else absolute."""
+    try:
+        return path.relative_to(Path.cwd()).as_posix()
+    except ValueError:
+        return path.as_posix()
+
+
 def _write_report(out: Path, state: dict, plots: dict[str, Path], hub_folders: dict[str, Path],
                   timings: dict[str, float]) -> Path:
     from . import __version__
+
+    shown = _display_path(out)
+    for stage in ("stage2", "stage3"):
+        state[stage]["command"] = state[stage]["command"].replace(out.as_posix(), shown)
 
     m = state["stage1"]["metrics"]
     s = state["settings"]
@@ -844,6 +866,16 @@ def _write_report(out: Path, state: dict, plots: dict[str, Path], hub_folders: d
         f"![code usage per level]({rel['code_usage']})",
         "",
     ]
+    init = state["stage1"]["init"]
+    if "init_dev_fvu" in init:
+        lines += [
+            f"Before the first step (k-means initialisation) the dev FVU was {init['init_dev_fvu']:.4f} and the "
+            f"dev MSE {init['init_dev_mse']:.4f}; after {state['stage1']['steps']} steps the exported model "
+            f"scores {m['fvu']:.4f} / {m['mse']:.4f}"
+            + (" (training did not improve on the initialisation for the unseen voice here)."
+               if m["fvu"] >= init["init_dev_fvu"] else "."),
+            "",
+        ]
     if "level_errors" in rel:
         lines += [f"![error after the first k levels]({rel['level_errors']})", ""]
     if state["stage1"].get("card_note"):
@@ -878,8 +910,8 @@ def _write_report(out: Path, state: dict, plots: dict[str, Path], hub_folders: d
         "",
     ]
     for ex in st2["examples"]:
-        shown = f"`{ex['tokens']}`" if ex["tokens"] else f"failed: {ex['error']}"
-        lines.append(f"- {_md_escape(ex['instruction'])} -> {shown}")
+        result = f"`{ex['tokens']}`" if ex["tokens"] else f"failed: {ex['error']}"
+        lines.append(f"- {_md_escape(ex['instruction'])} -> {result}")
     lines += [
         "",
         "## Stage 3: speech instructions (tokens -> answer, LoRA)",
@@ -916,7 +948,7 @@ def _write_report(out: Path, state: dict, plots: dict[str, Path], hub_folders: d
     for name, path in hub_folders.items():
         kind = _PUSH_TYPES[name]
         relpath = path.relative_to(out).as_posix()
-        lines.append(f"| `{relpath}` | {_PUSH_WHAT[name]} | `gemma-rvq push {out.name}/{relpath} "
+        lines.append(f"| `{relpath}` | {_PUSH_WHAT[name]} | `gemma-rvq push {shown}/{relpath} "
                      f"your-name/demo-{name.replace('_', '-')} --repo-type {kind}` |")
     lines += [
         "",
@@ -927,7 +959,7 @@ def _write_report(out: Path, state: dict, plots: dict[str, Path], hub_folders: d
         *[f"| {name} | {sec:.1f} |" for name, sec in timings.items()],
         f"| total | {state['total_seconds']:.1f} |",
         "",
-        "Rerun: `gemma-rvq demo --output-dir " + out.name + f" --seed {state['seed']}`"
+        f"Rerun: `gemma-rvq demo --output-dir {shown} --seed {state['seed']}`"
         + ("" if not enc["random"] else f"; with a real encoder add `--encoder {REAL_ENCODER_HINT}`") + ".",
         "",
     ]
