@@ -28,10 +28,13 @@ GemmaRVQModel.register_for_auto_class("AutoModel")
 _LAZY = {
     "ResidualQuantizer": "quantization",
     "SemanticTokenFormat": "tokens",
+    "ParsedTokens": "tokens",
     "get_format": "tokens",
     "tokenize_speech": "transforms",
     "SpeechTokenizer": "transforms",
     "add_semantic_tokens": "llm",
+    "audio_code_embeddings": "llm",
+    "load_any": "convert",
 }
 
 __all__ = ["GemmaRVQConfig", "GemmaRVQModel", "__version__", *_LAZY]
