@@ -49,6 +49,8 @@ _MEMORY_MODELS: weakref.WeakValueDictionary[str, torch.nn.Module] = weakref.Weak
 # Models loaded from a path / Hub id, one per (reference, device, dtype) and process.
 _LOADED_MODELS: dict[tuple, torch.nn.Module] = {}
 _LOAD_LOCK = threading.Lock()
+# Models that finished one encode call in this process (their lazy state exists; concurrent calls are safe).
+_WARM_MODELS: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
 _THREADS_SET_IN: int | None = None
 
 
@@ -169,13 +171,15 @@ class SpeechTokenizer:
         output_column: column for the token strings.
         return_codes: also write the codes, ``[Q][T]`` ints per row, to ``codes_column``.
         return_num_frames: also write the frame count per row to ``num_frames_column``.
-        batch_size: most clips per encoder call, or ``"auto"``: 64 on a GPU; on a CPU the fastest of a
-            few settings (one clip at a time up to ``batch_seconds``), timed on the first clips.
+        batch_size: most clips per encoder call, or ``"auto"``: 64 on a GPU; on a CPU the fastest of 1,
+            4 and 16 clips per call (with 1 or 2 concurrent calls, see ``cpu_streams``), each timed on
+            >= 10 s of the first clips, twice.
         batch_seconds: most padded audio seconds per encoder call (clips are sorted by length first).
         max_padding: a minibatch only takes another clip while padding stays within this share of its
             padded length, so the padding fraction stays below it.
         cpu_streams: on a CPU, encode this many minibatches at once in threads, splitting the torch
-            threads between them (the numpy feature extractor is single-threaded). Tokens are the same.
+            threads between them (the numpy feature extractor is single-threaded); ``"auto"``: 1 or 2,
+            timed like ``batch_size="auto"``. Tokens are the same either way.
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``...; ``None``: GPU ``rank % n_gpus`` when GPUs exist
             (``rank`` from ``with_rank=True``), else CPU.
         dtype: compute dtype (``"float32"``, ``"bfloat16"``...); ``None`` keeps the model's. It changes
@@ -210,7 +214,7 @@ class SpeechTokenizer:
         batch_size: int | str = "auto",
         batch_seconds: float = 60.0,
         max_padding: float = 0.1,
-        cpu_streams: int = 1,
+        cpu_streams: int | str = "auto",
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
         on_error: str = "raise",
@@ -255,8 +259,8 @@ class SpeechTokenizer:
         self.batch_size = batch_size
         self.batch_seconds = float(batch_seconds)
         self.max_padding = float(max_padding)
-        if not (isinstance(cpu_streams, int) and cpu_streams >= 1):
-            raise ValueError(f"cpu_streams must be a positive int, got {cpu_streams!r}")
+        if not (cpu_streams == "auto" or (isinstance(cpu_streams, int) and cpu_streams >= 1)):
+            raise ValueError(f"cpu_streams must be a positive int or 'auto', got {cpu_streams!r}")
         self.cpu_streams = cpu_streams
         self.device = str(device) if device is not None else None
         self.dtype = _dtype_name(dtype)
@@ -568,22 +572,21 @@ class SpeechTokenizer:
         todo.sort(key=lambda i: -len(waves[i]))
         pos = 0
         while pos < len(todo):
-            max_count, max_seconds, trial = self._batch_limits(model)
-            streams = self._streams(model)
-            if trial is None and streams > 1 and self.stats["encode_calls"] > 0:
-                # steady state on a CPU: the remaining minibatches in `streams` concurrent encode calls
-                groups = []
-                while pos < len(todo):
-                    groups.append(self._next_group(todo, pos, waves, max_count, max_seconds * sr))
-                    pos += len(groups[-1])
-                self._encode_concurrently(model, groups, streams, waves, codes, errors, indices, sr)
-                break
-            group = self._next_group(todo, pos, waves, max_count, max_seconds * sr)
-            pos += len(group)
+            max_count, max_seconds, streams, trial = self._batch_plan(model)
+            if model not in _WARM_MODELS:  # the first call builds lazy state (encoder adapter, search tables)
+                streams = 1
+            groups = []
+            while len(groups) < streams and pos < len(todo):
+                groups.append(self._next_group(todo, pos, waves, max_count, max_seconds * sr))
+                pos += len(groups[-1])
             start = time.perf_counter()
-            self._encode_group(model, group, waves, codes, errors, indices, sr)
+            if len(groups) == 1:
+                self._encode_group(model, groups[0], waves, codes, errors, indices, sr)
+            else:
+                self._encode_concurrently(model, groups, waves, codes, errors, indices, sr)
+            _WARM_MODELS.add(model)
             elapsed = time.perf_counter() - start
-            audio = self._count(group, waves, sr, elapsed)
+            audio = sum(self._count(g, waves, sr, elapsed / len(groups)) for g in groups)
             if trial is not None:
                 trial["seconds"] += elapsed
                 trial["audio"] += audio
@@ -611,21 +614,15 @@ class SpeechTokenizer:
         self.stats["encode_seconds"] += elapsed
         return audio
 
-    def _streams(self, model) -> int:
-        if self.cpu_streams <= 1 or next(model.parameters()).device.type != "cpu":
-            return 1
-        return self.cpu_streams
-
-    def _encode_concurrently(self, model, groups, streams, waves, codes, errors, indices, sr) -> None:
-        """Run minibatches in ``streams`` threads, each with ``threads // streams`` torch threads: the
-        feature extractor (numpy) and small encoder kernels then keep every core busy."""
+    def _encode_concurrently(self, model, groups, waves, codes, errors, indices, sr) -> None:
+        """Encode minibatches at once in threads, splitting the torch threads between them: the numpy
+        feature extractor and the small kernels of a small encoder then keep every core busy."""
         from concurrent.futures import ThreadPoolExecutor
 
         threads = torch.get_num_threads()
-        torch.set_num_threads(max(1, threads // streams))
-        start = time.perf_counter()
+        torch.set_num_threads(max(1, threads // len(groups)))
         try:
-            with ThreadPoolExecutor(streams) as pool:
+            with ThreadPoolExecutor(len(groups)) as pool:
                 futures = [
                     pool.submit(self._encode_group, model, g, waves, codes, errors, indices, sr)
                     for g in groups
@@ -634,9 +631,6 @@ class SpeechTokenizer:
                     future.result()
         finally:
             torch.set_num_threads(threads)
-        elapsed = (time.perf_counter() - start) / len(groups)
-        for group in groups:
-            self._count(group, waves, sr, elapsed)
 
     def _encode_group(self, model, group, waves, codes, errors, indices, sr) -> None:
         try:
@@ -659,35 +653,46 @@ class SpeechTokenizer:
         for k, i in enumerate(group):
             codes[i] = all_codes[k][:, mask[k]]
 
-    def _batch_limits(self, model) -> tuple[int, float, dict | None]:
-        """(max clips, max padded seconds, timing slot or None) for the next minibatch."""
-        if self.batch_size != "auto":
-            return int(self.batch_size), self.batch_seconds, None
-        if next(model.parameters()).device.type != "cpu":
-            return 64, max(self.batch_seconds, 240.0), None
+    def _batch_plan(self, model) -> tuple[int, float, int, dict | None]:
+        """(max clips, max padded seconds, concurrent minibatches, timing slot or None) for the next step."""
+        on_cpu = next(model.parameters()).device.type == "cpu"
+        fixed_streams = None if self.cpu_streams == "auto" else int(self.cpu_streams)
+        if not on_cpu:
+            count = 64 if self.batch_size == "auto" else int(self.batch_size)
+            seconds = max(self.batch_seconds, 240.0) if self.batch_size == "auto" else self.batch_seconds
+            return count, seconds, 1, None
+        if self.batch_size != "auto" and fixed_streams is not None:
+            return int(self.batch_size), self.batch_seconds, fixed_streams, None
         if self._auto_choice is None:
+            counts = [1, 4, 16] if self.batch_size == "auto" else [int(self.batch_size)]
+            if fixed_streams is not None:
+                streams = [fixed_streams]
+            else:
+                streams = [1, 2] if torch.get_num_threads() >= 2 else [1]
             self._auto_choice = {
                 "trials": [
-                    {"count": 1, "seconds": 0.0, "audio": 0.0},
-                    {"count": 4, "seconds": 0.0, "audio": 0.0},
-                    {"count": 16, "seconds": 0.0, "audio": 0.0},
+                    {"count": c, "streams": k, "seconds": 0.0, "audio": 0.0} for k in streams for c in counts
                 ],
                 "chosen": None,
                 "next": 0,
             }
         auto = self._auto_choice
         if auto["chosen"] is not None:
-            return auto["chosen"], self.batch_seconds, None
+            return auto["chosen"]["count"], self.batch_seconds, auto["chosen"]["streams"], None
         trials = auto["trials"]
         # Time each setting on >= 10 s of audio, two rounds each, then keep the fastest per audio second.
-        if all(t["audio"] >= 10.0 for t in trials) and auto["next"] >= 2 * len(trials):
-            best = min(trials, key=lambda t: t["seconds"] / t["audio"])
-            auto["chosen"] = best["count"]
-            logger.info("gemma-rvq: batch_size='auto' chose %d clips per call on CPU", best["count"])
-            return best["count"], self.batch_seconds, None
+        if len(trials) == 1 or (all(t["audio"] >= 10.0 for t in trials) and auto["next"] >= 2 * len(trials)):
+            best = min(trials, key=lambda t: t["seconds"] / max(t["audio"], 1e-9))
+            auto["chosen"] = {"count": best["count"], "streams": best["streams"]}
+            logger.info(
+                "gemma-rvq: auto batching on CPU chose %d clips per call, %d concurrent calls",
+                best["count"],
+                best["streams"],
+            )
+            return best["count"], self.batch_seconds, best["streams"], None
         trial = trials[auto["next"] % len(trials)]
         auto["next"] += 1
-        return trial["count"], self.batch_seconds, trial
+        return trial["count"], self.batch_seconds, trial["streams"], trial
 
 
 def _place(model: torch.nn.Module, device: torch.device, dtype: torch.dtype | None) -> torch.nn.Module:
