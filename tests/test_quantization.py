@@ -419,3 +419,37 @@ def test_non_finite_input_is_rejected_with_row_index():
     x[7, 3] = float("inf")
     with pytest.raises(ValueError, match="NaN or infinite"):
         rq(x)
+
+
+@pytest.mark.parametrize("k", [2048, 5000, 97, 64])
+def test_two_stage_cpu_argmax_equals_torch_argmax_including_ties(k):
+    from gemma_rvq.quantization import _argmax_block
+
+    rq = ResidualQuantizer(4, 1, k)
+    tables = rq._search_tables()
+    assert tables.block == _argmax_block(k)
+    g = torch.Generator().manual_seed(k)
+    scores = torch.randint(-5, 6, (300, k), generator=g).float()  # many exact ties, across and within blocks
+    scores[0] = 7.0  # a row that is all ties
+    scores[1, -1] = 100.0  # maximum in the last column
+    assert torch.equal(tables.argmax(scores), scores.argmax(dim=1))
+
+
+def test_threaded_pipelines_match_single_threaded_search_and_respect_modes():
+    rq = _quantizer(dim=64, q=4, k=256, search_chunk_size=32)
+    x = torch.randn(333, 64)
+    saved = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = rq.encode(x)
+        torch.set_num_threads(2)
+        assert torch.equal(rq.encode(x), single)
+        assert torch.equal(rq.encode(x[:40]), single[:40])  # fewer rows than workers x chunk
+        with torch.inference_mode():
+            assert torch.equal(rq.encode(x), single)
+        xg = x.clone().requires_grad_(True)
+        codes = rq.encode(xg)
+        assert torch.equal(codes, single) and not codes.requires_grad
+        assert torch.get_num_threads() == 2  # the pool does not change the caller's thread count
+    finally:
+        torch.set_num_threads(saved)
