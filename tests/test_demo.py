@@ -90,9 +90,12 @@ def test_rvq_model_folder_loads_with_automodel_and_encodes(demo):
     assert int(codes.max()) < 64 and int(codes.min()) >= 0
 
 
-def test_token_dataset_folder_matches_the_rvq_codes(demo):
+def test_token_dataset_folder_matches_the_rvq_codes(demo, tmp_path):
     folder = demo.hub_folders["semantic-tokens"]
     assert (folder / "README.md").read_text().startswith("---\n")
+    # as the Hub would load it: load_dataset reads the splits from the card's `configs`
+    from_card = datasets.load_dataset(str(folder), cache_dir=str(tmp_path))
+    assert {split: len(part) for split, part in from_card.items()} == {"train": 39, "dev": 12}
     tokens = datasets.load_from_disk(str(folder))
     utterances, instructions = _corpus_rows()
     spoken = [r for r in instructions if r["file"]]
