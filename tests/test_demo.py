@@ -11,13 +11,14 @@ import datasets
 import evaluate
 import pytest
 import torch
+from filelock import FileLock
 from PIL import Image
 from transformers import AutoConfig, AutoModel
 
 import gemma_rvq
 from gemma_rvq import cli
 from gemma_rvq.audio import decode_audio, prepare_waveform
-from gemma_rvq.demo import LANGUAGE_NAMES, encoder_model_config, load_corpus, run_demo
+from gemma_rvq.demo import LANGUAGE_NAMES, DemoResult, encoder_model_config, load_corpus, run_demo
 from gemma_rvq.testing import tiny_rvq_model
 from gemma_rvq.tokens import get_format
 
@@ -25,13 +26,21 @@ ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT / "data" / "corpus"
 
 
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo") / "demo_output"
-    (out / "work").mkdir(parents=True)
-    (out / "work" / "stale.txt").write_text("from an earlier run")
-    (out / "notes.txt").write_text("the user's own file")
-    result = run_demo(output_dir=out, corpus_dir=CORPUS, seed=0, quick=True)
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory, worker_id):
+    """One quick demo run for the whole session, shared by the pytest-xdist workers (file lock)."""
+    shared = tmp_path_factory.getbasetemp()
+    if worker_id != "master":  # xdist: the workers' temp folders share this run's parent folder
+        shared = shared.parent
+    out = shared / "gemma_rvq_demo" / "demo_output"
+    with FileLock(str(shared / "gemma_rvq_demo.lock")):
+        if (out / "results.json").is_file():
+            return DemoResult.from_folder(out)
+        (out / "work").mkdir(parents=True)
+        (out / "work" / "stale.txt").write_text("from an earlier run")
+        (out / "notes.txt").write_text("the user's own file")
+        result = run_demo(output_dir=out, corpus_dir=CORPUS, seed=0, quick=True)
+    assert DemoResult.from_folder(out) == result
     return result
 
 

@@ -82,6 +82,20 @@ class DemoResult:
     answers: list[dict[str, Any]]
     timings: dict[str, float] = field(default_factory=dict)
 
+    @classmethod
+    def from_folder(cls, output_dir: str | os.PathLike) -> DemoResult:
+        """The result of a finished run, read back from ``<output_dir>/results.json``."""
+        out = Path(output_dir).expanduser().resolve()
+        path = out / "results.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} does not exist: no finished demo run in {out}")
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return cls(output_dir=out, report=out / "report.md",
+                   plots={k: out / v for k, v in data["plots"].items()},
+                   hub_folders={k: out / v for k, v in data["hub_folders"].items()},
+                   metrics=data["stage1"]["metrics"], generated=data["stage2"]["generated"],
+                   parsed=data["stage2"]["parsed"], answers=data["stage3"]["answers"], timings=data["timings"])
+
 
 # ---------------------------------------------------------------------------------------------- corpus
 
@@ -366,8 +380,10 @@ def _run(output_dir, corpus_dir, encoder: str | None, seed: int, quick: bool, se
     progress.done()
     state["total_seconds"] = progress.total
     report = _write_report(out, state, plots, hub_folders, progress.timings)
+    relative = {"plots": {k: v.relative_to(out).as_posix() for k, v in plots.items()},
+                "hub_folders": {k: v.relative_to(out).as_posix() for k, v in hub_folders.items()}}
     with open(out / "results.json", "w", encoding="utf-8") as handle:
-        json.dump({**state, "timings": progress.timings}, handle, indent=1, default=str)
+        json.dump({**state, **relative, "timings": progress.timings}, handle, indent=1, default=str)
     print(f"\nDemo finished in {progress.total:.0f} s. Report: {report}")
     return DemoResult(output_dir=out, report=report, plots=plots, hub_folders=hub_folders, metrics=metrics,
                       generated=state["stage2"]["generated"], parsed=state["stage2"]["parsed"], answers=answers,
