@@ -100,13 +100,13 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------------------------- train
 def cmd_train(args: argparse.Namespace) -> int:
-    from .training import RVQTrainingConfig, train
+    from .training import RVQTrainingConfig, train_rvq
 
-    config = RVQTrainingConfig.from_yaml(args.config) if args.config else RVQTrainingConfig()
-    if args.output_dir:
-        config.output_dir = args.output_dir
-    result = train(config)
-    print(json.dumps({k: v for k, v in result.items() if isinstance(v, (int, float, str))}, indent=2))
+    overrides = {"output_dir": args.output_dir} if args.output_dir else {}
+    config = RVQTrainingConfig.from_yaml(args.config, **overrides)
+    result = train_rvq(config)
+    for name, folder in result.folders.items():
+        print(f"{name}: {folder}")
     return 0
 
 
@@ -131,11 +131,28 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------------- push
+def repo_type_of(folder: Path) -> str:
+    """The Hub repo type a gemma-rvq folder is for: a Space (README declares an ``sdk``), a dataset
+    (``save_to_disk`` output) or a model."""
+    from .hub import split_card
+
+    readme = folder / "README.md"
+    card = split_card(readme.read_text(encoding="utf-8"))[0] if readme.is_file() else {}
+    if card.get("sdk"):
+        return "space"
+    if any((folder / name).exists() for name in ("state.json", "dataset_dict.json")):
+        return "dataset"
+    return "model"
+
+
 def cmd_push(args: argparse.Namespace) -> int:
     from .hub import push_folder
 
-    url = push_folder(args.folder, args.repo_id, repo_type=args.repo_type, private=args.private)
-    print(url)
+    folder = Path(args.folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"no such folder: {folder}")
+    repo_type = repo_type_of(folder) if args.repo_type == "auto" else args.repo_type
+    print(push_folder(folder, args.repo_id, repo_type=repo_type, private=args.private))
     return 0
 
 
@@ -148,6 +165,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         corpus_dir=args.corpus,
         encoder=args.encoder,
         seed=args.seed,
+        quick=args.quick,
     )
     return 0
 
@@ -194,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="train an RVQ (stage 1) from a YAML config; for multi-GPU use accelerate launch examples/train_rvq.py",
         description="Train a residual vector quantizer on frozen-encoder embeddings (stage 1).",
     )
-    p.add_argument("--config", "-c", help="YAML file of RVQTrainingConfig fields")
+    p.add_argument("--config", "-c", required=True, help="YAML file of RVQTrainingConfig fields")
     p.add_argument("--output-dir", help="override output_dir of the config")
     p.set_defaults(func=cmd_train)
 
@@ -227,7 +245,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("folder", help="the folder to upload")
     p.add_argument("repo_id", help="target repository, e.g. user/twi-rvq")
-    p.add_argument("--repo-type", choices=["model", "dataset", "space"], default="model")
+    p.add_argument(
+        "--repo-type",
+        choices=["auto", "model", "dataset", "space"],
+        default="auto",
+        help="auto (default): a Space if README.md declares an sdk, a dataset if the folder was saved with "
+        "save_to_disk, else a model",
+    )
     p.add_argument("--private", action="store_true", help="create the repository private")
     p.set_defaults(func=cmd_push)
 
@@ -242,7 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default="demo_output", help="report folder (default: demo_output)")
     p.add_argument("--corpus", default=None, help="corpus folder with metadata.jsonl (default: data/corpus)")
     p.add_argument("--encoder", default=None, help="a real encoder id/path, e.g. rnagabh/gemma4-audio-encoder")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of every random choice (default: 0)")
+    p.add_argument("--quick", action="store_true", help="a few steps per stage only: checks the wiring in ~1 min")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser(
