@@ -967,8 +967,11 @@ def get_format(
 ) -> SemanticTokenFormat:
     """Resolve a preset name, a format, or a :meth:`SemanticTokenFormat.to_dict` dict, with overrides.
 
-    >>> get_format("ichigo", codebook_size=512).vocabulary()[:3]
-    ['<|sound_start|>', '<|sound_end|>', '<|duration_02|>']
+    Example:
+        ```python
+        >>> get_format("ichigo", codebook_size=512).vocabulary()[:3]
+        ['<|sound_start|>', '<|sound_end|>', '<|duration_02|>']
+        ```
     """
     if isinstance(name_or_format, SemanticTokenFormat):
         return _replace(name_or_format, overrides)
