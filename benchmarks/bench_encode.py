@@ -6,7 +6,8 @@ Everything runs in ONE process on the same codebooks and data:
 (b) vector-quantize-pytorch ``ResidualVQ`` in eval mode with the same codebooks copied in, fed in chunks
     (the best of a few chunk sizes);
 (c) the GEMM bound: the measured rate of the bare score GEMMs at this shape (``torch.addmm`` and, on
-    CPU, the oneDNN linear; the best chunk size and kernel), converted to frames/s for ``Q`` stages.
+    CPU, the oneDNN linear, multi-threaded or as one single-threaded stream per thread; the best chunk
+    size and kernel), converted to frames/s for ``Q`` stages.
 
 Also reported: agreement with a float64 exhaustive search (teacher-forced, so one near-tie cannot cascade)
 and the peak extra memory of each method: on CPU the peak resident set size (``VmHWM`` after resetting
@@ -22,6 +23,9 @@ Example::
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
+import ctypes.util
 import os
 import platform
 import re
@@ -31,6 +35,7 @@ from collections.abc import Callable
 
 import torch
 
+from gemma_rvq import quantization
 from gemma_rvq.quantization import ResidualQuantizer
 
 
@@ -66,6 +71,10 @@ def _peak_extra_memory(fn: Callable[[], object], device: torch.device) -> tuple[
         fn()
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - before, "cuda max_memory_allocated delta"
+    # Give freed heap pages back first: otherwise allocations reuse pages that are already resident
+    # (left by earlier runs) and the RSS peak misses them.
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # resets VmHWM (the peak RSS) to the current RSS
@@ -76,7 +85,7 @@ def _peak_extra_memory(fn: Callable[[], object], device: torch.device) -> tuple[
     peak = _proc_status("VmHWM")
     if before is None or peak is None:
         return None, "unavailable (/proc/self/status)"
-    return peak - before, "peak RSS delta (VmHWM after clear_refs)"
+    return peak - before, "peak RSS delta: malloc_trim, reset VmHWM via clear_refs, run once"
 
 
 def _make_data(args, device: torch.device) -> tuple[ResidualQuantizer, torch.Tensor]:
@@ -115,7 +124,21 @@ def _vqtorch_encode(vq, x: torch.Tensor, chunk: int) -> torch.Tensor:
 
 
 def _gemm_pass(kind: str, x: torch.Tensor, weights, biases, chunk: int) -> None:
-    """The Q score GEMMs of an encode (no argmax, no residual update): the kernel-bound part."""
+    """The Q score GEMMs of an encode (no argmax, no residual update): the kernel-bound part.
+
+    ``addmm`` / ``onednn``: one multi-threaded GEMM after the other. ``onednn-streams``: chunks spread
+    over one single-threaded stream per torch thread (the quantizer's own pool), i.e. the GEMM-only
+    version of how ``encode`` runs on CPU.
+    """
+    if kind == "onednn-streams":
+        pool = quantization._search_pool(torch.get_num_threads())
+
+        def task(start: int) -> None:
+            with torch.no_grad():
+                _gemm_pass("onednn", x[start:start + chunk], weights, biases, chunk)
+
+        list(pool.map(task, range(0, x.shape[0], chunk)))
+        return
     with torch.no_grad():
         for start in range(0, x.shape[0], chunk):
             xc = x[start:start + chunk]
@@ -225,7 +248,9 @@ def main(argv: list[str] | None = None) -> None:
     biases = list(rq._search_tables().bias)
     gemm_kinds = {"addmm": (weights, biases)}
     if device.type == "cpu" and torch.backends.mkldnn.is_available():
-        gemm_kinds["onednn"] = ([w.to_mkldnn() for w in rq._search_tables().weight], biases)
+        gemm_kinds["onednn"] = (list(rq._search_tables().weight), biases)
+        if torch.get_num_threads() > 1 and quantization._openmp_threads():
+            gemm_kinds["onednn-streams"] = gemm_kinds["onednn"]
     # GEMM kernel/chunk sweep on a slice, then the best one on the full input
     probe = x[: min(n, 4096)]
     gemm_probe = {}
