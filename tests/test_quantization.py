@@ -319,6 +319,7 @@ def test_restart_dead_codes_revives_unused_codes():
     assert rq.restart_dead_codes(x, generator=torch.Generator().manual_seed(0)) == n_dead
     # level-0 restarted codes are rows of x; level-1 ones are residuals of x at level 1
     new0 = rq.codebooks[0][dead[0]]
+    assert torch.unique(new0, dim=0).shape[0] == new0.shape[0]  # distinct rows, no duplicate codes
     assert torch.cdist(new0, x, compute_mode="donot_use_mm_for_euclid_dist").min(1).values.max() < 1e-6
     residual = x - rq.codebooks[0][rq.nearest(x, 0)]
     new1 = rq.codebooks[1][dead[1]]

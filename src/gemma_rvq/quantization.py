@@ -593,8 +593,12 @@ class ResidualQuantizer(nn.Module):
             n_dead = idx.numel()
             if n_dead and residual.shape[0]:
                 total += n_dead
-                pick = torch.randint(residual.shape[0], (n_dead,), generator=generator,
-                                     device=generator.device if generator is not None else "cpu").to(device)
+                gdev = generator.device if generator is not None else torch.device("cpu")
+                if n_dead <= residual.shape[0]:  # distinct rows: duplicate codes would waste capacity
+                    pick = torch.randperm(residual.shape[0], generator=generator, device=gdev)[:n_dead]
+                else:
+                    pick = torch.randint(residual.shape[0], (n_dead,), generator=generator, device=gdev)
+                pick = pick.to(device)
                 new = residual[pick]
                 self.codebooks.data[level, idx] = new.to(self.codebooks.dtype)
                 if self.codebook_type == "ema":
