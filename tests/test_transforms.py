@@ -323,3 +323,12 @@ def test_options_are_validated(model):
         SpeechTokenizer(model)({"speech": [np.zeros(16000)]})
     with pytest.raises(ValueError, match="no sampling rate"):
         SpeechTokenizer(model)({"audio": [np.zeros(16000, np.float32)]})
+
+
+def test_dtype_runs_on_a_copy_and_is_part_of_the_identity(model, files, expected):
+    tok = SpeechTokenizer(model, dtype="bfloat16")
+    strings = tok({"audio": files[:1]})["semantic_tokens"]
+    assert strings[0].startswith("<|rvq_start|>") and strings[0].endswith("<|rvq_end|>")
+    assert next(model.parameters()).dtype == torch.float32  # the caller's model is never cast
+    assert SpeechTokenizer(model)({"audio": files[:1]})["semantic_tokens"] == [expected[0][0]]
+    assert Hasher.hash(tok) != Hasher.hash(SpeechTokenizer(model))

@@ -18,6 +18,7 @@ loaded lazily on first call, in whichever process runs the transform.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -171,15 +172,15 @@ class SpeechTokenizer:
         output_column: column for the token strings.
         return_codes: also write the codes, ``[Q][T]`` ints per row, to ``codes_column``.
         return_num_frames: also write the frame count per row to ``num_frames_column``.
-        batch_size: most clips per encoder call, or ``"auto"``: 64 on a GPU; on a CPU the fastest of 1,
-            4 and 16 clips per call (with 1 or 2 concurrent calls, see ``cpu_streams``), each timed on
-            >= 10 s of the first clips, twice.
+        batch_size: most clips per encoder call, or ``"auto"``: 64 on a GPU, 1 on a CPU (padded batches
+            were measured 2-3x slower per audio second there).
         batch_seconds: most padded audio seconds per encoder call (clips are sorted by length first).
         max_padding: a minibatch only takes another clip while padding stays within this share of its
             padded length, so the padding fraction stays below it.
         cpu_streams: on a CPU, encode this many minibatches at once in threads, splitting the torch
             threads between them (the numpy feature extractor is single-threaded); ``"auto"``: 1 or 2,
-            timed like ``batch_size="auto"``. Tokens are the same either way.
+            whichever runs faster on the first clips (each timed twice on >= 5 s of audio). Tokens are
+            the same either way.
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``...; ``None``: GPU ``rank % n_gpus`` when GPUs exist
             (``rank`` from ``with_rank=True``), else CPU.
         dtype: compute dtype (``"float32"``, ``"bfloat16"``...); ``None`` keeps the model's. It changes
@@ -370,7 +371,15 @@ class SpeechTokenizer:
                     "and pass SpeechTokenizer(dir, ...) instead."
                 )
         if model is not None:
-            return _place(model, device, dtype)
+            params = next(model.parameters(), None)
+            if params is None or (params.device == device and (dtype is None or params.dtype == dtype)):
+                return model.eval()
+            # never move or cast the caller's object: a copy per (weights, device, dtype), kept per process
+            key = ("memory", self.model_identity()["digest"], str(device), str(dtype))
+            with _LOAD_LOCK:
+                if key not in _LOADED_MODELS:
+                    _LOADED_MODELS[key] = _place(copy.deepcopy(model), device, dtype)
+                return _LOADED_MODELS[key]
         ref = self._resolved_ref()
         # the identity keeps a path whose weights changed from reusing the model loaded before
         key = (ref, json.dumps(self.model_identity(), sort_keys=True), str(device), str(dtype))
@@ -664,7 +673,9 @@ class SpeechTokenizer:
         if self.batch_size != "auto" and fixed_streams is not None:
             return int(self.batch_size), self.batch_seconds, fixed_streams, None
         if self._auto_choice is None:
-            counts = [1, 4, 16] if self.batch_size == "auto" else [int(self.batch_size)]
+            # CPU: one clip per call. Measured on the tiny and small Gemma 4 encoders, padded batches of 4
+            # or 16 ran 2-3x slower per audio second (large conv maps and copies); see docs/benchmarks.md.
+            counts = [1] if self.batch_size == "auto" else [int(self.batch_size)]
             if fixed_streams is not None:
                 streams = [fixed_streams]
             else:
@@ -680,8 +691,8 @@ class SpeechTokenizer:
         if auto["chosen"] is not None:
             return auto["chosen"]["count"], self.batch_seconds, auto["chosen"]["streams"], None
         trials = auto["trials"]
-        # Time each setting on >= 10 s of audio, two rounds each, then keep the fastest per audio second.
-        if len(trials) == 1 or (all(t["audio"] >= 10.0 for t in trials) and auto["next"] >= 2 * len(trials)):
+        # Time each setting on >= 5 s of audio, two rounds each, then keep the fastest per audio second.
+        if len(trials) == 1 or (all(t["audio"] >= 5.0 for t in trials) and auto["next"] >= 2 * len(trials)):
             best = min(trials, key=lambda t: t["seconds"] / max(t["audio"], 1e-9))
             auto["chosen"] = {"count": best["count"], "streams": best["streams"]}
             logger.info(
