@@ -51,6 +51,10 @@ def _broadcast_module(module: nn.Module, src: int = 0) -> None:
             dist.broadcast(t.data, src=src)
 
 
+def _device(model: nn.Module) -> torch.device:
+    return next(model.quantizer.buffers(), model.quantizer.codebooks).device
+
+
 def _reset_layer_norm(norm: nn.Module) -> None:
     if isinstance(norm, nn.LayerNorm) and norm.elementwise_affine:
         norm.weight.data.fill_(1.0)
@@ -60,7 +64,7 @@ def _reset_layer_norm(norm: nn.Module) -> None:
 
 @torch.no_grad()
 def initialize_from_sample(model: nn.Module, sample: torch.Tensor, *, num_iters: int = 20, seed: int = 0,
-                           ridge: float = 1e-4) -> dict[str, float]:
+                           ridge: float = 1e-4, batch_size: int | None = None) -> dict[str, float]:
     """Data-driven init of a ``GemmaRVQModel`` from a sample of frames ``[N, D]``.
 
     1. ``in_norm`` = plain LayerNorm (weight 1, bias 0); ``in_proj`` = identity when ``codebook_dim ==
@@ -76,7 +80,7 @@ def initialize_from_sample(model: nn.Module, sample: torch.Tensor, *, num_iters:
     Returns ``{"init_mse", "init_fvu"}`` of the initialised model on the sample (encoder space).
     """
     cfg = model.config
-    x = sample.to(device=next(model.parameters()).device, dtype=torch.float32)
+    x = sample.to(device=_device(model), dtype=torch.float32)
     if cfg.use_projection:
         _reset_layer_norm(model.in_norm)
         _reset_layer_norm(model.out_norm)
@@ -95,8 +99,19 @@ def initialize_from_sample(model: nn.Module, sample: torch.Tensor, *, num_iters:
             if model.in_proj.bias is not None:
                 model.in_proj.bias.copy_((-(top @ mu.to(top.device))).to(w.dtype))
     z = model.project_in(x).float()
-    model.quantizer.kmeans_init(z, num_iters=num_iters, seed=seed)
-    zq = model.quantizer.decode(model.quantizer.encode(z)).float()
+    quantizer = model.quantizer
+    quantizer.kmeans_init(z, num_iters=num_iters, seed=seed)
+    codes = quantizer.encode(z)
+    if batch_size and quantizer.codebook_type == "ema":
+        # Warm EMA statistics: each code's expected count per training batch (from its k-means cluster),
+        # instead of 1. Otherwise every cluster size starts at the dead-code threshold and the first
+        # restarts re-seed hundreds of healthy codes while the EMA is still warming up.
+        counts = quantizer.code_counts(codes).float() * (batch_size / codes.shape[0])  # [Q, K]
+        quantizer.cluster_size.copy_(counts.to(quantizer.cluster_size))
+        smoothed = quantizer._smoothed_cluster_size(quantizer.cluster_size)
+        quantizer.embed_sum.copy_(quantizer.codebooks * smoothed.unsqueeze(-1))
+        quantizer.invalidate_cache()
+    zq = quantizer.decode(codes).float()
     if cfg.use_projection:
         hq = model.out_norm(zq).double().cpu()
         a = torch.cat([hq, torch.ones(hq.shape[0], 1, dtype=torch.float64)], dim=1)  # [N, Dc + 1]
@@ -132,7 +147,7 @@ def evaluate_frames(model: nn.Module, frames: torch.Tensor, *, chunk_size: int =
 
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
+    device = _device(model)
     q, k = model.config.num_quantizers, model.config.codebook_size
     mean = frames.double().mean(0)
     levels = range(1, q + 1) if per_level else [q]
@@ -345,12 +360,16 @@ class RVQTrainer:
         params = self._trainable_parameters(model)
         if not ckpt and cfg.init_method == "kmeans":
             sample = self.train_cache.sample_frames(cfg.kmeans_init_frames, seed=cfg.seed)
-            state.init_metrics = initialize_from_sample(model, sample, num_iters=cfg.kmeans_iters, seed=cfg.seed)
+            state.init_metrics = initialize_from_sample(model, sample, num_iters=cfg.kmeans_iters, seed=cfg.seed,
+                                                        batch_size=cfg.batch_size * acc.num_processes)
             if self._dev() is not None:
                 state.init_metrics.update({f"init_dev_{k}": v for k, v in evaluate_frames(
                     model, self._dev(), per_level=False).items() if isinstance(v, float)})
             del sample
-        optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+        # a model without trainable parameters (use_projection=False + EMA codebooks) still gets an
+        # optimiser over an unused dummy so that the loop, scheduler and checkpoints stay uniform
+        dummy = [nn.Parameter(torch.zeros(1, device=acc.device))] if not params else []
+        optimizer = torch.optim.AdamW(params or dummy, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
                                       betas=(cfg.adam_beta1, cfg.adam_beta2))
         scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=warmup,
                                   num_training_steps=max_steps)
@@ -378,7 +397,8 @@ class RVQTrainer:
         while state.step < max_steps:
             batch = next(batches).to(acc.device, non_blocking=True)
             out = self.model(embeddings=batch)
-            acc.backward(out.loss)
+            if params:
+                acc.backward(out.loss)
             if cfg.max_grad_norm and cfg.max_grad_norm > 0 and params:
                 acc.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()

@@ -1,0 +1,302 @@
+#!/usr/bin/env python
+"""Stage-1 training quality: gemma-rvq's trainer vs vector-quantize-pytorch ``ResidualVQ``, same data, same time.
+
+Data: espeak-ng speech synthesised at benchmark time with ``scripts/make_corpus.py`` (5 languages, ~38
+min of training speech by default). Dev: the corpus's dev sentences (never in train) spoken by the held-out
+voice variant (never in train) at several speeds and pitches: unseen texts AND an unseen voice.
+Features: stacked log-mel frames (64 mel bands, 10 ms hop, 4 frames stacked -> D = 256 at 25 frames/s,
+the frame rate of the Gemma 4 audio encoder), written to a gemma-rvq embedding cache.
+
+Systems (Q levels x K codes on D = 256, same frame stream, same batch size):
+
+* ``gemma-rvq``: ``RVQTrainer`` with its defaults: identity in-projection + k-means init of every level,
+  least-squares out-projection, EMA codebooks, dead-code restarts from held-in residuals, AdamW + cosine.
+  Its wall time (init + training + export) is the budget for the baselines.
+* ``vqtorch default``: ``ResidualVQ(dim, num_quantizers, codebook_size)`` (EMA, decay 0.8), trained for the
+  same wall-clock time on the same batches.
+* ``vqtorch kmeans+dead``: ``ResidualVQ(..., kmeans_init=True, threshold_ema_dead_code=2)``.
+
+Metrics (``gemma_rvq.metrics.functional``, identical for all systems) on a held-in sample of the training
+frames and on the dev set: MSE, NMSE, FVU, cosine, centred cosine; utilization and perplexity per level
+(over the whole evaluation set). Ratios are against the best vqtorch configuration of the same run.
+
+    python benchmarks/bench_train.py                # ~10 min on 2 CPU cores
+    python benchmarks/bench_train.py --quick        # ~3 min: smaller corpus and budget
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+N_MELS, STACK, SR = 64, 4, 16000
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+def logmel_stack(wave: np.ndarray) -> np.ndarray:
+    """float32 16 kHz waveform -> stacked log-mel frames ``[T, N_MELS * STACK]`` (25 frames/s)."""
+    from transformers.audio_utils import mel_filter_bank
+
+    x = torch.from_numpy(wave)
+    spec = torch.stft(x, n_fft=400, hop_length=160, win_length=400, window=torch.hann_window(400),
+                      return_complex=True).abs().pow(2)  # [201, frames]
+    fb = torch.from_numpy(mel_filter_bank(num_frequency_bins=201, num_mel_filters=N_MELS, min_frequency=20.0,
+                                          max_frequency=8000.0, sampling_rate=SR, norm="slaney",
+                                          mel_scale="slaney")).float()  # [201, N_MELS]
+    mel = torch.log10(torch.clamp(fb.T @ spec, min=1e-6)).T  # [frames, N_MELS]
+    t = mel.shape[0] // STACK
+    return mel[: t * STACK].reshape(t, N_MELS * STACK).numpy().astype(np.float32)
+
+
+def make_speech(workdir: Path, per_language: int, dev_variations: int) -> tuple[list[dict], list[dict]]:
+    """Synthesise train + dev clips; returns their metadata rows (with absolute ``path``)."""
+    import make_corpus
+
+    train_rows = make_corpus.generate_corpus(workdir / "train", per_language, instructions=False, progress=False)
+    train = [{**r, "path": str(workdir / "train" / r["file"])} for r in train_rows if r["split"] == "train"]
+    # dev: the dev-only sentences by the held-out voice, at several speeds/pitches (and as pairs)
+    dev = []
+    rng = np.random.default_rng(1)
+    for lang, sentences in make_corpus.SENTENCES.items():
+        dev_texts = sentences[-make_corpus.N_DEV:]
+        texts = [*dev_texts, " ".join(dev_texts), " ".join(reversed(dev_texts))]
+        for i in range(dev_variations):
+            text = texts[i % len(texts)]
+            speed, pitch = int(rng.integers(150, 205)), int(rng.integers(30, 75))
+            path = workdir / "dev" / f"{lang}_{i:03d}.flac"
+            voice = f"{make_corpus.LANGUAGES[lang]}+{make_corpus.DEV_VARIANT}"
+            make_corpus.synthesize(text, voice, path, speed=speed, pitch=pitch)
+            dev.append({"path": str(path), "language": lang, "voice": voice, "text": text})
+    train_texts = {r["text"] for r in train}
+    assert not any(t in train_texts for t in {d["text"] for d in dev}), "dev text leaked into train"
+    assert {d["voice"] for d in dev}.isdisjoint({r["voice"] for r in train}), "dev voice seen in train"
+    return train, dev
+
+
+def write_cache(rows: list[dict], path: Path, shard_frames: int = 16384):
+    from gemma_rvq.audio import decode_audio, prepare_waveform
+    from gemma_rvq.training import EmbeddingCacheWriter, finalize_cache
+
+    writer = EmbeddingCacheWriter(path, N_MELS * STACK, shard_frames=shard_frames,
+                                  metadata={"features": f"logmel{N_MELS}x{STACK}"})
+    for i, row in enumerate(rows):
+        wave, sr = decode_audio(row["path"])
+        wave = prepare_waveform(wave, sr, SR)
+        writer.add(os.path.basename(row["path"]), i, logmel_stack(wave), seconds=len(wave) / SR,
+                   extra={"language": row["language"]})
+    writer.close()
+    return finalize_cache(path)
+
+
+_RAM_SCRIPT = """
+import importlib.util, resource, sys, time, numpy as np
+spec = importlib.util.spec_from_file_location("rvq_cache", sys.argv[3])
+mod = sys.modules["rvq_cache"] = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(mod)
+path, n_utts = sys.argv[1], int(sys.argv[2])
+rng = np.random.default_rng(0)
+w = mod.EmbeddingCacheWriter(path, 1024, shard_frames=32768)
+for i in range(n_utts):
+    w.add(str(i), i, rng.standard_normal((250, 1024), dtype=np.float32))
+w.close()
+cache = mod.finalize_cache(path)
+t0, n = time.perf_counter(), 0
+for batch in mod.FrameStream(cache, 4096, seed=0, shuffle_shards=2).iter_epoch(0):
+    n += batch.shape[0]
+print(cache.num_frames, n, time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def measure_stream_ram(workdir: Path, base_utterances: int = 400) -> dict:
+    """Peak RSS of writing + streaming one epoch of a 1024-d cache, at 1x and 4x the data (subprocesses)."""
+    import subprocess
+
+    from gemma_rvq.training import cache as cache_module
+
+    out = {}
+    for scale in (1, 4):
+        res = subprocess.run([sys.executable, "-c", _RAM_SCRIPT, str(workdir / f"ram{scale}"),
+                              str(base_utterances * scale), cache_module.__file__],
+                             capture_output=True, text=True, check=True)
+        frames, streamed, seconds, rss_kb = res.stdout.split()
+        out[scale] = {"frames": int(frames), "gigabytes_fp16": int(frames) * 1024 * 2 / 1e9,
+                      "streamed_frames": int(streamed), "stream_seconds": float(seconds),
+                      "peak_rss_mb": int(rss_kb) / 1024}
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- systems
+
+
+def evaluate_vqtorch(rvq, frames: torch.Tensor, chunk: int = 4096) -> dict:
+    from gemma_rvq.metrics.functional import RVQStatsAccumulator
+
+    acc = RVQStatsAccumulator(rvq.codebook_size, mean=frames.double().mean(0))
+    rvq.eval()
+    with torch.no_grad():
+        for s in range(0, len(frames), chunk):
+            x = frames[s: s + chunk]
+            quantized, indices, _ = rvq(x[None])
+            acc.update(prediction=quantized[0], target=x, codes=indices[0].t()[None])
+    rvq.train()
+    return acc.compute()
+
+
+def train_vqtorch(name: str, kwargs: dict, train_cache, batch_size: int, budget_s: float, seed: int) -> dict:
+    from vector_quantize_pytorch import ResidualVQ
+
+    from gemma_rvq.training import FrameStream
+
+    torch.manual_seed(seed)
+    rvq = ResidualVQ(**kwargs)
+    rvq.train()
+    stream = iter(FrameStream(train_cache, batch_size, seed=seed))
+    t0, steps = time.perf_counter(), 0
+    while time.perf_counter() - t0 < budget_s:
+        with torch.no_grad():
+            rvq(next(stream)[None])
+        steps += 1
+    return {"name": name, "model": rvq, "steps": steps, "seconds": time.perf_counter() - t0}
+
+
+def train_gemma_rvq(train_cache, dev_cache, out: Path, args) -> dict:
+    from gemma_rvq import GemmaRVQConfig, GemmaRVQModel
+    from gemma_rvq.training import RVQTrainer, RVQTrainingConfig
+
+    torch.manual_seed(args.seed)
+    model = GemmaRVQModel(GemmaRVQConfig(encoder_name_or_path=None, dim=N_MELS * STACK,
+                                         num_quantizers=args.levels, codebook_size=args.codes))
+    cfg = RVQTrainingConfig(
+        output_dir=str(out), seed=args.seed, batch_size=args.batch_size, max_steps=args.steps,
+        learning_rate=args.lr, kmeans_init_frames=args.kmeans_frames, kmeans_iters=10,
+        dead_code_restart_steps=args.restart_steps, eval_steps=args.steps, save_steps=max(args.steps // 5, 1),
+        average_last_n=3, log_with=None, disable_tqdm=True, make_plots=False, eval_max_frames=10**9,
+    )
+    t0 = time.perf_counter()
+    result = RVQTrainer(model, cfg, train_cache, dev_cache).train()
+    seconds = time.perf_counter() - t0
+    from transformers import AutoModel
+
+    return {"name": "gemma-rvq", "steps": result.steps, "seconds": seconds, "result": result,
+            "models": {v: AutoModel.from_pretrained(out / v) for v in ("best", "averaged")}}
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+
+def row(name: str, m: dict) -> str:
+    return (f"| {name} | {m['mse']:.4f} | {m['nmse']:.4f} | {m['fvu']:.4f} | {m['cosine_similarity']:.4f} | "
+            f"{m['centred_cosine_similarity']:.4f} | {m['codebook_utilization']:.3f} | {m['codebook_perplexity']:.0f} |")
+
+
+def per_level(name: str, m: dict) -> str:
+    u = " ".join(f"{v:.2f}" for v in m["codebook_utilization_per_level"])
+    p = " ".join(f"{v:.0f}" for v in m["codebook_perplexity_per_level"])
+    return f"| {name} | {u} | {p} |"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smaller corpus and budget (~3 min)")
+    parser.add_argument("--per-language", type=int, default=100, help="train clips per language (~4.5 s each)")
+    parser.add_argument("--dev-variations", type=int, default=24, help="dev clips per language")
+    parser.add_argument("--levels", type=int, default=8)
+    parser.add_argument("--codes", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=2048)
+    parser.add_argument("--steps", type=int, default=600, help="gemma-rvq steps (its time = the budget)")
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--kmeans-frames", type=int, default=32768)
+    parser.add_argument("--restart-steps", type=int, default=25)
+    parser.add_argument("--train-eval-frames", type=int, default=20000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workdir", default=None)
+    parser.add_argument("--json", default=None, help="write the numbers here")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.per_language, args.dev_variations, args.steps = 40, 12, 200
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+
+    from gemma_rvq.training import evaluate_frames
+
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_train_"))
+    ram = measure_stream_ram(work)
+    for scale, r in ram.items():
+        print(f"cache streaming RAM, {scale}x data: {r['frames']} frames x 1024 ({r['gigabytes_fp16']:.2f} GB fp16) "
+              f"-> peak RSS {r['peak_rss_mb']:.0f} MB, one epoch streamed in {r['stream_seconds']:.1f} s", flush=True)
+    t = time.perf_counter()
+    train_rows, dev_rows = make_speech(work / "speech", args.per_language, args.dev_variations)
+    train_cache = write_cache(train_rows, work / "cache" / "train")
+    dev_cache = write_cache(dev_rows, work / "cache" / "dev")
+    print(f"data: train {train_cache.seconds / 60:.1f} min, {train_cache.num_frames} frames; dev "
+          f"{dev_cache.seconds / 60:.1f} min, {dev_cache.num_frames} frames (unseen texts + voice); D = "
+          f"{train_cache.dim}; prepared in {time.perf_counter() - t:.0f} s", flush=True)
+    q, k = args.levels, args.codes
+    train_eval = train_cache.sample_frames(args.train_eval_frames, seed=123)
+    dev = dev_cache.sample_frames(None)
+
+    ours = train_gemma_rvq(train_cache, dev_cache, work / "gemma-rvq", args)
+    budget = ours["seconds"]
+    print(f"gemma-rvq: {ours['steps']} steps in {budget:.0f} s (the budget)", flush=True)
+    base = dict(dim=train_cache.dim, num_quantizers=q, codebook_size=k)
+    baselines = [train_vqtorch("vqtorch default", base, train_cache, args.batch_size, budget, args.seed),
+                 train_vqtorch("vqtorch kmeans+dead", {**base, "kmeans_init": True, "kmeans_iters": 10,
+                                                       "threshold_ema_dead_code": 2},
+                               train_cache, args.batch_size, budget, args.seed)]
+    results: dict[str, dict] = {}
+    for variant in ("best", "averaged"):
+        name = f"gemma-rvq ({variant})"
+        results[name] = {"train": evaluate_frames(ours["models"][variant], train_eval, per_level=False),
+                         "dev": evaluate_frames(ours["models"][variant], dev, per_level=False),
+                         "steps": ours["steps"], "seconds": budget}
+    for b in baselines:
+        results[b["name"]] = {"train": evaluate_vqtorch(b["model"], train_eval),
+                              "dev": evaluate_vqtorch(b["model"], dev), "steps": b["steps"], "seconds": b["seconds"]}
+    header = ("| system | MSE | NMSE | FVU | cosine | centred cos | util | ppl |\n"
+              "|---|---|---|---|---|---|---|---|")
+    print(f"\nQ = {q} levels x K = {k} codes, D = {train_cache.dim}, batch {args.batch_size} frames, "
+          f"budget {budget:.0f} s per system")
+    for split in ("train", "dev"):
+        print(f"\n{split} ({'held-in sample' if split == 'train' else 'unseen texts and voice'}, "
+              f"{len(train_eval) if split == 'train' else len(dev)} frames)\n{header}")
+        for name, r in results.items():
+            print(row(f"{name}, {r['steps']} steps", r[split]))
+        print(f"\nper level ({split}): utilization | perplexity\n| system | utilization per level | "
+              "perplexity per level |\n|---|---|---|")
+        for name, r in results.items():
+            print(per_level(name, r[split]))
+    best_vq = min((b["name"] for b in baselines), key=lambda n: results[n]["dev"]["fvu"])
+    ours_dev, theirs = results["gemma-rvq (best)"]["dev"], results[best_vq]["dev"]
+    ratios = {
+        "dev FVU ratio (gemma-rvq / best vqtorch)": ours_dev["fvu"] / theirs["fvu"],
+        "dev cosine difference": ours_dev["cosine_similarity"] - theirs["cosine_similarity"],
+        "min train utilization per level (gemma-rvq)": min(
+            results["gemma-rvq (best)"]["train"]["codebook_utilization_per_level"]),
+        "min dev utilization per level, gemma-rvq vs best vqtorch": (
+            min(ours_dev["codebook_utilization_per_level"]), min(theirs["codebook_utilization_per_level"])),
+        "min dev perplexity per level, gemma-rvq vs best vqtorch": (
+            min(ours_dev["codebook_perplexity_per_level"]), min(theirs["codebook_perplexity_per_level"])),
+    }
+    print(f"\nbest vqtorch configuration on dev FVU: {best_vq}")
+    for key, value in ratios.items():
+        print(f"{key}: {value if isinstance(value, tuple) else round(value, 4)}")
+    out = {"args": vars(args), "results": results, "ratios": ratios, "best_vqtorch": best_vq, "ram": ram}
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=1, default=str))
+    return out
+
+
+if __name__ == "__main__":
+    main()
