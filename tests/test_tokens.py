@@ -383,3 +383,15 @@ def test_parsed_tokens_expand():
     fmt = get_format("gemma_rvq", num_levels=None)
     assert fmt.parse("<|rvq_start|><|q0_0001|><|q1_0002|><|q2_0003|><|rvq_end|>").codes.shape == (3, 1)
     assert fmt.parse("<|rvq_start|><|rvq_end|>").codes.shape == (1, 0)
+
+
+def test_format_for_model_fits_presets_and_keeps_explicit_formats():
+    from gemma_rvq.tokens import format_for_model
+
+    fitted = format_for_model("gemma_rvq", codebook_size=16, num_quantizers=2)
+    assert (fitted.num_levels, fitted.codebook_size) == (2, 16)
+    assert len(fitted.vocabulary()) == 2 + 2 * 16  # markers + Q x K codes
+    ichigo = format_for_model("ichigo", codebook_size=64, num_quantizers=8)
+    assert (ichigo.num_levels, ichigo.codebook_size) == (1, 64)
+    explicit = get_format("gemma_rvq", num_levels=3)
+    assert format_for_model(explicit, codebook_size=16, num_quantizers=2) == explicit

@@ -982,3 +982,23 @@ def get_format(
     raise ValueError(
         f"expected a preset name {sorted(PRESETS)}, a SemanticTokenFormat or its dict, got {type(name_or_format).__name__}"
     )
+
+
+def format_for_model(
+    name_or_format: str | SemanticTokenFormat | Mapping[str, Any],
+    *,
+    codebook_size: int,
+    num_quantizers: int,
+) -> SemanticTokenFormat:
+    """The format a model's codes are rendered in.
+
+    A preset *name* is fitted to the model: its ``codebook_size`` becomes the model's K and a multi-level
+    preset (``gemma_rvq``) renders the model's ``num_quantizers`` levels; single-level presets (``ichigo``,
+    ``spire``) render level 0. A :class:`SemanticTokenFormat` or its dict is the user's explicit choice and
+    is returned unchanged.
+    """
+    if not isinstance(name_or_format, str):
+        return get_format(name_or_format)
+    preset = get_format(name_or_format)
+    levels = preset.num_levels if preset.num_levels == 1 else num_quantizers
+    return get_format(preset, codebook_size=codebook_size, num_levels=levels)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import math
 import os
 import re
 import threading
@@ -313,7 +312,7 @@ class SpeechTokenizer:
         return {
             "gemma_rvq": _package_version(),
             "model": self.model_identity(),
-            "format": self.format.to_dict(),
+            "format": self._format_identity(),
             "options": {k: getattr(self, k) for k in self._OPTIONS},
         }
 
@@ -331,7 +330,9 @@ class SpeechTokenizer:
     def __setstate__(self, state: dict) -> None:
         for k, v in {**state["options"], **state["runtime"]}.items():
             setattr(self, k, v)
-        self._format_spec = state["format"]
+        spec = state["format"]
+        self._format_spec = spec["preset"] if set(spec) == {"preset"} else spec
+        self._format = None
         self._model = None
         self._model_ref = state["load"].get("ref")
         self.revision = state["load"].get("revision")
@@ -342,20 +343,34 @@ class SpeechTokenizer:
 
     def __repr__(self) -> str:
         model = f"<{type(self._model).__name__}>" if self._model is not None else self._resolved_ref()
-        return f"{type(self).__name__}(model={model!r}, format={self.format.to_dict().get('name', '...')!r})"
+        spec = self._format_identity()
+        return f"{type(self).__name__}(model={model!r}, format={spec.get('preset', spec.get('name', '...'))!r})"
 
     # ------------------------------------------------------------------ model / format
-    @property
-    def format(self):
-        """The ``SemanticTokenFormat`` in use."""
-        if self._format is None:
-            from .tokens import SemanticTokenFormat, get_format
+    def _format_identity(self) -> dict:
+        """The format as given: a preset name is fitted to the model only when the model is loaded, so
+        the identity stays cheap; (preset, model identity, num_quantizers) determine the fitted format."""
+        spec = self._format_spec
+        if isinstance(spec, str):
+            return {"preset": spec}
+        return spec.to_dict() if hasattr(spec, "to_dict") else dict(spec)
 
-            spec = self._format_spec
-            self._format = (
-                SemanticTokenFormat.from_dict(spec) if isinstance(spec, Mapping) else get_format(spec)
+    def _format_for(self, model: torch.nn.Module):
+        if self._format is None:
+            from .tokens import format_for_model
+
+            config = model.config
+            self._format = format_for_model(
+                self._format_spec,
+                codebook_size=int(config.codebook_size),
+                num_quantizers=int(self.num_quantizers or config.num_quantizers),
             )
         return self._format
+
+    @property
+    def format(self):
+        """The ``SemanticTokenFormat`` in use (a preset name is fitted to the model's Q and K; loads it)."""
+        return self._format_for(self.get_model())
 
     def get_model(self, rank: int | None = None) -> torch.nn.Module:
         """The model, loaded (once per process) on the device for ``rank``, in eval mode."""
@@ -459,7 +474,7 @@ class SpeechTokenizer:
             raise ValueError(f"{len(sampling_rates)} sampling rates for {n} audio values")
         model = self.get_model(rank)
         target_sr = int(model.config.sampling_rate)
-        min_samples = math.ceil(target_sr / float(model.config.frame_rate))
+        min_samples = int(model.config.min_samples)
         waves: list[np.ndarray | None] = [None] * n
         errors: list[str | None] = [None] * n
         for i, value in enumerate(audio):
@@ -472,7 +487,7 @@ class SpeechTokenizer:
                 self._maybe_raise(i, indices, errors[i], err)
         codes = self._encode(model, waves, errors, indices, target_sr)
         strings: list[str] = []
-        render = self.format.render
+        render = self._format_for(model).render
         for i in range(n):
             if codes[i] is not None and codes[i].shape[-1] == 0:
                 errors[i] = "the encoder produced no frames (audio too short?)"
