@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 import subprocess
 import sys
 
@@ -458,3 +459,29 @@ def test_threaded_pipelines_match_single_threaded_search_and_respect_modes():
         assert torch.get_num_threads() == 2  # the pool does not change the caller's thread count
     finally:
         torch.set_num_threads(saved)
+
+
+def _encode_in_child(rq, x, queue):
+    torch.set_num_threads(2)
+    queue.put(rq.encode(x).tolist())  # plain data: no shared-memory tensor handles
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_search_works_in_a_forked_child_after_the_pool_exists():
+    import multiprocessing
+
+    rq = _quantizer(dim=64, q=2, k=128, search_chunk_size=16)
+    x = torch.randn(100, 64)
+    saved = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        expected = rq.encode(x)  # the parent's thread pool exists now; its threads do not survive fork
+    finally:
+        torch.set_num_threads(saved)
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_encode_in_child, args=(rq, x, queue))
+    proc.start()
+    got = queue.get(timeout=60)
+    proc.join(timeout=60)
+    assert proc.exitcode == 0 and got == expected.tolist()
