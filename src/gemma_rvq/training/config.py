@@ -100,6 +100,11 @@ class RVQTrainingConfig:
     dead_code_restart_steps: int = field(
         default=50, metadata={"help": "Restart dead codes every N steps (0 = never), from held-in residuals."}
     )
+    restart_in_averaging_window: bool = field(
+        default=False,
+        metadata={"help": "Keep restarting inside the averaging window (restarted codes are then taken from the "
+                  "newest checkpoint by the averaging guard). Needed with fast EMA decays, where codes die fast."},
+    )
     dead_code_restart_until: float = field(
         default=0.9, metadata={"help": "No restarts after this fraction of training, nor inside the averaging window."}
     )

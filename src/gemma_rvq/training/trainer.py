@@ -387,7 +387,7 @@ class RVQTrainer:
         # no restart inside the averaging window (its oldest checkpoint may include one): code identities
         # must be stable across the averaged checkpoints
         window_start = max_steps - (cfg.average_last_n - 1) * cfg.save_steps
-        if window_start > 0:
+        if window_start > 0 and not cfg.restart_in_averaging_window:
             restart_until = min(restart_until, window_start)
         bar = tqdm(total=max_steps, initial=state.step, desc="rvq", disable=cfg.disable_tqdm or not
                    acc.is_local_main_process, dynamic_ncols=True)
