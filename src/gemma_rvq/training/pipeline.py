@@ -150,6 +150,7 @@ def train_rvq(config: RVQTrainingConfig, *, stop_after_step: int | None = None) 
 
             push_model(result.folders[config.push_variant], config.hub_model_id, private=config.hub_private)
     accelerator.wait_for_everyone()
+    accelerator.end_training()
     return result
 
 

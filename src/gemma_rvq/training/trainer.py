@@ -442,11 +442,11 @@ class RVQTrainer:
             bar.update(1)
             if stop_after_step is not None and step >= stop_after_step and step < max_steps:
                 bar.close()
-                acc.end_training()
+                _finish_trackers(acc)
                 return TrainResult(self.output_dir, step, {}, {}, state.init_metrics, completed=False)
         bar.close()
         result = self._finish(state)
-        acc.end_training()
+        _finish_trackers(acc)
         return result
 
     def _eval_and_keep_best(self, state: TrainerState, step: int) -> None:
@@ -523,6 +523,13 @@ def make_accelerator(config: RVQTrainingConfig) -> Any:
         # EMA buffers are all-reduced by the quantizer itself; DDP must not overwrite them from rank 0
         kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
     )
+
+
+def _finish_trackers(accelerator: Any) -> None:
+    """Close the trackers but keep the process group (``end_training`` would destroy it)."""
+    if accelerator.is_main_process:
+        for tracker in accelerator.trackers:
+            tracker.finish()
 
 
 def _available_trackers(log_with: str | None) -> list[str]:
