@@ -77,7 +77,7 @@ class RVQTrainingConfig:
     batch_size: int = field(default=4096, metadata={"help": "Frames per optimiser step and process."})
     num_train_epochs: float = field(default=1.0, metadata={"help": "Epochs over the cached training frames."})
     max_steps: int = field(default=-1, metadata={"help": "If > 0: total optimiser steps (overrides epochs)."})
-    learning_rate: float = 1e-4
+    learning_rate: float = 1e-5
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
