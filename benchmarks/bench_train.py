@@ -185,7 +185,8 @@ def train_gemma_rvq(train_cache, dev_cache, out: Path, args) -> dict:
                                          ema_decay=args.ema_decay, dead_code_threshold=args.dead_code_threshold))
     cfg = RVQTrainingConfig(
         output_dir=str(out), seed=args.seed, batch_size=args.batch_size, max_steps=args.steps,
-        learning_rate=args.lr, kmeans_init_frames=args.kmeans_frames, kmeans_iters=10,
+        learning_rate=args.lr, kmeans_init_frames=args.kmeans_frames, kmeans_iters=args.kmeans_iters,
+        kmeans_seeding=args.kmeans_seeding,
         dead_code_restart_steps=args.restart_steps, dead_code_restart_until=1.0, restart_in_averaging_window=True,
         eval_steps=args.steps, save_steps=max(args.steps // 5, 1),
         average_last_n=3, log_with=None, disable_tqdm=True, make_plots=False, eval_max_frames=10**9,
@@ -224,8 +225,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=300, help="gemma-rvq steps (its time = the budget)")
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--kmeans-frames", type=int, default=32768)
+    parser.add_argument("--kmeans-iters", type=int, default=10)
+    parser.add_argument("--kmeans-seeding", default="random", choices=("kmeans++", "random"))
     parser.add_argument("--restart-steps", type=int, default=1, help="dead-code restart every N steps")
-    parser.add_argument("--ema-decay", type=float, default=0.8)
+    parser.add_argument("--ema-decay", type=float, default=0.95)
     parser.add_argument("--dead-code-threshold", type=float, default=2.0)
     parser.add_argument("--train-eval-frames", type=int, default=20000)
     parser.add_argument("--seed", type=int, default=0)

@@ -97,6 +97,11 @@ class RVQTrainingConfig:
     )
     kmeans_init_frames: int = field(default=65536, metadata={"help": "Frames sampled for the k-means init."})
     kmeans_iters: int = field(default=20, metadata={"help": "Lloyd iterations per level at init."})
+    kmeans_seeding: str = field(
+        default="kmeans++",
+        metadata={"help": "k-means seeding: kmeans++ (spread out, favours outliers) or random (frames drawn "
+                  "uniformly: codes follow the data density, usage is more even)."},
+    )
     dead_code_restart_steps: int = field(
         default=50, metadata={"help": "Restart dead codes every N steps (0 = never), from held-in residuals."}
     )
@@ -148,6 +153,8 @@ class RVQTrainingConfig:
             raise ValueError(f"lr_scheduler_type must be one of {_SCHEDULERS}, got {self.lr_scheduler_type!r}")
         if self.init_method not in ("kmeans", "none"):
             raise ValueError(f"init_method must be 'kmeans' or 'none', got {self.init_method!r}")
+        if self.kmeans_seeding not in ("kmeans++", "random"):
+            raise ValueError(f"kmeans_seeding must be 'kmeans++' or 'random', got {self.kmeans_seeding!r}")
         if self.push_variant not in ("best", "averaged", "final"):
             raise ValueError(f"push_variant must be best, averaged or final, got {self.push_variant!r}")
         for name in ("batch_size", "shard_frames", "embed_batch_size", "shuffle_shards", "eval_steps", "save_steps"):

@@ -64,14 +64,16 @@ def _reset_layer_norm(norm: nn.Module) -> None:
 
 @torch.no_grad()
 def initialize_from_sample(model: nn.Module, sample: torch.Tensor, *, num_iters: int = 20, seed: int = 0,
-                           ridge: float = 1e-4, batch_size: int | None = None) -> dict[str, float]:
+                           ridge: float = 1e-4, batch_size: int | None = None,
+                           seeding: str = "kmeans++") -> dict[str, float]:
     """Data-driven init of a ``GemmaRVQModel`` from a sample of frames ``[N, D]``.
 
     1. ``in_norm`` = plain LayerNorm (weight 1, bias 0); ``in_proj`` = identity when ``codebook_dim ==
        dim``, else the top-``Dc`` principal directions of the normalised sample (centred). The projected
        space is then the (normalised) encoder space itself, so k-means distances there are meaningful;
        a random in-projection would make the codebooks fit a random linear image of the data.
-    2. ``quantizer.kmeans_init`` on the projected sample (level by level on residuals).
+    2. ``quantizer.kmeans_init`` on the projected sample (level by level on residuals), seeded by
+       ``seeding`` (``"kmeans++"`` or ``"random"``, see :func:`gemma_rvq.quantization.kmeans`).
     3. ``out_norm`` = plain LayerNorm; ``out_proj`` = the ridge least-squares map from
        ``out_norm(k-means reconstruction)`` back to the raw frames. LayerNorm discards each frame's mean
        and scale; this fit restores the average scale and offset (the "inverse scale" of step 1) and is
@@ -100,7 +102,7 @@ def initialize_from_sample(model: nn.Module, sample: torch.Tensor, *, num_iters:
                 model.in_proj.bias.copy_((-(top @ mu.to(top.device))).to(w.dtype))
     z = model.project_in(x).float()
     quantizer = model.quantizer
-    quantizer.kmeans_init(z, num_iters=num_iters, seed=seed)
+    quantizer.kmeans_init(z, num_iters=num_iters, seed=seed, init=seeding)
     codes = quantizer.encode(z)
     if batch_size and quantizer.codebook_type == "ema":
         # Warm EMA statistics: each code's expected count per training batch (from its k-means cluster),
@@ -361,7 +363,8 @@ class RVQTrainer:
         if not ckpt and cfg.init_method == "kmeans":
             sample = self.train_cache.sample_frames(cfg.kmeans_init_frames, seed=cfg.seed)
             state.init_metrics = initialize_from_sample(model, sample, num_iters=cfg.kmeans_iters, seed=cfg.seed,
-                                                        batch_size=cfg.batch_size * acc.num_processes)
+                                                        batch_size=cfg.batch_size * acc.num_processes,
+                                                        seeding=cfg.kmeans_seeding)
             if self._dev() is not None:
                 state.init_metrics.update({f"init_dev_{k}": v for k, v in evaluate_frames(
                     model, self._dev(), per_level=False).items() if isinstance(v, float)})
