@@ -196,3 +196,18 @@ def test_example_script_end_to_end(caches, tmp_path):
         assert (tmp_path / name / "README.md").exists()
         AutoModel.from_pretrained(tmp_path / name)
     assert any((tmp_path / "logs").rglob("events.out.tfevents.*"))  # tensorboard tracker
+
+
+def test_kmeans_seeding_choice_reaches_the_init(caches):
+    _, train, _ = caches
+    x = train.sample_frames(None)
+    codebooks = {}
+    for seeding in ("kmeans++", "random"):
+        model = build_model(_config(caches[0]))
+        stats = initialize_from_sample(model, x, num_iters=0, seeding=seeding)
+        assert stats["init_fvu"] < 1.0
+        codebooks[seeding] = model.quantizer.codebooks.detach().clone()
+    # with no Lloyd step the codebooks are the seeds themselves: the two schemes must pick differently
+    assert not torch.equal(codebooks["kmeans++"], codebooks["random"])
+    with pytest.raises(ValueError, match="kmeans_seeding"):
+        _config(caches[0], kmeans_seeding="farthest")
