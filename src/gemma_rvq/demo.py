@@ -410,6 +410,9 @@ def _stage1_config(settings: DemoSettings, corpus: Path, work: Path, encoder: st
     else:
         model_config = encoder_model_config(encoder, num_quantizers=settings.num_quantizers,
                                             codebook_size=settings.codebook_size)
+    # EMA decay 0.95 rather than 0.99: with frequent restarts, a shorter memory calls regularly used deep
+    # codes dead (docs/benchmarks.md, Training); measured here too: dev utilization 0.84 -> 0.90.
+    model_config = {"ema_decay": 0.95, **model_config}
     steps = settings.rvq_steps
     return RVQTrainingConfig(
         output_dir=str(work / "stage1"),
@@ -426,8 +429,7 @@ def _stage1_config(settings: DemoSettings, corpus: Path, work: Path, encoder: st
         embed_batch_size=1,  # one clip per encoder call is fastest on CPU (docs/benchmarks)
         seed=seed,
         batch_size=settings.rvq_batch_frames,
-        max_steps=steps,
-        learning_rate=3e-3,
+        max_steps=steps,  # learning_rate: the trainer's default (3e-3 drifted the projections off the init)
         warmup_ratio=0.1,
         kmeans_init_frames=4096,
         kmeans_iters=10,
