@@ -62,6 +62,8 @@ def test_encoder_config_object_is_stored_as_dict_and_checked():
         ({"codebook_type": "gumbel"}, "codebook_type"),
         ({"ema_decay": 1.0}, "ema_decay"),
         ({"commitment_weight": -1.0}, "commitment_weight"),
+        ({"balance_weight": -0.5}, "balance_weight"),
+        ({"balance_weight": 1.0, "codebook_type": "learnable"}, "EMA codebooks only"),
         ({"mse_weight": 0.0, "cosine_weight": 0.0}, "mse_weight"),
         ({"encoder_layer": -1}, "encoder_layer"),
         ({"max_chunk_seconds": 0}, "max_chunk_seconds"),

@@ -152,6 +152,7 @@ class GemmaRVQModel(PreTrainedAudioTokenizerBase):
             codebook_type=config.codebook_type,
             ema_decay=config.ema_decay,
             dead_code_threshold=config.dead_code_threshold,
+            balance_weight=config.balance_weight,
             search_chunk_size=config.search_chunk_size,
         )
         if config.encoder_config is not None:

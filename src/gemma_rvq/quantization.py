@@ -264,6 +264,14 @@ class ResidualQuantizer(nn.Module):
             restart (``"learnable"``) is below this is re-seeded by :meth:`restart_dead_codes`.
         search_chunk_size: frames per block of the nearest-code search; bounds the ``[chunk, K]``
             score matrix (never a full ``[N, K]`` one).
+        balance_weight: ``beta >= 0``, usage-balanced EMA statistics (``"ema"`` only; 0 = off). In
+            training-mode ``forward`` each frame's residual at level ``l`` is credited to
+            ``argmin_k |r - c_k|^2 + beta * D_l * log(K p_k)`` instead of its nearest code, where ``p_k``
+            is the code's share of the level's smoothed EMA cluster sizes and ``D_l`` the batch's mean
+            squared quantization error at that level (so ``beta`` is scale-free). Frames on the border
+            of an over-used cell pull the under-used neighbour towards them, which evens out code usage.
+            The codes, ``quantized`` and the losses ``forward`` returns, and all inference, stay
+            nearest-code. Costs one more ``[N, K]`` score pass per level per training step.
 
     State dict: ``codebooks [Q, K, Dc]`` and, for ``"ema"``, ``cluster_size [Q, K]`` and
     ``embed_sum [Q, K, Dc]`` (after every EMA update ``codebooks == embed_sum / smoothed(cluster_size)``).
@@ -280,6 +288,7 @@ class ResidualQuantizer(nn.Module):
         eps: float = 1e-5,
         dead_code_threshold: float = 1.0,
         search_chunk_size: int = 1024,
+        balance_weight: float = 0.0,
     ) -> None:
         super().__init__()
         for name, value in (("dim", dim), ("num_quantizers", num_quantizers), ("codebook_size", codebook_size),
@@ -292,6 +301,11 @@ class ResidualQuantizer(nn.Module):
             raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay!r}")
         if eps <= 0:
             raise ValueError(f"eps must be > 0, got {eps!r}")
+        if not math.isfinite(balance_weight) or balance_weight < 0:
+            raise ValueError(f"balance_weight must be a finite number >= 0, got {balance_weight!r}")
+        if balance_weight > 0 and codebook_type != "ema":
+            raise ValueError("balance_weight applies to EMA codebooks only (codebook_type='ema'); "
+                             f"got codebook_type={codebook_type!r}")
         self.dim = dim
         self.num_quantizers = num_quantizers
         self.codebook_size = codebook_size
@@ -300,6 +314,7 @@ class ResidualQuantizer(nn.Module):
         self.eps = float(eps)
         self.dead_code_threshold = float(dead_code_threshold)
         self.search_chunk_size = search_chunk_size
+        self.balance_weight = float(balance_weight)
 
         init = torch.randn(num_quantizers, codebook_size, dim) / math.sqrt(dim)
         if codebook_type == "learnable":
@@ -459,7 +474,13 @@ class ResidualQuantizer(nn.Module):
         codebook_loss = torch.stack(cb_loss).mean() if learnable and x.shape[0] else xf.new_zeros(())
         quantized = (xf + (quantized_sum - xf).detach()).to(in_dtype)
         if self.training:  # also with 0 frames: under torch.distributed every rank must join the all-reduce
-            self._accumulate(residuals, codes)
+            if self.balance_weight > 0:
+                # squared error left by level l = norm of the residual entering level l + 1
+                errors = torch.stack([*norms[1:], residual.detach().square().sum(-1).mean()]) if x.shape[0] \
+                    else xf.new_zeros(levels)
+                self._accumulate(residuals, self._balanced_codes(residuals, errors, x.shape[0]))
+            else:
+                self._accumulate(residuals, codes)
         return ResidualQuantizerOutput(quantized=quantized, codes=codes, commitment_loss=commitment_loss,
                                        codebook_loss=codebook_loss, residual_norms=torch.stack(norms))
 
@@ -487,6 +508,33 @@ class ResidualQuantizer(nn.Module):
         self._ema_update(counts, sums)
 
     @torch.no_grad()
+    def _balanced_codes(self, residuals: list[Tensor], errors: Tensor, n: int) -> Tensor:
+        """Usage-balanced assignment ``[N, L]`` of the residuals entering each level (see ``balance_weight``).
+
+        ``errors [L]``: mean squared quantization error per level over this process's ``n`` frames;
+        averaged over all processes first, so every rank applies the same rule.
+        """
+        levels = len(residuals)
+        if _dist_world_size() > 1:
+            flat = torch.cat([errors.float() * n, errors.new_full((1,), float(n))])
+            dist.all_reduce(flat)
+            errors = flat[:levels] / flat[levels].clamp_min(1)
+        out = torch.empty(n, levels, dtype=torch.long, device=self.codebooks.device)
+        if not n:
+            return out
+        tables = self._search_tables()
+        k, step = self.codebook_size, self.search_chunk_size
+        with _exact_fp32():
+            for level, r in enumerate(residuals):
+                cs = self._smoothed_cluster_size(self.cluster_size[level].float())
+                # 0 for a code used at the uniform rate 1/K, > 0 (a cost) above it; scores are -d^2/2 + const
+                penalty = (0.5 * self.balance_weight * float(errors[level])) * torch.log(cs / cs.sum() * k)
+                for start in range(0, n, step):
+                    chunk = r[start:start + step].to(device=tables.device, dtype=torch.float32)
+                    out[start:start + step, level] = tables.argmax(tables.scores(chunk, level) - penalty)
+        return out
+
+    @torch.no_grad()
     def _ema_update(self, counts: Tensor, sums: Tensor) -> None:
         """EMA of cluster sizes ``[L, K]`` and sums ``[L, K, Dc]`` for the first ``L`` levels."""
         levels = counts.shape[0]
@@ -502,6 +550,20 @@ class ResidualQuantizer(nn.Module):
         """Laplace smoothing ``(n_k + eps) / (n + K eps) * n`` per level (keeps every size > 0)."""
         total = cs.sum(-1, keepdim=True)
         return (cs + self.eps) / (total + self.codebook_size * self.eps) * total
+
+    # ------------------------------------------------------------------ training-only state
+    def training_state(self) -> dict[str, Tensor]:
+        """Training state kept out of the state dict, for exact resume: ``{"usage": [Q, K]}`` (learnable
+        codebooks' usage counts since the last restart, this process's share) or ``{}``."""
+        return {} if self._usage is None else {"usage": self._usage.detach().cpu().clone()}
+
+    def load_training_state(self, state: dict[str, Tensor]) -> None:
+        """Restore what :meth:`training_state` returned (an empty dict clears it)."""
+        usage = state.get("usage")
+        if usage is not None and tuple(usage.shape) != (self.num_quantizers, self.codebook_size):
+            raise ValueError(f"usage must have shape {(self.num_quantizers, self.codebook_size)}, "
+                             f"got {tuple(usage.shape)}")
+        self._usage = None if usage is None else usage.to(device=self.codebooks.device, dtype=torch.float32).clone()
 
     # ------------------------------------------------------------------ statistics
     @torch.no_grad()
