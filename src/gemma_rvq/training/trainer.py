@@ -23,6 +23,7 @@ saving happen on the main process.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -32,6 +33,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .averaging import average_checkpoints
@@ -39,6 +41,9 @@ from .cache import EmbeddingCache, FrameStream
 from .config import RVQTrainingConfig
 
 STATE_NAME = "trainer_state.json"
+QUANTIZER_STATE_DIR = "quantizer_state"
+
+logger = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------------------------- init
@@ -317,6 +322,11 @@ class RVQTrainer:
         folder = os.path.join(self.output_dir, "checkpoints", f"checkpoint-{state.step}")
         acc.wait_for_everyone()
         acc.save_state(os.path.join(folder, "accelerate"))
+        quantizer_state = self._unwrapped.quantizer.training_state()
+        if quantizer_state:  # per process (learnable usage counts are local until a restart reduces them)
+            os.makedirs(os.path.join(folder, QUANTIZER_STATE_DIR), exist_ok=True)
+            save_file(quantizer_state, os.path.join(folder, QUANTIZER_STATE_DIR, f"rank-{acc.process_index}.safetensors"))
+        acc.wait_for_everyone()
         if acc.is_main_process:
             self._unwrapped.save_pretrained(os.path.join(folder, "model"))
             state.stream = stream.state_dict()
@@ -325,6 +335,15 @@ class RVQTrainer:
             self._rotate(state)
             state.save(os.path.join(folder, STATE_NAME))  # last: marks the checkpoint complete
         acc.wait_for_everyone()
+
+    def _load_quantizer_state(self, ckpt: str) -> None:
+        folder = os.path.join(ckpt, QUANTIZER_STATE_DIR)
+        path = os.path.join(folder, f"rank-{self.accelerator.process_index}.safetensors")
+        if os.path.exists(path):
+            self._unwrapped.quantizer.load_training_state(load_file(path))
+        elif os.path.isdir(folder):
+            logger.warning(f"{folder} has no state for process {self.accelerator.process_index} (resumed with "
+                           "more processes?): usage counts restart from zero")
 
     def _rotate(self, state: TrainerState) -> None:
         limit = self.config.save_total_limit
@@ -380,6 +399,7 @@ class RVQTrainer:
         if ckpt:
             acc.load_state(os.path.join(ckpt, "accelerate"))
             stream.load_state_dict(state.stream)
+            self._load_quantizer_state(ckpt)
             acc.print(f"resumed from {ckpt} at step {state.step}")
         if acc.is_main_process:
             os.makedirs(self.output_dir, exist_ok=True)
