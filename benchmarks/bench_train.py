@@ -182,7 +182,8 @@ def train_gemma_rvq(train_cache, dev_cache, out: Path, args) -> dict:
     # 0.10 without); vqtorch's ResidualVQ has no projection either, so this compares the quantizer training.
     model = GemmaRVQModel(GemmaRVQConfig(encoder_name_or_path=None, dim=N_MELS * STACK, use_projection=False,
                                          num_quantizers=args.levels, codebook_size=args.codes,
-                                         ema_decay=args.ema_decay, dead_code_threshold=args.dead_code_threshold))
+                                         ema_decay=args.ema_decay, dead_code_threshold=args.dead_code_threshold,
+                                         balance_weight=args.balance_weight))
     cfg = RVQTrainingConfig(
         output_dir=str(out), seed=args.seed, batch_size=args.batch_size, max_steps=args.steps,
         learning_rate=args.lr, kmeans_init_frames=args.kmeans_frames, kmeans_iters=args.kmeans_iters,
@@ -203,20 +204,75 @@ def train_gemma_rvq(train_cache, dev_cache, out: Path, args) -> dict:
 # ---------------------------------------------------------------------------------------------- report
 
 
+def _mean_sd(values: list) -> tuple[np.ndarray, np.ndarray]:
+    a = np.asarray(values, dtype=np.float64)
+    return a.mean(0), (a.std(0, ddof=1) if len(a) > 1 else np.zeros_like(a[0]))
+
+
+def summarize(runs: list[dict], split: str) -> dict[str, dict]:
+    """Mean and sd over seeds of every system's metrics on ``split``."""
+    out: dict[str, dict] = {}
+    for name in runs[0]["results"]:
+        ms = [run["results"][name][split] for run in runs]
+        out[name] = {"steps": float(np.mean([run["results"][name]["steps"] for run in runs]))}
+        for key in ("mse", "nmse", "fvu", "cosine_similarity", "centred_cosine_similarity", "codebook_utilization",
+                    "codebook_perplexity", "codebook_utilization_per_level", "codebook_perplexity_per_level"):
+            out[name][key], out[name][key + "_sd"] = _mean_sd([m[key] for m in ms])
+    return out
+
+
 def row(name: str, m: dict) -> str:
-    return (f"| {name} | {m['mse']:.4f} | {m['nmse']:.4f} | {m['fvu']:.4f} | {m['cosine_similarity']:.4f} | "
-            f"{m['centred_cosine_similarity']:.4f} | {m['codebook_utilization']:.3f} | {m['codebook_perplexity']:.0f} |")
+    def f(key: str, digits: int) -> str:
+        sd = float(m.get(key + "_sd", 0.0))
+        return f"{float(m[key]):.{digits}f}" + (f" ± {sd:.{digits}f}" if sd else "")
+
+    return (f"| {name} | {f('mse', 4)} | {f('nmse', 4)} | {f('fvu', 4)} | {f('cosine_similarity', 4)} | "
+            f"{f('centred_cosine_similarity', 4)} | {f('codebook_utilization', 3)} | {f('codebook_perplexity', 0)} |")
 
 
 def per_level(name: str, m: dict) -> str:
-    u = " ".join(f"{v:.2f}" for v in m["codebook_utilization_per_level"])
+    u = " ".join(f"{v:.3f}" for v in m["codebook_utilization_per_level"])
     p = " ".join(f"{v:.0f}" for v in m["codebook_perplexity_per_level"])
     return f"| {name} | {u} | {p} |"
 
 
+def run_seed(seed: int, train_cache, dev_cache, train_eval: torch.Tensor, dev: torch.Tensor, work: Path,
+             args) -> dict:
+    """One seed: gemma-rvq (+ the no-balance ablation), then both vqtorch configurations in its time."""
+    from gemma_rvq.training import evaluate_frames
+
+    seed_args = argparse.Namespace(**{**vars(args), "seed": seed})
+    ours = train_gemma_rvq(train_cache, dev_cache, work / f"gemma-rvq-{seed}", seed_args)
+    budget = ours["seconds"]
+    print(f"seed {seed}: gemma-rvq {ours['steps']} steps in {budget:.0f} s (the budget)", flush=True)
+    results: dict[str, dict] = {}
+    for variant in ("best", "averaged"):
+        model = ours["models"][variant]
+        results[f"gemma-rvq ({variant})"] = {"train": evaluate_frames(model, train_eval, per_level=False),
+                                             "dev": evaluate_frames(model, dev, per_level=False),
+                                             "steps": ours["steps"], "seconds": budget}
+    if args.ablate_balance and args.balance_weight > 0:
+        plain = train_gemma_rvq(train_cache, dev_cache, work / f"gemma-rvq-plain-{seed}",
+                                argparse.Namespace(**{**vars(seed_args), "balance_weight": 0.0}))
+        results["gemma-rvq, balance_weight 0 (best)"] = {
+            "train": evaluate_frames(plain["models"]["best"], train_eval, per_level=False),
+            "dev": evaluate_frames(plain["models"]["best"], dev, per_level=False),
+            "steps": plain["steps"], "seconds": plain["seconds"]}
+    base = dict(dim=train_cache.dim, num_quantizers=args.levels, codebook_size=args.codes)
+    for name, kwargs in (("vqtorch default", base),
+                         ("vqtorch kmeans+dead", {**base, "kmeans_init": True, "kmeans_iters": 10,
+                                                  "threshold_ema_dead_code": 2})):
+        b = train_vqtorch(name, kwargs, train_cache, args.batch_size, budget, seed)
+        results[name] = {"train": evaluate_vqtorch(b["model"], train_eval), "dev": evaluate_vqtorch(b["model"], dev),
+                         "steps": b["steps"], "seconds": b["seconds"]}
+    dev_fvu = {n: r["dev"]["fvu"] for n, r in results.items()}
+    print(f"seed {seed}: dev FVU " + ", ".join(f"{n} {v:.4f}" for n, v in dev_fvu.items()), flush=True)
+    return {"seed": seed, "budget_s": budget, "results": results}
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="smaller corpus and budget (~3 min)")
+    parser.add_argument("--quick", action="store_true", help="smaller corpus and budget, one seed (~3 min)")
     parser.add_argument("--per-language", type=int, default=100, help="train clips per language (~4.5 s each)")
     parser.add_argument("--dev-variations", type=int, default=24, help="dev clips per language")
     parser.add_argument("--levels", type=int, default=8)
@@ -230,16 +286,20 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--restart-steps", type=int, default=1, help="dead-code restart every N steps")
     parser.add_argument("--ema-decay", type=float, default=0.95)
     parser.add_argument("--dead-code-threshold", type=float, default=2.0)
+    parser.add_argument("--balance-weight", type=float, default=1.0, help="usage-balanced EMA (0 = off)")
+    parser.add_argument("--ablate-balance", action="store_true",
+                        help="also train gemma-rvq with balance_weight 0 (not timed against the baselines)")
     parser.add_argument("--train-eval-frames", type=int, default=20000)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--workdir", default=None)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                        help="one full comparison per seed (model init, k-means, batch order); mean ± sd reported")
+    parser.add_argument("--workdir", default=None, help="reuse the speech and caches already written here")
     parser.add_argument("--json", default=None, help="write the numbers here")
     args = parser.parse_args(argv)
     if args.quick:
-        args.per_language, args.dev_variations, args.steps = 40, 12, 150
+        args.per_language, args.dev_variations, args.steps, args.seeds = 40, 12, 150, args.seeds[:1]
     torch.set_num_threads(max(1, os.cpu_count() or 1))
 
-    from gemma_rvq.training import evaluate_frames
+    from gemma_rvq.training import EmbeddingCache
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_train_"))
     ram = measure_stream_ram(work)
@@ -247,64 +307,67 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"cache streaming RAM, {scale}x data: {r['frames']} frames x 1024 ({r['gigabytes_fp16']:.2f} GB fp16) "
               f"-> peak RSS {r['peak_rss_mb']:.0f} MB, one epoch streamed in {r['stream_seconds']:.1f} s", flush=True)
     t = time.perf_counter()
-    train_rows, dev_rows = make_speech(work / "speech", args.per_language, args.dev_variations)
-    train_cache = write_cache(train_rows, work / "cache" / "train")
-    dev_cache = write_cache(dev_rows, work / "cache" / "dev")
+    if (work / "cache" / "dev" / "index.json").exists():
+        train_cache, dev_cache = EmbeddingCache(work / "cache" / "train"), EmbeddingCache(work / "cache" / "dev")
+        print(f"reusing the caches in {work / 'cache'}")
+    else:
+        train_rows, dev_rows = make_speech(work / "speech", args.per_language, args.dev_variations)
+        train_cache = write_cache(train_rows, work / "cache" / "train")
+        dev_cache = write_cache(dev_rows, work / "cache" / "dev")
     print(f"data: train {train_cache.seconds / 60:.1f} min, {train_cache.num_frames} frames; dev "
           f"{dev_cache.seconds / 60:.1f} min, {dev_cache.num_frames} frames (unseen texts + voice); D = "
           f"{train_cache.dim}; prepared in {time.perf_counter() - t:.0f} s", flush=True)
-    q, k = args.levels, args.codes
     train_eval = train_cache.sample_frames(args.train_eval_frames, seed=123)
     dev = dev_cache.sample_frames(None)
 
-    ours = train_gemma_rvq(train_cache, dev_cache, work / "gemma-rvq", args)
-    budget = ours["seconds"]
-    print(f"gemma-rvq: {ours['steps']} steps in {budget:.0f} s (the budget)", flush=True)
-    base = dict(dim=train_cache.dim, num_quantizers=q, codebook_size=k)
-    baselines = [train_vqtorch("vqtorch default", base, train_cache, args.batch_size, budget, args.seed),
-                 train_vqtorch("vqtorch kmeans+dead", {**base, "kmeans_init": True, "kmeans_iters": 10,
-                                                       "threshold_ema_dead_code": 2},
-                               train_cache, args.batch_size, budget, args.seed)]
-    results: dict[str, dict] = {}
-    for variant in ("best", "averaged"):
-        name = f"gemma-rvq ({variant})"
-        results[name] = {"train": evaluate_frames(ours["models"][variant], train_eval, per_level=False),
-                         "dev": evaluate_frames(ours["models"][variant], dev, per_level=False),
-                         "steps": ours["steps"], "seconds": budget}
-    for b in baselines:
-        results[b["name"]] = {"train": evaluate_vqtorch(b["model"], train_eval),
-                              "dev": evaluate_vqtorch(b["model"], dev), "steps": b["steps"], "seconds": b["seconds"]}
+    runs = [run_seed(seed, train_cache, dev_cache, train_eval, dev, work, args) for seed in args.seeds]
+    summary = {split: summarize(runs, split) for split in ("train", "dev")}
     header = ("| system | MSE | NMSE | FVU | cosine | centred cos | util | ppl |\n"
               "|---|---|---|---|---|---|---|---|")
-    print(f"\nQ = {q} levels x K = {k} codes, D = {train_cache.dim}, batch {args.batch_size} frames, "
-          f"budget {budget:.0f} s per system")
+    print(f"\nQ = {args.levels} levels x K = {args.codes} codes, D = {train_cache.dim}, batch {args.batch_size} "
+          f"frames; seeds {args.seeds} (mean ± sd over seeds); budget per system = gemma-rvq's time, "
+          f"{np.mean([r['budget_s'] for r in runs]):.0f} s on average")
     for split in ("train", "dev"):
-        print(f"\n{split} ({'held-in sample' if split == 'train' else 'unseen texts and voice'}, "
-              f"{len(train_eval) if split == 'train' else len(dev)} frames)\n{header}")
-        for name, r in results.items():
-            print(row(f"{name}, {r['steps']} steps", r[split]))
-        print(f"\nper level ({split}): utilization | perplexity\n| system | utilization per level | "
-              "perplexity per level |\n|---|---|---|")
-        for name, r in results.items():
-            print(per_level(name, r[split]))
-    best_vq = min((b["name"] for b in baselines), key=lambda n: results[n]["dev"]["fvu"])
-    ours_dev, theirs = results["gemma-rvq (best)"]["dev"], results[best_vq]["dev"]
-    ratios = {
-        "dev FVU ratio (gemma-rvq / best vqtorch)": ours_dev["fvu"] / theirs["fvu"],
-        "dev cosine difference": ours_dev["cosine_similarity"] - theirs["cosine_similarity"],
-        "min train utilization per level (gemma-rvq)": min(
-            results["gemma-rvq (best)"]["train"]["codebook_utilization_per_level"]),
-        "min dev utilization per level, gemma-rvq vs best vqtorch": (
-            min(ours_dev["codebook_utilization_per_level"]), min(theirs["codebook_utilization_per_level"])),
-        "min dev perplexity per level, gemma-rvq vs best vqtorch": (
-            min(ours_dev["codebook_perplexity_per_level"]), min(theirs["codebook_perplexity_per_level"])),
+        n_frames = len(train_eval) if split == "train" else len(dev)
+        print(f"\n{split} ({'held-in sample' if split == 'train' else 'unseen texts and voice'}, {n_frames} frames)"
+              f"\n{header}")
+        for name, m in summary[split].items():
+            print(row(f"{name}, {m['steps']:.0f} steps", m))
+        print(f"\nper level ({split}, mean over seeds)\n| system | utilization per level | perplexity per level |"
+              "\n|---|---|---|")
+        for name, m in summary[split].items():
+            print(per_level(name, m))
+    best_vq = min(("vqtorch default", "vqtorch kmeans+dead"), key=lambda n: summary["dev"][n]["fvu"])
+    ours_dev, theirs = summary["dev"]["gemma-rvq (best)"], summary["dev"][best_vq]
+
+    def wins(key: str) -> list[int]:  # per level: in how many seeds gemma-rvq >= the best vqtorch config
+        return [int(sum(run["results"]["gemma-rvq (best)"]["dev"][key][level] >= run["results"][best_vq]["dev"][key][level]
+                        for run in runs)) for level in range(args.levels)]
+
+    checks = {
+        "dev FVU ratio (gemma-rvq / best vqtorch)": float(ours_dev["fvu"] / theirs["fvu"]),
+        "dev cosine difference": float(ours_dev["cosine_similarity"] - theirs["cosine_similarity"]),
+        "min train utilization per level (gemma-rvq, worst seed)": float(min(
+            min(run["results"]["gemma-rvq (best)"]["train"]["codebook_utilization_per_level"]) for run in runs)),
+        "dev utilization per level, mean difference (gemma-rvq - best vqtorch)": [
+            round(float(v), 3) for v in ours_dev["codebook_utilization_per_level"]
+            - theirs["codebook_utilization_per_level"]],
+        "dev perplexity per level, mean difference (gemma-rvq - best vqtorch)": [
+            round(float(v), 1) for v in ours_dev["codebook_perplexity_per_level"]
+            - theirs["codebook_perplexity_per_level"]],
+        f"seeds (of {len(runs)}) with gemma-rvq >= best vqtorch, dev utilization per level":
+            wins("codebook_utilization_per_level"),
+        f"seeds (of {len(runs)}) with gemma-rvq >= best vqtorch, dev perplexity per level":
+            wins("codebook_perplexity_per_level"),
     }
     print(f"\nbest vqtorch configuration on dev FVU: {best_vq}")
-    for key, value in ratios.items():
-        print(f"{key}: {value if isinstance(value, tuple) else round(value, 4)}")
-    out = {"args": vars(args), "results": results, "ratios": ratios, "best_vqtorch": best_vq, "ram": ram}
+    for key, value in checks.items():
+        print(f"{key}: {round(value, 4) if isinstance(value, float) else value}")
+    out = {"args": vars(args), "runs": runs, "summary": summary, "checks": checks, "best_vqtorch": best_vq,
+           "ram": ram}
     if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=1, default=str))
+        Path(args.json).write_text(json.dumps(out, indent=1, default=lambda o: o.tolist() if hasattr(o, "tolist")
+                                              else str(o)))
     return out
 
 
