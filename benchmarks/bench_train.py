@@ -9,19 +9,25 @@ the frame rate of the Gemma 4 audio encoder), written to a gemma-rvq embedding c
 
 Systems (Q levels x K codes on D = 256, same frame stream, same batch size):
 
-* ``gemma-rvq``: ``RVQTrainer`` with its defaults: identity in-projection + k-means init of every level,
-  least-squares out-projection, EMA codebooks, dead-code restarts from held-in residuals, AdamW + cosine.
-  Its wall time (init + training + export) is the budget for the baselines.
+* ``gemma-rvq``: ``RVQTrainer``: k-means init of every level, EMA codebooks (decay 0.95) with usage-balanced
+  statistics (``balance_weight``, 1.0), dead-code restarts every step from held-in residuals, ``best`` and
+  ``averaged`` exports; no projection (``use_projection=False``, as ``ResidualVQ``). Its wall time (init +
+  training + evaluation + export) is the budget for the baselines.
 * ``vqtorch default``: ``ResidualVQ(dim, num_quantizers, codebook_size)`` (EMA, decay 0.8), trained for the
   same wall-clock time on the same batches.
 * ``vqtorch kmeans+dead``: ``ResidualVQ(..., kmeans_init=True, threshold_ema_dead_code=2)``.
+* with ``--ablate-balance``, also gemma-rvq with ``balance_weight 0`` (reported, not a budget).
+
+Every seed (``--seeds``) repeats the whole comparison (model init, k-means, batch order); tables give the
+mean ± sd over seeds, and the checks count in how many seeds gemma-rvq is at least the best vqtorch
+configuration on each level.
 
 Metrics (``gemma_rvq.metrics.functional``, identical for all systems) on a held-in sample of the training
 frames and on the dev set: MSE, NMSE, FVU, cosine, centred cosine; utilization and perplexity per level
-(over the whole evaluation set). Ratios are against the best vqtorch configuration of the same run.
+(over the whole evaluation set). Ratios are against the best vqtorch configuration.
 
-    python benchmarks/bench_train.py --per-language 40 --dev-variations 12   # the recorded run
-    python benchmarks/bench_train.py --quick        # smaller budget
+    python benchmarks/bench_train.py --per-language 40 --dev-variations 12 --seeds 0 1 2 3 4 --ablate-balance
+    python benchmarks/bench_train.py --quick        # one seed, smaller budget
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -128,6 +135,7 @@ def measure_stream_ram(workdir: Path, base_utterances: int = 400) -> dict:
 
     out = {}
     for scale in (1, 4):
+        shutil.rmtree(workdir / f"ram{scale}", ignore_errors=True)  # a reused workdir: the writer would resume
         res = subprocess.run([sys.executable, "-c", _RAM_SCRIPT, str(workdir / f"ram{scale}"),
                               str(base_utterances * scale), cache_module.__file__],
                              capture_output=True, text=True, check=True)
