@@ -156,6 +156,21 @@ def test_resume_after_kill_matches_uninterrupted_run(caches, tmp_path, quantizer
         assert (tmp_path / "b" / "checkpoints" / "checkpoint-6" / "quantizer_state" / "rank-0.safetensors").exists()
 
 
+def test_train_in_projection_false_trains_only_the_out_projection(caches, tmp_path):
+    _, train, dev = caches
+    cfg = _config(tmp_path, max_steps=6, batch_size=128, eval_steps=6, save_steps=6, average_last_n=1,
+                  kmeans_init_frames=512, kmeans_iters=2, learning_rate=1e-3, train_in_projection=False)
+    RVQTrainer(build_model(cfg), cfg, train, dev).train()
+    final = load_file(tmp_path / "final" / "model.safetensors")
+    # the same data-driven init the trainer runs (deterministic for a seed)
+    init = build_model(cfg)
+    initialize_from_sample(init, train.sample_frames(cfg.kmeans_init_frames, seed=cfg.seed), num_iters=cfg.kmeans_iters,
+                           seed=cfg.seed, batch_size=cfg.batch_size, seeding=cfg.kmeans_seeding)
+    for key in ("in_norm.weight", "in_norm.bias", "in_proj.weight", "in_proj.bias"):
+        assert torch.equal(final[key], init.state_dict()[key]), key
+    assert not torch.equal(final["out_proj.weight"], init.state_dict()["out_proj.weight"])
+
+
 def test_model_card_and_dry_run_push(caches, tmp_path):
     _, train, dev = caches
     cfg = _config(tmp_path, max_steps=6, batch_size=128, eval_steps=3, save_steps=3, make_plots=True)

@@ -78,6 +78,12 @@ class RVQTrainingConfig:
     num_train_epochs: float = field(default=1.0, metadata={"help": "Epochs over the cached training frames."})
     max_steps: int = field(default=-1, metadata={"help": "If > 0: total optimiser steps (overrides epochs)."})
     learning_rate: float = 1e-5
+    train_in_projection: bool = field(
+        default=False,
+        metadata={"help": "Also train the in-projection (LayerNorm + Linear). Off by default: the EMA codebooks live "
+                          "in its output space, and training it raised dev FVU at D = 1024 even at lr 1e-6 "
+                          "(docs/stage1-training.md); the out-projection (and learnable codebooks) always train."},
+    )
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999

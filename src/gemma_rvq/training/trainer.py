@@ -267,6 +267,9 @@ class RVQTrainer:
     def _trainable_parameters(self, model: nn.Module) -> list[nn.Parameter]:
         encoder = getattr(model, "encoder", None)
         frozen = {id(p) for p in encoder.parameters()} if isinstance(encoder, nn.Module) else set()
+        if not self.config.train_in_projection:
+            # EMA codebooks live in the in-projection's output space: moving it shifts every code at once
+            frozen |= {id(p) for name in ("in_norm", "in_proj") for p in getattr(model, name).parameters()}
         params = []
         for p in model.parameters():
             if id(p) in frozen:
