@@ -392,6 +392,22 @@ def test_balance_weight_validation():
         ResidualQuantizer(4, 1, 8, codebook_type="learnable", balance_weight=0.5)
 
 
+def test_set_cluster_sizes_keeps_codebooks_and_the_ema_invariant():
+    rq = _quantizer(dim=8, q=2, k=16)
+    before = rq.codebooks.clone()
+    counts = torch.rand(2, 16) * 10
+    rq.set_cluster_sizes(counts)
+    assert torch.equal(rq.cluster_size, counts)
+    cs = rq.cluster_size
+    smoothed = (cs + rq.eps) / (cs.sum(-1, keepdim=True) + 16 * rq.eps) * cs.sum(-1, keepdim=True)
+    torch.testing.assert_close(rq.embed_sum / smoothed.unsqueeze(-1), before)
+    assert torch.equal(rq.codebooks, before)
+    with pytest.raises(ValueError, match="counts must have shape"):
+        rq.set_cluster_sizes(torch.ones(3, 16))
+    with pytest.raises(ValueError, match="EMA codebooks only"):
+        _quantizer(dim=8, q=2, k=16, codebook_type="learnable").set_cluster_sizes(counts)
+
+
 def test_training_state_round_trip_for_learnable_usage():
     rq = _quantizer(dim=8, q=2, k=16, codebook_type="learnable").train()
     assert rq.training_state() == {}

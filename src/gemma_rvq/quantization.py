@@ -551,6 +551,20 @@ class ResidualQuantizer(nn.Module):
         total = cs.sum(-1, keepdim=True)
         return (cs + self.eps) / (total + self.codebook_size * self.eps) * total
 
+    @torch.no_grad()
+    def set_cluster_sizes(self, counts: Tensor) -> None:
+        """Set the EMA cluster sizes ``[Q, K]`` (``"ema"`` only), keeping the codebooks: ``embed_sum`` is
+        rescaled so that ``codebooks == embed_sum / smoothed(cluster_size)`` still holds."""
+        if self.codebook_type != "ema":
+            raise ValueError("set_cluster_sizes applies to EMA codebooks only")
+        if tuple(counts.shape) != (self.num_quantizers, self.codebook_size):
+            raise ValueError(f"counts must have shape {(self.num_quantizers, self.codebook_size)}, "
+                             f"got {tuple(counts.shape)}")
+        self.cluster_size.copy_(counts.to(self.cluster_size))
+        smoothed = self._smoothed_cluster_size(self.cluster_size)
+        self.embed_sum.copy_(self.codebooks * smoothed.unsqueeze(-1))
+        self.invalidate_cache()
+
     # ------------------------------------------------------------------ training-only state
     def training_state(self) -> dict[str, Tensor]:
         """Training state kept out of the state dict, for exact resume: ``{"usage": [Q, K]}`` (learnable

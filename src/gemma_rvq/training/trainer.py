@@ -113,11 +113,7 @@ def initialize_from_sample(model: nn.Module, sample: torch.Tensor, *, num_iters:
         # Warm EMA statistics: each code's expected count per training batch (from its k-means cluster),
         # instead of 1. Otherwise every cluster size starts at the dead-code threshold and the first
         # restarts re-seed hundreds of healthy codes while the EMA is still warming up.
-        counts = quantizer.code_counts(codes).float() * (batch_size / codes.shape[0])  # [Q, K]
-        quantizer.cluster_size.copy_(counts.to(quantizer.cluster_size))
-        smoothed = quantizer._smoothed_cluster_size(quantizer.cluster_size)
-        quantizer.embed_sum.copy_(quantizer.codebooks * smoothed.unsqueeze(-1))
-        quantizer.invalidate_cache()
+        quantizer.set_cluster_sizes(quantizer.code_counts(codes).float() * (batch_size / codes.shape[0]))
     zq = quantizer.decode(codes).float()
     if cfg.use_projection:
         hq = model.out_norm(zq).double().cpu()
