@@ -4,7 +4,8 @@ One optimiser step = one batch of ``batch_size`` frames per process from a :clas
 
 * loss = ``GemmaRVQModel.forward``'s (``mse_weight * MSE + cosine_weight * (1 - cos) +
   commitment_weight * commitment``, weights from the model config);
-* AdamW on the projections (and codebooks when ``codebook_type="learnable"``), warmup + cosine decay
+* AdamW on the out-projection (the in-projection too when ``train_in_projection``; the codebooks when
+  ``codebook_type="learnable"``), warmup + cosine decay
   (``transformers.get_scheduler``), gradient clipping; EMA codebooks update themselves inside forward
   (their statistics are all-reduced across processes by the quantizer);
 * before step 1: :func:`initialize_from_sample` (identity/PCA in-projection, k-means codebooks,
