@@ -433,16 +433,17 @@ def test_code_counts_with_mask():
 
 
 _DDP_WORKER = """
-import importlib.util, sys
+import importlib, os, sys, types
 import torch
 import torch.distributed as dist
 
 path, rank, world, init_file, result_file = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
-# load quantization.py standalone (it imports only torch): keeps the child start-up cheap
-spec = importlib.util.spec_from_file_location("quantization", path)
-mod = importlib.util.module_from_spec(spec)
-sys.modules["quantization"] = mod
-spec.loader.exec_module(mod)
+# load quantization.py and its flat siblings without the package __init__ (which imports transformers):
+# keeps the child start-up cheap
+pkg = types.ModuleType("rvq_flat")
+pkg.__path__ = [os.path.dirname(path)]
+sys.modules["rvq_flat"] = pkg
+mod = importlib.import_module("rvq_flat.quantization")
 torch.set_num_threads(1)
 dist.init_process_group("gloo", init_method="file://" + init_file, rank=rank, world_size=world)
 torch.manual_seed(0)

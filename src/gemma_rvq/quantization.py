@@ -3,8 +3,8 @@
 Shapes: ``N`` frames, ``Q`` levels (``num_quantizers``), ``K`` codes per level (``codebook_size``),
 ``Dc`` code dimension (``dim``). Inputs are flat valid frames ``[N, Dc]``; codes are ``LongTensor [N, Q]``.
 
-This file is copied next to saved checkpoints (remote code), so it imports only torch and numpy at
-module level.
+This file is copied next to saved checkpoints (remote code), so it imports only torch, numpy and its flat
+sibling ``bounds`` (the accepted settings, shared with ``GemmaRVQConfig``) at module level.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["ResidualQuantizer", "ResidualQuantizerOutput", "kmeans"]
+from .bounds import check_quantizer
 
-_CODEBOOK_TYPES = ("ema", "learnable")
+__all__ = ["ResidualQuantizer", "ResidualQuantizerOutput", "kmeans"]
 
 
 @dataclass
@@ -291,21 +291,11 @@ class ResidualQuantizer(nn.Module):
         balance_weight: float = 0.0,
     ) -> None:
         super().__init__()
-        for name, value in (("dim", dim), ("num_quantizers", num_quantizers), ("codebook_size", codebook_size),
-                            ("search_chunk_size", search_chunk_size)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if codebook_type not in _CODEBOOK_TYPES:
-            raise ValueError(f"codebook_type must be one of {_CODEBOOK_TYPES}, got {codebook_type!r}")
-        if not 0.0 <= ema_decay < 1.0:
-            raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay!r}")
-        if eps <= 0:
-            raise ValueError(f"eps must be > 0, got {eps!r}")
-        if not math.isfinite(balance_weight) or balance_weight < 0:
-            raise ValueError(f"balance_weight must be a finite number >= 0, got {balance_weight!r}")
-        if balance_weight > 0 and codebook_type != "ema":
-            raise ValueError("balance_weight applies to EMA codebooks only (codebook_type='ema'); "
-                             f"got codebook_type={codebook_type!r}")
+        # One set of bounds with GemmaRVQConfig (bounds.py): ValueError naming the first bad setting.
+        check_quantizer(dim=dim, num_quantizers=num_quantizers, codebook_size=codebook_size,
+                        codebook_type=codebook_type, ema_decay=ema_decay, eps=eps,
+                        dead_code_threshold=dead_code_threshold, balance_weight=balance_weight,
+                        search_chunk_size=search_chunk_size)
         self.dim = dim
         self.num_quantizers = num_quantizers
         self.codebook_size = codebook_size
