@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import inspect
 import json
+import re
 
 import pytest
+import torch
+from huggingface_hub.errors import StrictDataclassClassValidationError, StrictDataclassFieldValidationError
 from transformers import AutoConfig
 
 from gemma_rvq import GemmaRVQConfig
+from gemma_rvq.bounds import BOUNDS
+from gemma_rvq.configuration_gemma_rvq import encoder_frames
+from gemma_rvq.quantization import ResidualQuantizer
 from gemma_rvq.testing import tiny_gemma4_audio_config, tiny_hubert_config, tiny_whisper_config
 
 
@@ -41,40 +48,142 @@ def test_encoder_config_object_is_stored_as_dict_and_checked():
     config = GemmaRVQConfig(encoder_family="hubert", encoder_config=enc, dim=32)
     assert isinstance(config.encoder_config, dict) and config.bundles_encoder
     assert config.encoder_hidden_size == 32 and config.encoder_num_layers == 3
-    with pytest.raises(ValueError, match="hidden size 32"):
+    with pytest.raises(StrictDataclassClassValidationError, match="hidden size 32"):
         GemmaRVQConfig(encoder_family="hubert", encoder_config=enc, dim=64)
-    with pytest.raises(ValueError, match="model_type 'hubert'"):
+    with pytest.raises(StrictDataclassClassValidationError, match="model_type 'hubert'"):
         GemmaRVQConfig(encoder_family="whisper", encoder_config=enc, dim=32)
-    with pytest.raises(ValueError, match="only 3 layers"):
+    with pytest.raises(StrictDataclassClassValidationError, match="only 3 layers"):
         GemmaRVQConfig(encoder_family="hubert", encoder_config=enc, dim=32, encoder_layer=4)
     whisper = GemmaRVQConfig(encoder_family="whisper", encoder_config=tiny_whisper_config(d_model=32), dim=32)
     assert whisper.encoder_hidden_size == 32 and whisper.encoder_num_layers == 2
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "match"),
+    ("kwargs", "field", "match"),
     [
-        ({"encoder_family": "mimi"}, "encoder_family"),
-        ({"dim": 0}, "dim"),
-        ({"num_quantizers": 0}, "num_quantizers"),
-        ({"codebook_size": 1}, "codebook_size"),
-        ({"codebook_dim": 512, "use_projection": False}, "use_projection=False"),
-        ({"codebook_type": "gumbel"}, "codebook_type"),
-        ({"ema_decay": 1.0}, "ema_decay"),
-        ({"commitment_weight": -1.0}, "commitment_weight"),
-        ({"balance_weight": -0.5}, "balance_weight"),
-        ({"balance_weight": 1.0, "codebook_type": "learnable"}, "EMA codebooks only"),
-        ({"mse_weight": 0.0, "cosine_weight": 0.0}, "mse_weight"),
-        ({"encoder_layer": -1}, "encoder_layer"),
-        ({"max_chunk_seconds": 0}, "max_chunk_seconds"),
-        ({"chunk_overlap_seconds": 20.0}, "chunk_overlap_seconds"),
-        ({"encoder_family": "whisper", "max_chunk_seconds": 40.0}, "Whisper"),
-        ({"encoder_config": 3}, "encoder_config"),
+        ({"encoder_family": "mimi"}, "encoder_family", "must be one of"),
+        ({"dim": 0}, "dim", "an int >= 1"),
+        ({"dim": "32"}, "dim", "expected int, got str"),
+        ({"num_quantizers": 0}, "num_quantizers", "an int >= 1"),
+        ({"num_quantizers": True}, "num_quantizers", "got bool"),
+        ({"codebook_size": 1}, "codebook_size", "an int >= 2"),
+        ({"codebook_size": 16.0}, "codebook_size", "expected int, got float"),
+        ({"codebook_type": "gumbel"}, "codebook_type", "must be one of"),
+        ({"ema_decay": 1.0}, "ema_decay", r"in \[0, 1\)"),
+        ({"ema_decay": None}, "ema_decay", "NoneType"),
+        ({"ema_decay": float("nan")}, "ema_decay", "finite"),
+        ({"commitment_weight": -1.0}, "commitment_weight", ">= 0"),
+        ({"balance_weight": -0.5}, "balance_weight", ">= 0"),
+        ({"mse_weight": float("inf")}, "mse_weight", "finite"),
+        ({"encoder_layer": -1}, "encoder_layer", ">= 0"),
+        ({"max_chunk_seconds": 0}, "max_chunk_seconds", "> 0"),
+        ({"layer_norm_eps": 0.0}, "layer_norm_eps", "> 0"),
+        ({"encoder_config": 3}, "encoder_config", "doesn't match any type"),
+        ({"use_projection": "yes"}, "use_projection", "expected bool"),
     ],
 )
-def test_invalid_fields_raise_value_error_naming_the_field(kwargs, match):
-    with pytest.raises(ValueError, match=match):
+def test_invalid_fields_are_refused_naming_the_field(kwargs, field, match):
+    with pytest.raises(StrictDataclassFieldValidationError, match=rf"field '{field}'(.|\n)*{match}"):
         GemmaRVQConfig(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"codebook_dim": 512, "use_projection": False}, "use_projection=False"),
+        ({"balance_weight": 1.0, "codebook_type": "learnable"}, "EMA codebooks only"),
+        ({"mse_weight": 0.0, "cosine_weight": 0.0}, "mse_weight"),
+        ({"chunk_overlap_seconds": 20.0}, "chunk_overlap_seconds"),
+        ({"encoder_family": "whisper", "max_chunk_seconds": 40.0}, "whisper encoder's fixed 30 s window"),
+    ],
+)
+def test_inconsistent_fields_are_refused_by_validate_architecture(kwargs, match):
+    with pytest.raises(StrictDataclassClassValidationError, match=rf"validate_architecture(.|\n)*{match}"):
+        GemmaRVQConfig(**kwargs)
+
+
+def test_fields_are_checked_when_set_and_numbers_may_be_ints():
+    config = GemmaRVQConfig(mse_weight=1, cosine_weight=0, ema_decay=0)  # ints where floats are declared
+    assert config.mse_weight == 1
+    with pytest.raises(StrictDataclassFieldValidationError, match="num_quantizers"):
+        config.num_quantizers = -2
+    config.check()  # the pre-@strict entry point still runs every check
+    config.balance_weight, config.codebook_type = 1.0, "learnable"  # each valid alone, not together
+    with pytest.raises(StrictDataclassClassValidationError, match="EMA codebooks only"):
+        config.check()
+
+
+@pytest.mark.parametrize("name", sorted(set(BOUNDS) & set(inspect.signature(ResidualQuantizer).parameters)))
+def test_config_and_quantizer_share_one_set_of_bounds(name):
+    """Each quantizer setting: a value just outside the shared bound is refused by both, one inside by neither."""
+    bound = BOUNDS[name]
+    inside = bound.low + (1 if bound.low_open else 0) if bound.low is not None else 1
+    outside = bound.low - 1 if not bound.low_open else bound.low
+    quantizer_args = {"dim": 4, "num_quantizers": 1, "codebook_size": 4}
+    config_name = "codebook_dim" if name == "dim" else name
+    ResidualQuantizer(**{**quantizer_args, name: inside})
+    with pytest.raises(ValueError, match=rf"{name} must be {re.escape(bound.describe())}"):
+        ResidualQuantizer(**{**quantizer_args, name: outside})
+    if config_name in GemmaRVQConfig.__dataclass_fields__:
+        kwargs = {config_name: inside}
+        if config_name == "codebook_size":
+            kwargs["codebook_size"] = max(inside, 2)
+        GemmaRVQConfig(**kwargs)
+        with pytest.raises(StrictDataclassFieldValidationError, match=re.escape(bound.describe())):
+            GemmaRVQConfig(**{config_name: outside})
+
+
+def test_family_table_gives_the_documented_frame_arithmetic():
+    expected = {  # family: (samples per frame, frames/s, min samples, lookahead frames, frames in 1 s)
+        "gemma4_audio": (640, 25.0, 640, 4, 25),
+        "hubert": (320, 50.0, 400, None, 49),  # valid convolutions: (16000 - 400) // 320 + 1
+        "wav2vec2": (320, 50.0, 400, None, 49),
+        "whisper": (320, 50.0, 320, None, 50),
+    }
+    for family, (spf, rate, min_samples, lookahead, one_second) in expected.items():
+        frames = encoder_frames(family)
+        assert (frames.samples_per_frame, frames.frame_rate, frames.min_samples, frames.lookahead_frames) == (
+            spf, rate, min_samples, lookahead), family
+        assert frames.get_encoded_length(16000) == one_second
+        lengths = torch.tensor([[0, 100, min_samples], [16000, 16001, 95 * 16000]])
+        assert frames.get_encoded_length(lengths).tolist() == [
+            [frames.get_encoded_length(int(n)) for n in row] for row in lengths
+        ]
+        assert frames.get_encoded_length(min_samples) >= 1 and frames.get_encoded_length(0) == 0
+    # the encoder's own config wins: strides of a bundled wav2vec2, Gemma 4's per-layer right context
+    custom = tiny_hubert_config(conv_kernel=(10, 3, 3), conv_stride=(5, 4, 2), conv_dim=(16,) * 3).to_dict()
+    assert encoder_frames("hubert", encoder_config=custom).samples_per_frame == 40
+    gemma = tiny_gemma4_audio_config(attention_context_right=2).to_dict()
+    assert encoder_frames("gemma4_audio", encoder_config=gemma, num_layers=2).lookahead_frames == 4 + 2 * 2
+    config = GemmaRVQConfig(encoder_config=gemma, dim=gemma["hidden_size"], encoder_layer=1)
+    assert config.frames.lookahead_frames == 4 + 2 * 1  # only the layers that run
+
+
+def test_config_json_errors_name_the_file_and_the_field(tmp_path):
+    GemmaRVQConfig(encoder_family="hubert", encoder_name_or_path=None, dim=32).save_pretrained(tmp_path / "ok")
+    good = json.loads((tmp_path / "ok" / "config.json").read_text())
+    cases = {
+        "ema_null": ({**good, "ema_decay": None}, "ema_decay"),
+        "dim_text": ({**good, "dim": "32"}, "dim"),
+        "family": ({**good, "encoder_family": "mimi"}, "encoder_family"),
+        "overlap": ({**good, "chunk_overlap_seconds": 29.0}, "chunk_overlap_seconds"),
+        "a_list": ([good], "JSON object"),
+    }
+    for name, (content, field) in cases.items():
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps(content))
+        file = re.escape(str(folder / "config.json"))
+        for load in (GemmaRVQConfig.from_pretrained, AutoConfig.from_pretrained):
+            if name == "a_list" and load == AutoConfig.from_pretrained:
+                # transformers itself refuses a list before it knows the model type, naming the folder
+                with pytest.raises(ValueError, match=rf"{re.escape(str(folder))}(.|\n)*model_type"):
+                    load(folder)
+                continue
+            with pytest.raises(ValueError, match=rf"^{file}: (.|\n)*{field}"):
+                load(folder)
+        with pytest.raises(ValueError, match=rf"^{file}: (.|\n)*{field}"):
+            GemmaRVQConfig.from_json_file(folder / "config.json")
 
 
 def test_save_and_load_roundtrip(tmp_path):

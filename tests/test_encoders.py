@@ -89,6 +89,24 @@ def test_frame_counts_follow_the_frame_rate(family, seconds, expected, make_spee
     assert adapter.frame_rate == model.config.frame_rate and adapter.min_samples == model.config.min_samples
 
 
+@pytest.mark.parametrize("family", ["gemma4_audio", "hubert", "wav2vec2", "whisper"])
+def test_get_encoded_length_predicts_every_frame_count(family):
+    """The config's frame arithmetic equals what the real encoder gives, one padded batch of many lengths
+    (every residue of the frame stride around short, medium and windowed long clips)."""
+    model = tiny_rvq_model(family, encoder_kwargs={"feat_extract_norm": "layer"} if family in ("hubert", "wav2vec2") else None)
+    base = model._encoder_adapter()
+    adapter = EncoderAdapter(family, base.model, base.feature_extractor, window_seconds=1.0, overlap_seconds=0.2)
+    spf, low = adapter.samples_per_frame, model.config.min_samples
+    lengths = sorted({n for start in (low, 7 * spf) for n in range(start, start + spf + 2, 37)})
+    lengths += [3 * SR - 1, 3 * SR, 3 * SR + 1, 3 * SR + spf // 2]
+    rng = np.random.default_rng(0)
+    _, mask = adapter([0.1 * rng.standard_normal(n).astype(np.float32) for n in lengths])
+    assert len(adapter.plan(3 * SR)) > 1  # the long ones are windowed and stitched
+    expected = model.get_encoded_length(torch.tensor(lengths))
+    assert mask.sum(-1).tolist() == expected.tolist() == [model.get_encoded_length(n) for n in lengths]
+    assert model.frames == adapter.frames == model.config.frames
+
+
 def _full_hidden_states(family, truncated, encoder_config, features):
     full = build_encoder(family, encoder_config).eval()
     result = full.load_state_dict(truncated.state_dict(), strict=False)

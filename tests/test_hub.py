@@ -162,3 +162,15 @@ def test_push_validates_before_any_network_call(tmp_path):
         hub.push_metric("rvq_quality", "someone/rvq_quality", folder=stale, dry_run=True)
     with pytest.raises(ValueError, match="not a folder"):
         hub.push_folder(tmp_path / "missing", "someone/x")
+
+
+@pytest.mark.parametrize(("family", "fps"), [("gemma4_audio", 25), ("whisper", 50)])
+def test_model_card_frame_rate_and_bitrate_come_from_the_config(tmp_path, family, fps):
+    from gemma_rvq import GemmaRVQConfig
+
+    config = GemmaRVQConfig(encoder_family=family, encoder_name_or_path=None, dim=8, num_quantizers=2,
+                            codebook_size=16)
+    config.save_pretrained(tmp_path)
+    body = hub.split_card(hub.write_model_card(tmp_path).read_text())[1]
+    assert f"| Frame rate | {config.frame_rate:g} frames/s |" in body and config.frame_rate == fps
+    assert f"| Bitrate | {2 * 4 * fps} bit/s |" in body  # Q x log2(K) x frames/s

@@ -60,6 +60,17 @@ def test_encode_outputs_and_padding(tiny_gemma4_rvq, make_speech):
     assert torch.equal(codes, out.audio_codes) and torch.equal(mask, out.codes_mask) and emb.shape[-1] == 64
 
 
+def test_frame_arithmetic_on_the_model(tiny_gemma4_rvq, make_speech):
+    waves = [make_speech(1.0, SR, seed=1), make_speech(0.37, SR, seed=2)]
+    padded = torch.zeros(2, len(waves[0]))
+    padded[0], padded[1, : len(waves[1])] = torch.from_numpy(waves[0]), torch.from_numpy(waves[1])
+    padding_mask = torch.arange(padded.shape[1])[None] < torch.tensor([[len(waves[0])], [len(waves[1])]])
+    out = tiny_gemma4_rvq.encode(padded, padding_mask)
+    assert torch.equal(tiny_gemma4_rvq.get_audio_codes_mask(padding_mask), out.codes_mask)
+    assert tiny_gemma4_rvq.get_encoded_length(len(waves[1])) == int(out.codes_mask[1].sum())
+    assert tiny_gemma4_rvq.frame_rate == tiny_gemma4_rvq.config.frame_rate == 25
+
+
 def test_encode_from_precomputed_embeddings_equals_audio_path(tiny_gemma4_rvq, make_speech):
     waves = [make_speech(1.3, SR, seed=3), make_speech(0.6, SR, seed=4)]
     emb, mask = tiny_gemma4_rvq.embed(waves)

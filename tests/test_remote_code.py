@@ -13,15 +13,20 @@ import numpy as np
 
 import gemma_rvq
 
-REMOTE_FILES = ("configuration_gemma_rvq.py", "modeling_gemma_rvq.py", "encoders.py", "audio.py", "quantization.py")
-ALLOWED_THIRD_PARTY = {"torch", "numpy", "transformers"}
+REMOTE_FILES = (
+    "configuration_gemma_rvq.py", "modeling_gemma_rvq.py", "encoders.py", "audio.py", "quantization.py", "bounds.py",
+)
+# huggingface_hub is a hard dependency of transformers (its `@strict` config validation lives there).
+ALLOWED_THIRD_PARTY = {"torch", "numpy", "transformers", "huggingface_hub"}
 
 # Runs in `python -I` (no PYTHONPATH, no user site) after removing the source tree and any editable-install
 # finder from the import system, so `import gemma_rvq` must fail there.
 _CHILD = r"""
 import importlib, os, sys
 src = os.path.realpath(sys.argv[1])
-sys.path[:] = [p for p in sys.path if os.path.realpath(p or ".") != src]
+# drop the source tree and any other path holding the package (an editable install's .pth entry)
+sys.path[:] = [p for p in sys.path if os.path.realpath(p or ".") != src
+               and not os.path.isdir(os.path.join(p or ".", "gemma_rvq"))]
 sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in type(f).__module__.lower()
                     and "editable" not in getattr(f, "__name__", "").lower()]
 importlib.invalidate_caches()

@@ -511,8 +511,15 @@ def convert_seed_state_dict(state_dict: Mapping[str, torch.Tensor], *,
 
 
 def _read_json(path: str | os.PathLike) -> dict:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    """A JSON object from ``path``; a malformed file or anything but an object is a ``ValueError`` naming it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from err
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object of fields, got a {type(data).__name__}")
+    return data
 
 
 def load_seed_checkpoint(repo_or_dir: str | os.PathLike = DEFAULT_SEED_REPO, filename: str = "rvq_averaged.pt",

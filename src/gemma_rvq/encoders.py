@@ -37,19 +37,21 @@ Gemma 4, whose layers only look back, a few frames before the end of the earlier
 first frames lack left context). No frame is lost or duplicated and frame ``f`` of a window starting at sample ``s`` is
 global frame ``s / samples_per_frame + f``.
 
-This file is copied next to saved checkpoints (remote code): it imports only numpy, torch, transformers.
+This file is copied next to saved checkpoints (remote code): it imports only numpy, torch, transformers and its
+flat sibling ``configuration_gemma_rvq`` (the frame arithmetic).
 """
 
 from __future__ import annotations
 
 import inspect
-import math
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 from transformers.utils import logging
+
+from .configuration_gemma_rvq import encoder_frames
 
 logger = logging.get_logger(__name__)
 
@@ -190,26 +192,21 @@ class EncoderAdapter:
         self.model = model
         self.feature_extractor = feature_extractor
         self.sampling_rate = int(feature_extractor.sampling_rate)
-        hop = int(getattr(feature_extractor, "hop_length", round(self.sampling_rate / 100)))
+        # Frame arithmetic from the one table (configuration_gemma_rvq.ENCODER_FAMILIES), resolved with the
+        # live encoder's config and the layers actually kept.
+        layers = model.encoder.layers if family in ("hubert", "wav2vec2") else model.layers
+        self.frames = encoder_frames(family, self.sampling_rate, model.config.to_dict(), len(layers))
+        self.samples_per_frame = self.frames.samples_per_frame
+        self.min_samples = self.frames.min_samples
         # Gemma 4's conformer barely looks ahead (causal light convolutions, attention with
         # `attention_context_right` frames of right context, 0 by default, and two subsampling
         # convolutions): a window's last frames are as good as any, its first ones lack left context. So
         # seams sit `right_context_frames` before the end of the earlier window (never before the middle
         # of the overlap); for bidirectional encoders they sit in the middle of the overlap.
-        self.right_context_frames = 1 << 30  # bidirectional: seams in the middle of each overlap
-        if family == "gemma4_audio":
-            config = model.config
-            lookahead = getattr(config, "attention_context_right", 0) * len(model.layers)
-            self.right_context_frames = 4 + lookahead  # 4: the two 3x3 stride-2 subsampling convolutions
-            self.samples_per_frame = hop * 4
-            self.min_samples = self.samples_per_frame
-        elif family == "whisper":
-            self.samples_per_frame = hop * 2
-            self.min_samples = self.samples_per_frame
-            window_seconds = min(window_seconds, feature_extractor.n_samples / self.sampling_rate)
-        else:
-            self.samples_per_frame = int(math.prod(model.config.conv_stride))
-            self.min_samples = int(self._conv_receptive_field(model.config))
+        lookahead = self.frames.lookahead_frames
+        self.right_context_frames = 1 << 30 if lookahead is None else lookahead
+        if self.frames.window_samples is not None:
+            window_seconds = min(window_seconds, self.frames.window_samples / self.sampling_rate)
         spf = self.samples_per_frame
         self.window = max(spf, int(window_seconds * self.sampling_rate) // spf * spf)
         # Overlap: whole frames, even (two halves), at least 4 frames so that conv edge effects never
@@ -218,16 +215,9 @@ class EncoderAdapter:
         overlap_frames += overlap_frames % 2
         self.overlap = min(overlap_frames * spf, self.window // 2 // (2 * spf) * (2 * spf))
 
-    @staticmethod
-    def _conv_receptive_field(config: Any) -> int:
-        field = 1
-        for kernel, stride in zip(reversed(config.conv_kernel), reversed(config.conv_stride)):
-            field = (field - 1) * stride + kernel
-        return field
-
     @property
     def frame_rate(self) -> float:
-        return self.sampling_rate / self.samples_per_frame
+        return self.frames.frame_rate
 
     @property
     def device(self) -> torch.device:

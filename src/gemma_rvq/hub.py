@@ -314,9 +314,11 @@ def _model_card_body(name: str, repo_id: str | None, cfg: Mapping[str, Any], inf
                      training: Mapping[str, Any], variant: str | None, folder: Path) -> str:
     import math
 
+    from .configuration_gemma_rvq import GemmaRVQConfig
+
     q, k = cfg.get("num_quantizers"), cfg.get("codebook_size")
     family = cfg.get("encoder_family", "gemma4_audio")
-    fps = 25 if family == "gemma4_audio" else 50
+    fps = GemmaRVQConfig.from_dict(dict(cfg), name_or_path=str(folder)).frame_rate  # the config's frame arithmetic
     encoder = cfg.get("encoder_name_or_path") or f"bundled {family} encoder (weights in this checkpoint)"
     layer = cfg.get("encoder_layer")
     lines = [
@@ -335,7 +337,7 @@ def _model_card_body(name: str, repo_id: str | None, cfg: Mapping[str, Any], inf
         f"| Codebook dim Dc | {cfg.get('codebook_dim')} |",
         f"| Levels Q x codes K | {q} x {k} |",
         f"| Codebooks | {cfg.get('codebook_type')} (EMA decay {cfg.get('ema_decay')}) |",
-        f"| Frame rate | {fps} frames/s |",
+        f"| Frame rate | {fps:g} frames/s |",
     ]
     if q and k:
         lines.append(f"| Bitrate | {q * math.log2(k) * fps:.0f} bit/s |")

@@ -23,7 +23,7 @@ from transformers.modeling_utils import PreTrainedAudioTokenizerBase
 from transformers.utils import ModelOutput
 
 from .audio import prepare_waveform
-from .configuration_gemma_rvq import GemmaRVQConfig
+from .configuration_gemma_rvq import EncoderFrames, GemmaRVQConfig
 from .encoders import EncoderAdapter, build_encoder, build_feature_extractor, load_encoder, prepare_encoder
 from .quantization import ResidualQuantizer
 
@@ -262,9 +262,31 @@ class GemmaRVQModel(PreTrainedAudioTokenizerBase):
         return self.config.sampling_rate
 
     @property
+    def frames(self) -> EncoderFrames:
+        """The encoder's frame arithmetic: the loaded encoder's when there is one, else the config's."""
+        return self._adapter.frames if self._adapter is not None else self.config.frames
+
+    @property
     def frame_rate(self) -> float:
         """Frames (and codes) per second."""
-        return self.config.frame_rate
+        return self.frames.frame_rate
+
+    def get_encoded_length(self, input_length: Any) -> Any:
+        """Frames (and codes) the model gives for ``input_length`` samples at `sampling_rate`.
+
+        Args:
+            input_length: an int, or an integer tensor of any shape (computed element-wise, without
+                branches: traceable).
+        """
+        return self.frames.get_encoded_length(input_length)
+
+    def get_audio_codes_mask(self, padding_mask: torch.Tensor) -> torch.BoolTensor:
+        """Sample mask `[B, S]` (1 = real sample, right-padded, as the feature extractor returns it) -> code
+        mask `[B, T]` with `T = get_encoded_length(S)`."""
+        padding_mask = torch.as_tensor(padding_mask)
+        lengths = self.get_encoded_length(padding_mask.long().sum(-1))
+        frames = int(self.get_encoded_length(padding_mask.shape[-1]))
+        return torch.arange(frames, device=padding_mask.device)[None, :] < lengths[:, None]
 
     # ------------------------------------------------------------------ audio -> embeddings
     def _to_clips(

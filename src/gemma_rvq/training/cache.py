@@ -495,7 +495,7 @@ def build_embedding_cache(
                 sr = cell.get(sampling_rate_column) if sampling_rate_column else None
                 wave, sec = example_waveform(cell["audio"] if is_list else cell[audio_column], r, sr_target,
                                              sampling_rate=sr, audio_column=audio_column,
-                                             min_samples=int(getattr(model.config, "samples_per_frame", 1)))
+                                             min_samples=int(getattr(model.config, "min_samples", 1)))
                 waves.append(wave)
                 secs.append(sec)
             emb, mask = model.embed(waves, sampling_rate=sr_target)
