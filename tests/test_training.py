@@ -239,3 +239,35 @@ def test_kmeans_seeding_choice_reaches_the_init(caches):
     assert not torch.equal(codebooks["kmeans++"], codebooks["random"])
     with pytest.raises(ValueError, match="kmeans_seeding"):
         _config(caches[0], kmeans_seeding="farthest")
+
+
+def test_production_training_path_does_not_import_the_test_fixtures():
+    # build_model(tiny_encoder=True), the trainer, the pipeline and `gemma-rvq evaluate` never load gemma_rvq.testing
+    code = ("import sys; from gemma_rvq.training import RVQTrainingConfig, build_model, train_rvq; "
+            "import gemma_rvq.evaluation, gemma_rvq.cli; "
+            f"build_model(RVQTrainingConfig.from_yaml({str(TINY_YAML)!r})); "
+            "assert 'gemma_rvq.testing' not in sys.modules, 'testing imported'")
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_tiny_encoder_option_builds_the_same_model_as_the_test_fixture(tmp_path):
+    from gemma_rvq.testing import tiny_rvq_model
+    from gemma_rvq.training import TINY_ENCODER_CONFIG
+
+    cfg = _config(tmp_path)
+    model = build_model(cfg)
+    kwargs = dict(cfg.model_config)
+    dim = kwargs.pop("dim")
+    fixture = tiny_rvq_model("gemma4_audio", seed=cfg.seed, encoder_kwargs={"hidden_size": dim}, **kwargs)
+    assert model.config.to_dict() == fixture.config.to_dict()
+    assert model.config.encoder_config["num_hidden_layers"] == TINY_ENCODER_CONFIG["num_hidden_layers"]
+    mine, theirs = model.state_dict(), fixture.state_dict()
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+    before = torch.random.get_rng_state()
+    build_model(cfg)
+    assert torch.equal(before, torch.random.get_rng_state())  # seeded weights, global RNG untouched

@@ -1,20 +1,178 @@
-"""Score a speech tokenizer on audio files: backs ``gemma-rvq evaluate``.
+"""Scoring a speech tokenizer: the one place where RVQ quality is computed.
 
-The audio goes through the model's frozen encoder once; the frame embeddings are then scored with
-:func:`gemma_rvq.training.trainer.evaluate_frames` (the same code the trainer runs at every eval), so
-the numbers are directly comparable with a training run's dev metrics.
+Everything that reports a quality number goes through :func:`evaluate_frames`: the trainer's dev metrics
+(and so the ``best`` export and the model cards), ``gemma-rvq evaluate`` (:func:`evaluate_audio_files`)
+and the training benchmark (gemma-rvq and the vector-quantize-pytorch baseline alike). The metric math is
+:mod:`gemma_rvq.metrics.functional`; this module feeds it frames, codes and reconstructions.
+
+A model is scored through two calls, ``encode_frames(x [n, D]) -> codes [n, Q]`` and
+``decode_frames(codes [n, k]) -> reconstruction [n, D]`` (the first k levels): a ``GemmaRVQModel`` is
+adapted by :class:`GemmaRVQFrameCodec` (its public ``encode(embeddings=...)`` / ``decode``); any other
+quantizer can be scored by passing an object with those two methods and ``num_quantizers`` /
+``codebook_size`` attributes (a :class:`FrameCodec`).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Iterable, Sequence
+from typing import Any, Protocol, runtime_checkable
 
 import torch
-from tqdm.auto import tqdm
+from torch import nn
 
 from .audio import decode_audio, prepare_waveform
+
+__all__ = [
+    "LEVEL_ERROR_KEYS",
+    "FrameCodec",
+    "GemmaRVQFrameCodec",
+    "as_frame_codec",
+    "embed_audio_files",
+    "evaluate_audio_files",
+    "evaluate_frames",
+    "metric_plots",
+]
+
+#: The reconstruction metrics reported after each number of levels in ``level_errors``.
+LEVEL_ERROR_KEYS: tuple[str, ...] = ("mse", "nmse", "fvu", "cosine_similarity", "centred_cosine_similarity")
+
+
+@runtime_checkable
+class FrameCodec(Protocol):
+    """What :func:`evaluate_frames` needs of a quantizer (frames are rows, all valid)."""
+
+    num_quantizers: int
+    codebook_size: int
+
+    def encode_frames(self, frames: torch.Tensor) -> torch.Tensor:
+        """``FloatTensor [n, D]`` -> ``LongTensor [n, Q]``."""
+
+    def decode_frames(self, codes: torch.Tensor) -> torch.Tensor:
+        """``LongTensor [n, k]`` (the first k <= Q levels) -> ``FloatTensor [n, D]``."""
+
+
+class GemmaRVQFrameCodec:
+    """A ``GemmaRVQModel`` seen as a :class:`FrameCodec`, through its public ``encode`` / ``decode``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.num_quantizers = int(model.config.num_quantizers)
+        self.codebook_size = int(model.config.codebook_size)
+
+    def encode_frames(self, frames: torch.Tensor) -> torch.Tensor:
+        return self.model.encode(embeddings=frames[None]).audio_codes[0].t()  # [1, Q, n] -> [n, Q]
+
+    def decode_frames(self, codes: torch.Tensor) -> torch.Tensor:
+        return self.model.decode(codes.t()[None]).embeddings[0]  # [n, k] -> [1, k, n] -> [n, D]
+
+
+def as_frame_codec(model: Any) -> FrameCodec:
+    """``model`` itself when it already is a :class:`FrameCodec`, else a :class:`GemmaRVQFrameCodec`."""
+    if isinstance(model, FrameCodec):
+        return model
+    if hasattr(model, "config") and hasattr(model, "encode") and hasattr(model, "decode"):
+        return GemmaRVQFrameCodec(model)
+    raise ValueError(f"cannot score a {type(model).__name__}: expected a GemmaRVQModel or an object with "
+                     "encode_frames, decode_frames, num_quantizers and codebook_size")
+
+
+def _device_of(model: Any) -> torch.device:
+    module = model.model if isinstance(model, GemmaRVQFrameCodec) else model
+    if isinstance(module, nn.Module):
+        for tensor in list(module.parameters()) + list(module.buffers()):
+            return tensor.device
+    return torch.device("cpu")
+
+
+@torch.no_grad()
+def evaluate_frames(model: Any, frames: torch.Tensor | Iterable[torch.Tensor], *, chunk_size: int = 8192,
+                    per_level: bool = True, mean: torch.Tensor | None = None) -> dict[str, Any]:
+    """Every metric of :mod:`gemma_rvq.metrics.functional` of ``model`` on encoder frames.
+
+    Args:
+        model: a ``GemmaRVQModel`` or a :class:`FrameCodec`.
+        frames: ``FloatTensor [N, D]`` (streamed ``chunk_size`` rows at a time), or an iterable of
+            ``[n_i, D]`` chunks (e.g. one per audio file; then ``mean`` is required, since the centred
+            cosine needs the centring vector before the first chunk).
+        per_level: also score the reconstruction from the first k levels, k = 1..Q.
+        mean: ``[D]`` centring vector of the centred cosine (default: the mean of ``frames``).
+
+    Returns:
+        ``num_frames, mse, nmse, fvu, cosine_similarity, centred_cosine_similarity`` (all Q levels),
+        ``num_code_frames, codebook_utilization(_per_level), codebook_perplexity(_per_level),
+        pooled_perplexity``, ``code_counts`` (``LongTensor [Q, K]``; drop it before writing JSON) and,
+        with ``per_level``, ``level_errors = {"num_quantizers": [1..Q], "mse": [...], ...}`` (one value
+        per k, keys :data:`LEVEL_ERROR_KEYS`; the last entry equals the top-level number). Streaming is
+        exact: the result equals the one-shot metrics over all frames (float64 sums).
+    """
+    from .metrics.functional import RVQStatsAccumulator
+
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if isinstance(frames, torch.Tensor):
+        if frames.dim() != 2:
+            raise ValueError(f"frames must be [N, D], got shape {list(frames.shape)}")
+        if frames.shape[0] == 0:
+            raise ValueError("no frames to evaluate")
+        if mean is None:
+            mean = frames.double().mean(0)
+        chunks: Iterable[torch.Tensor] = frames.split(chunk_size)
+    else:
+        if mean is None:
+            raise ValueError("streaming frames in chunks needs the centring vector: pass mean=[D]")
+        chunks = frames
+    module = model if isinstance(model, nn.Module) else getattr(model, "model", None)
+    was_training = bool(getattr(module, "training", False))
+    if isinstance(module, nn.Module):
+        module.eval()
+    codec = as_frame_codec(model)
+    device = _device_of(codec)
+    q, k = codec.num_quantizers, codec.codebook_size
+    levels = list(range(1, q + 1)) if per_level else [q]
+    accs = {lv: RVQStatsAccumulator(k, mean=mean) for lv in levels}
+    try:
+        for chunk in chunks:
+            for piece in chunk.split(chunk_size):
+                x = piece.to(device=device, dtype=torch.float32)
+                codes = codec.encode_frames(x).long()  # [n, Q]
+                if codes.shape != (x.shape[0], q):
+                    raise ValueError(f"encode_frames returned shape {list(codes.shape)}, expected "
+                                     f"[{x.shape[0]}, {q}]")
+                target = x.cpu()
+                for lv in levels:
+                    recon = codec.decode_frames(codes[:, :lv]).float().cpu()
+                    accs[lv].update(prediction=recon, target=target,
+                                    codes=codes.t().unsqueeze(0).cpu() if lv == q else None)
+    finally:
+        if isinstance(module, nn.Module):
+            module.train(was_training)
+    if accs[q].num_frames == 0:
+        raise ValueError("no frames to evaluate")
+    out: dict[str, Any] = accs[q].compute()
+    out["code_counts"] = accs[q].counts  # [Q, K] long tensor (dropped from JSON logs; used for plots)
+    if per_level:
+        per = [accs[lv].compute() for lv in levels]
+        out["level_errors"] = {"num_quantizers": levels, **{m: [p[m] for p in per] for m in LEVEL_ERROR_KEYS}}
+    return out
+
+
+def metric_plots(folder: str | os.PathLike, metrics: dict[str, Any]) -> list[str]:
+    """``code_usage.png`` (per-level code histograms) and ``level_errors.png`` (error vs levels used) of
+    one :func:`evaluate_frames` result, written into ``folder``."""
+    from .metrics import plots
+
+    out = []
+    if isinstance(metrics.get("code_counts"), torch.Tensor):
+        out.append(plots.plot_code_usage(metrics["code_counts"], os.path.join(folder, "code_usage.png")))
+    if "level_errors" in metrics:
+        errors = {k: v for k, v in metrics["level_errors"].items()
+                  if k in ("num_quantizers", "mse", "fvu", "cosine_similarity")}
+        out.append(plots.plot_level_errors(errors, os.path.join(folder, "level_errors.png")))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- audio
 
 
 @torch.no_grad()
@@ -32,6 +190,8 @@ def embed_audio_files(model: Any, files: Sequence[str | os.PathLike], *, batch_s
         waves.append(prepare_waveform(array, rate, model.sampling_rate, name=str(path)))
     order = sorted(range(len(waves)), key=lambda i: len(waves[i]))
     frames = []
+    from tqdm.auto import tqdm
+
     for start in tqdm(range(0, len(order), batch_size), desc="Encoding audio", unit="batch"):
         batch = [waves[i] for i in order[start : start + batch_size]]
         embeddings, mask = model.embed(batch, sampling_rate=model.sampling_rate)
@@ -42,10 +202,9 @@ def embed_audio_files(model: Any, files: Sequence[str | os.PathLike], *, batch_s
 def evaluate_audio_files(
     model: Any, files: Sequence[str | os.PathLike], *, batch_size: int = 16
 ) -> dict[str, Any]:
-    """RVQ quality of ``model`` on ``files``: MSE, NMSE, FVU, cosine (raw and centred), utilization and
-    perplexity (overall and per level) and the error after each number of levels, as a JSON-ready dict."""
-    from .training.trainer import evaluate_frames
-
+    """RVQ quality of ``model`` on ``files``: :func:`evaluate_frames` of their encoder frames (MSE, NMSE,
+    FVU, cosine raw and centred, utilization and perplexity overall and per level, and the error after
+    each number of levels), as a JSON-ready dict."""
     frames = embed_audio_files(model, files, batch_size=batch_size)
     results = evaluate_frames(model, frames)
     results.pop("code_counts", None)

@@ -2,7 +2,8 @@
 
 * :mod:`.config`    ``RVQTrainingConfig`` (YAML / command line)
 * :mod:`.cache`     the embedding cache: sharded fp16 frames on disk, resumable writing, shuffled streaming
-* :mod:`.trainer`   ``RVQTrainer`` (accelerate), data-driven init, evaluation, checkpoints, plots
+* :mod:`.trainer`   ``RVQTrainer`` (accelerate), data-driven init, checkpoints, plots (scores come from
+                    :func:`gemma_rvq.evaluation.evaluate_frames`)
 * :mod:`.averaging` element-wise checkpoint averaging
 * :mod:`.pipeline`  ``train_rvq(config)``: everything behind ``examples/train_rvq.py``
 """
@@ -17,10 +18,18 @@ from .cache import (
     finalize_cache,
 )
 from .config import RVQTrainingConfig, parse_args
-from .pipeline import build_model, load_audio_splits, prepare_cache, train_rvq
+from .pipeline import (
+    TINY_ENCODER_CONFIG,
+    build_model,
+    load_audio_splits,
+    prepare_cache,
+    tiny_encoder_model_config,
+    train_rvq,
+)
 from .trainer import RVQTrainer, TrainResult, evaluate_frames, find_latest_checkpoint, initialize_from_sample
 
 __all__ = [
+    "TINY_ENCODER_CONFIG",
     "EmbeddingCache",
     "EmbeddingCacheWriter",
     "FrameStream",
@@ -39,5 +48,6 @@ __all__ = [
     "load_audio_splits",
     "parse_args",
     "prepare_cache",
+    "tiny_encoder_model_config",
     "train_rvq",
 ]

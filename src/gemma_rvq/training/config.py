@@ -40,7 +40,8 @@ class RVQTrainingConfig:
     )
     tiny_encoder: bool = field(
         default=False,
-        metadata={"help": "Bundle a tiny random Gemma 4 audio encoder (gemma_rvq.testing): offline smoke runs."},
+        metadata={"help": "Bundle a tiny random Gemma 4 audio encoder (gemma_rvq.training.pipeline.TINY_ENCODER_CONFIG, width "
+                          "model_config['dim']): offline smoke runs."},
     )
 
     # ---------------------------------------------------------------- data

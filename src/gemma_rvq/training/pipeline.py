@@ -18,9 +18,34 @@ logger = logging.getLogger(__name__)
 _AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3", ".ogg", ".opus", ".m4a", ".aiff", ".aif")
 
 
+#: The random Gemma 4 audio tower bundled by ``tiny_encoder: true`` (offline smoke runs, the demo): the real
+#: front end (128 mel bins, two stride-2 convolutions, 25 frames/s; the first subsampling conv keeps 128
+#: channels, which the Gemma 4 code assumes) and a 2-layer body of width ``dim``.
+TINY_ENCODER_CONFIG: dict[str, Any] = {"num_hidden_layers": 2, "num_attention_heads": 2,
+                                       "subsampling_conv_channels": [128, 16], "output_proj_dims": 96}
+
+
+def tiny_encoder_model_config(dim: int = 64, **model_config: Any) -> Any:
+    """A ``GemmaRVQConfig`` bundling a tiny random Gemma 4 audio encoder of hidden size ``dim``
+    (:data:`TINY_ENCODER_CONFIG`); ``model_config`` are further ``GemmaRVQConfig`` fields (2 levels of
+    16 codes unless given)."""
+    from transformers import Gemma4AudioConfig, Gemma4AudioFeatureExtractor
+
+    from .. import GemmaRVQConfig
+
+    for key in ("encoder_family", "encoder_name_or_path", "encoder_config", "feature_extractor_config"):
+        model_config.pop(key, None)
+    encoder = Gemma4AudioConfig(hidden_size=dim, **TINY_ENCODER_CONFIG)
+    values = {"encoder_layer": None, "num_quantizers": 2, "codebook_size": 16, **model_config}
+    return GemmaRVQConfig(encoder_family="gemma4_audio", encoder_name_or_path=None, dim=dim,
+                          encoder_config=encoder.to_dict(),
+                          feature_extractor_config=Gemma4AudioFeatureExtractor().to_dict(), **values)
+
+
 def build_model(config: RVQTrainingConfig) -> Any:
     """A fresh ``GemmaRVQModel`` from ``model_config`` (+ a bundled tiny encoder with ``tiny_encoder``),
-    or an existing checkpoint (``model_name_or_path``) to continue from."""
+    or an existing checkpoint (``model_name_or_path``) to continue from. Fresh weights are seeded by
+    ``config.seed`` (the global RNG state is left untouched)."""
     from transformers import AutoModel
 
     from .. import GemmaRVQConfig, GemmaRVQModel
@@ -31,14 +56,13 @@ def build_model(config: RVQTrainingConfig) -> Any:
         return AutoModel.from_pretrained(config.model_name_or_path)
     kwargs = dict(config.model_config or {})
     if config.tiny_encoder:
-        from ..testing import tiny_rvq_model
-
-        dim = int(kwargs.pop("dim", 64))
-        for key in ("encoder_family", "encoder_name_or_path", "encoder_config"):
-            kwargs.pop(key, None)
-        return tiny_rvq_model("gemma4_audio", seed=config.seed, encoder_kwargs={"hidden_size": dim}, **kwargs)
-    torch.manual_seed(config.seed)
-    return GemmaRVQModel(GemmaRVQConfig(**kwargs))
+        model_config = tiny_encoder_model_config(int(kwargs.pop("dim", 64)), **kwargs)
+    else:
+        model_config = GemmaRVQConfig(**kwargs)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        model = GemmaRVQModel(model_config)
+    return model.eval() if config.tiny_encoder else model
 
 
 def _resolve_paths(ds: Any, column: str, root: str) -> Any:

@@ -11,7 +11,7 @@ One optimiser step = one batch of ``batch_size`` frames per process from a :clas
 * before step 1: :func:`initialize_from_sample` (identity/PCA in-projection, k-means codebooks,
   least-squares out-projection); every ``dead_code_restart_steps``: dead codes re-seeded from the
   current batch's (held-in) residuals;
-* every ``eval_steps``: the metrics of :mod:`gemma_rvq.metrics.functional` on the dev cache; ``best``
+* every ``eval_steps``: :func:`gemma_rvq.evaluation.evaluate_frames` on the dev cache; ``best``
   (lowest dev MSE) is saved; every ``save_steps``: a checkpoint (accelerate state + stream position +
   weights); at the end ``final`` and ``averaged`` (mean of the last ``average_last_n`` checkpoints).
 
@@ -37,6 +37,9 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+# evaluate_frames and metric_plots live in gemma_rvq.evaluation; imported here they stay importable from
+# gemma_rvq.training.trainer, their old home
+from ..evaluation import evaluate_frames, metric_plots
 from .averaging import average_checkpoints
 from .cache import EmbeddingCache, FrameStream
 from .config import RVQTrainingConfig
@@ -129,51 +132,6 @@ def initialize_from_sample(model: nn.Module, sample: torch.Tensor, *, num_iters:
     err = (recon.float() - x).pow(2)
     _broadcast_module(model)
     return {"init_mse": float(err.mean()), "init_fvu": float(err.sum() / (x - x.mean(0)).pow(2).sum())}
-
-
-# ---------------------------------------------------------------------------------------------- eval
-
-
-@torch.no_grad()
-def evaluate_frames(model: nn.Module, frames: torch.Tensor, *, chunk_size: int = 8192,
-                    per_level: bool = True) -> dict[str, Any]:
-    """Every metric of :mod:`gemma_rvq.metrics.functional` of ``model`` on frames ``[N, D]``.
-
-    Streams ``chunk_size`` frames at a time through ``project_in -> quantizer.encode`` and decodes with
-    the first k levels for k = 1..Q (``per_level``), accumulating with ``RVQStatsAccumulator``: the
-    result equals the one-shot metrics over all N frames. Centred cosine is centred by the mean of
-    ``frames``. Keys: ``mse, nmse, fvu, cosine_similarity, centred_cosine_similarity,
-    codebook_utilization(_per_level), codebook_perplexity(_per_level), pooled_perplexity`` and, with
-    ``per_level``, ``level_errors`` = ``{"num_quantizers", "mse", "fvu", ...}`` lists over k, and
-    ``code_counts`` (``LongTensor [Q, K]``).
-    """
-    from ..metrics.functional import RVQStatsAccumulator
-
-    was_training = model.training
-    model.eval()
-    device = _device(model)
-    q, k = model.config.num_quantizers, model.config.codebook_size
-    mean = frames.double().mean(0)
-    levels = range(1, q + 1) if per_level else [q]
-    accs = {lv: RVQStatsAccumulator(k, mean=mean) for lv in levels}
-    try:
-        for start in range(0, frames.shape[0], chunk_size):
-            x = frames[start:start + chunk_size].to(device=device, dtype=torch.float32)
-            codes = model.quantizer.encode(model.project_in(x).float())  # [n, Q]
-            for lv in levels:
-                recon = model.project_out(model.quantizer.decode(codes[:, :lv])).float()
-                accs[lv].update(prediction=recon.cpu(), target=x.cpu(),
-                                codes=codes.t().unsqueeze(0).cpu() if lv == q else None)
-    finally:
-        model.train(was_training)
-    out: dict[str, Any] = accs[q].compute()
-    out["code_counts"] = accs[q].counts  # [Q, K] long tensor (dropped from JSON logs; used for plots)
-    if per_level:
-        per = [accs[lv].compute() for lv in levels]
-        out["level_errors"] = {"num_quantizers": list(levels),
-                               **{m: [p[m] for p in per] for m in ("mse", "nmse", "fvu", "cosine_similarity",
-                                                                   "centred_cosine_similarity")}}
-    return out
 
 
 # ---------------------------------------------------------------------------------------------- state
@@ -630,16 +588,3 @@ def plot_loss_curves(output_dir: str, state: TrainerState) -> str | None:
     path = os.path.join(output_dir, "loss_curves.png")
     fig.savefig(path, dpi=100)
     return path
-
-
-def metric_plots(folder: str, metrics: dict[str, Any]) -> list[str]:
-    """``code_usage.png`` (per-level code histograms) and ``level_errors.png`` (error vs levels used)."""
-    from ..metrics import plots
-
-    out = []
-    if isinstance(metrics.get("code_counts"), torch.Tensor):
-        out.append(plots.plot_code_usage(metrics["code_counts"], os.path.join(folder, "code_usage.png")))
-    if "level_errors" in metrics:
-        errors = {k: v for k, v in metrics["level_errors"].items() if k in ("mse", "fvu", "cosine_similarity")}
-        out.append(plots.plot_level_errors(errors, os.path.join(folder, "level_errors.png")))
-    return out
