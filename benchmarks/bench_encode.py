@@ -35,7 +35,7 @@ from collections.abc import Callable
 
 import torch
 
-from gemma_rvq import quantization
+from gemma_rvq import search
 from gemma_rvq.quantization import ResidualQuantizer
 
 
@@ -131,7 +131,7 @@ def _gemm_pass(kind: str, x: torch.Tensor, weights, biases, chunk: int) -> None:
     version of how ``encode`` runs on CPU.
     """
     if kind == "onednn-streams":
-        pool = quantization._search_pool(torch.get_num_threads())
+        pool = search._search_pool(torch.get_num_threads())
 
         def task(start: int) -> None:
             with torch.no_grad():
@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> None:
     gemm_kinds = {"addmm": (weights, biases)}
     if device.type == "cpu" and torch.backends.mkldnn.is_available():
         gemm_kinds["onednn"] = (list(rq._search_tables().weight), biases)
-        if torch.get_num_threads() > 1 and quantization._openmp_threads():
+        if torch.get_num_threads() > 1 and search._openmp_threads():
             gemm_kinds["onednn-streams"] = gemm_kinds["onednn"]
     # GEMM kernel/chunk sweep on a slice, then the best one on the full input
     probe = x[: min(n, 4096)]

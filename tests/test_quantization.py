@@ -514,7 +514,7 @@ def test_non_finite_input_is_rejected_with_row_index():
 
 @pytest.mark.parametrize("k", [2048, 5000, 97, 64])
 def test_two_stage_cpu_argmax_equals_torch_argmax_including_ties(k):
-    from gemma_rvq.quantization import _argmax_block
+    from gemma_rvq.search import _argmax_block
 
     rq = ResidualQuantizer(4, 1, k)
     tables = rq._search_tables()

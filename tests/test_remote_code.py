@@ -15,6 +15,7 @@ import gemma_rvq
 
 REMOTE_FILES = (
     "configuration_gemma_rvq.py", "modeling_gemma_rvq.py", "encoders.py", "audio.py", "quantization.py", "bounds.py",
+    "search.py", "kmeans.py",
 )
 # huggingface_hub is a hard dependency of transformers (its `@strict` config validation lives there).
 ALLOWED_THIRD_PARTY = {"torch", "numpy", "transformers", "huggingface_hub"}

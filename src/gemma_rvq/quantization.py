@@ -1,18 +1,17 @@
-"""Residual vector quantizer: exact chunked nearest-code search, EMA or learnable codebooks.
+"""Residual vector quantizer: EMA or learnable codebooks, usage balancing, dead-code restarts.
 
 Shapes: ``N`` frames, ``Q`` levels (``num_quantizers``), ``K`` codes per level (``codebook_size``),
 ``Dc`` code dimension (``dim``). Inputs are flat valid frames ``[N, Dc]``; codes are ``LongTensor [N, Q]``.
 
-This file is copied next to saved checkpoints (remote code), so it imports only torch, numpy and its flat
-sibling ``bounds`` (the accepted settings, shared with ``GemmaRVQConfig``) at module level.
+The nearest-code search lives in ``search.py`` and k-means in ``kmeans.py``: this module is about
+learning the codebooks. All are copied next to saved checkpoints (remote code), so they import only
+torch, numpy and their flat siblings (``search``, ``kmeans``, ``bounds``: the accepted settings, shared
+with ``GemmaRVQConfig``) at module level.
 """
 
 from __future__ import annotations
 
 import math
-import os
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .bounds import check_quantizer
+from .kmeans import kmeans
+from .search import _exact_fp32, _search, _SearchTables
 
 __all__ = ["ResidualQuantizer", "ResidualQuantizerOutput", "kmeans"]
 
@@ -57,195 +58,6 @@ def _dist_world_size() -> int:
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size()
     return 1
-
-
-class _exact_fp32:
-    """Context: IEEE fp32 matmuls (no TF32 on CUDA, no bf16/tf32 oneDNN math on CPU), restored on exit."""
-
-    def __enter__(self):
-        self._saved: list = []
-        root = getattr(torch.backends, "fp32_precision", "none")
-        for backend in (torch.backends.cuda.matmul, getattr(torch.backends.mkldnn, "matmul", None)):
-            prec = getattr(backend, "fp32_precision", None)
-            if prec is not None:
-                effective = root if prec == "none" else prec  # "none" inherits the global setting
-                if effective not in ("ieee", "none"):
-                    self._saved.append((backend, "fp32_precision", prec))
-                    backend.fp32_precision = "ieee"
-            elif backend is torch.backends.cuda.matmul and torch.backends.cuda.matmul.allow_tf32:
-                self._saved.append((backend, "allow_tf32", True))  # torch < 2.9
-                backend.allow_tf32 = False
-        return self
-
-    def __exit__(self, *exc):
-        for backend, name, value in reversed(self._saved):
-            setattr(backend, name, value)
-        return False
-
-
-def _onednn_usable(device: torch.device) -> bool:
-    return (device.type == "cpu" and torch.backends.mkldnn.is_available() and torch._C._get_mkldnn_enabled()
-            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
-
-
-class _SearchTables:
-    """Per-codebook-version search state: fp32 codebooks ``[Q, K, Dc]``, ``-|c|^2/2`` ``[Q, K]``, kernel.
-
-    ``scores(r, level)`` returns ``r @ C_level^T - |c|^2/2`` ``[n, K]`` (fp32), whose row argmax is the
-    nearest code. On CPU the oneDNN linear kernel (weight = codebook, bias = ``-|c|^2/2``) is used when
-    available: with MKL's sgemm as the alternative it is the faster of the two on the machines measured
-    (up to 2x on AMD, see docs/benchmarks.md) and gives the same fp32 result up to rounding. Elsewhere
-    (CUDA, ...) it is one ``addmm``.
-    """
-
-    def __init__(self, key: tuple, codebooks: Tensor, backend: str) -> None:
-        self.key = key
-        # Holding the source keeps its storage alive, so its address (part of the key) cannot be reused
-        # by a replacement tensor while this entry exists.
-        self.source = codebooks
-        self.device = codebooks.device
-        self.weight = codebooks.float().contiguous()
-        self.bias = (-0.5 * self.weight.square().sum(-1)).contiguous()
-        if backend == "auto":
-            backend = "onednn" if _onednn_usable(self.device) else "addmm"
-        elif backend == "onednn" and not _onednn_usable(self.device):
-            raise ValueError(f"search_backend='onednn' is not available on device {self.device}")
-        elif backend not in ("onednn", "addmm"):
-            raise ValueError(f"search_backend must be 'auto', 'onednn' or 'addmm', got {backend!r}")
-        self.backend = backend
-        self.block = _argmax_block(codebooks.shape[1]) if self.device.type == "cpu" else 0
-        if backend == "onednn":
-            # The dense fp32 weight is passed as is: a plain-layout oneDNN copy measured no faster and costs
-            # another Q*K*Dc*4 bytes; prepacking for one batch size gained ~3%.
-            linear = torch.ops.mkldnn._linear_pointwise
-            weight = list(self.weight)
-            bias = list(self.bias)
-            self.scores = lambda r, level: linear(r, weight[level], bias[level], "none", [], "")
-        else:
-            weight_t = [w.t() for w in self.weight]
-            bias = list(self.bias)
-            self.scores = lambda r, level: torch.addmm(bias[level], r, weight_t[level])
-
-    def argmax(self, scores: Tensor) -> Tensor:
-        """Row argmax of ``scores [n, K]`` (first maximum, as ``torch.argmax``).
-
-        On CPU ``torch.argmax`` runs about 20x slower than ``amax`` (index tracking is not vectorised),
-        ~10% of the GEMM time at K=2048. Two stages give the identical result: the maxima of blocks of
-        ``B`` columns (``amax``, vectorised), the first block holding the row maximum, then the first
-        maximum inside that block.
-        """
-        b = self.block
-        if not b:
-            return scores.argmax(dim=1)
-        n, k = scores.shape
-        blocks = scores.view(n, k // b, b)
-        which = blocks.amax(dim=2).argmax(dim=1)  # [n]
-        inside = blocks.gather(1, which.view(n, 1, 1).expand(n, 1, b)).squeeze(1).argmax(dim=1)
-        return which * b + inside
-
-
-def _argmax_block(k: int) -> int:
-    """Block width for the two-stage CPU argmax: the divisor of ``k`` in [16, 256] closest to 64 (0: none)."""
-    divisors = [b for b in range(16, 257) if k % b == 0 and k // b >= 2]
-    return min(divisors, key=lambda b: abs(b - 64)) if divisors else 0
-
-
-def _search_block(tables: _SearchTables, x: Tensor, levels: range, step: int, residual: bool) -> Tensor:
-    """Codes ``[len(levels), n]`` of ``x [n, Dc]``, ``step`` rows at a time (one thread of work)."""
-    out = torch.empty(len(levels), x.shape[0], dtype=torch.long, device=tables.device)
-    last = len(levels) - 1
-    for start in range(0, x.shape[0], step):
-        r = x[start:start + step].to(device=tables.device, dtype=torch.float32, copy=True)
-        for i, level in enumerate(levels):
-            idx = tables.argmax(tables.scores(r, level))
-            out[i, start:start + step] = idx
-            if residual and i < last:
-                r.sub_(tables.weight[level].index_select(0, idx))
-    return out
-
-
-def _search(tables: _SearchTables, x: Tensor, levels: range, step: int, residual: bool) -> Tensor:
-    """Exact (residual) nearest-code search -> codes ``[len(levels), N]``.
-
-    Why pipelines: per chunk and level the work is one GEMM and then an argmax, a gather and a
-    subtraction. Run with all torch threads, each of those small ops is its own parallel region with a
-    barrier, and together they cost a large fraction of the GEMM time (measured: ~40% at 2 threads on a
-    busy machine). On CPU with the oneDNN kernel, chunks are therefore handed to a pool of ``T =
-    torch.get_num_threads()`` threads that each run single-threaded end to end: no barriers, and the
-    small ops of one pipeline overlap the GEMMs of the others. Codes are identical either way.
-    """
-    n = x.shape[0]
-    workers = _pipeline_workers(tables, n)
-    with _exact_fp32():
-        if workers <= 1:
-            return _search_block(tables, x, levels, step, residual)
-        pool = _search_pool(workers)
-        if pool is None:
-            return _search_block(tables, x, levels, step, residual)
-        block = step if n >= workers * step else -(-n // workers)
-        inference = torch.is_inference_mode_enabled()
-
-        def task(start: int) -> Tensor:
-            # grad / inference mode are thread-local: carry the caller's over
-            with torch.inference_mode(inference), torch.no_grad():
-                return _search_block(tables, x[start:start + block], levels, step, residual)
-
-        return torch.cat(list(pool.map(task, range(0, n, block))), dim=1)
-
-
-_MIN_ROWS_PER_WORKER = 16
-_POOL_LOCK = threading.Lock()
-_POOL: tuple[int, int, ThreadPoolExecutor | None] | None = None  # (pid, size, pool)
-
-
-def _pipeline_workers(tables: _SearchTables, n: int) -> int:
-    if tables.backend != "onednn" or tables.device.type != "cpu" or not _openmp_threads():
-        return 1
-    return max(1, min(torch.get_num_threads(), n // _MIN_ROWS_PER_WORKER))
-
-
-def _openmp_threads() -> bool:
-    """True when torch's intra-op threads are OpenMP, whose team size is per calling thread."""
-    global _OPENMP
-    if _OPENMP is None:
-        _OPENMP = "parallel backend: OpenMP" in torch.__config__.parallel_info()
-    return _OPENMP
-
-
-_OPENMP: bool | None = None
-
-
-def _search_pool(size: int) -> ThreadPoolExecutor | None:
-    """A process-wide pool of ``size`` threads whose torch ops run single-threaded (None if unusable).
-
-    ``torch.set_num_threads(1)`` in a pool thread sets that thread's OpenMP team size only, but it also
-    sets MKL's process-wide thread count: the caller's count is restored once all pool threads are set
-    up. Recreated after ``fork`` (threads do not survive it) and when the thread count changes.
-    """
-    global _POOL
-    with _POOL_LOCK:
-        pid = os.getpid()
-        if _POOL is not None and _POOL[0] == pid and _POOL[1] == size:
-            return _POOL[2]
-        if _POOL is not None and _POOL[0] == pid and _POOL[2] is not None:
-            _POOL[2].shutdown(wait=False)
-        saved = torch.get_num_threads()
-        pool: ThreadPoolExecutor | None = ThreadPoolExecutor(size, thread_name_prefix="gemma-rvq-search")
-        barrier = threading.Barrier(size, timeout=60)
-
-        def setup(_: int) -> None:
-            torch.set_num_threads(1)
-            barrier.wait()  # keeps each thread busy until all have run exactly one setup
-
-        try:
-            list(pool.map(setup, range(size)))
-        except threading.BrokenBarrierError:
-            pool.shutdown(wait=False)
-            pool = None
-        finally:
-            torch.set_num_threads(saved)
-        _POOL = (pid, size, pool)
-        return pool
 
 
 class ResidualQuantizer(nn.Module):
@@ -683,93 +495,3 @@ class ResidualQuantizer(nn.Module):
         if bool(dead.any()):  # the dead set is global: every rank takes this branch together
             self._broadcast_state()
         return total
-
-
-# ---------------------------------------------------------------------- k-means
-def _nearest_centroid(x: Tensor, centroids: Tensor, chunk_size: int) -> tuple[Tensor, Tensor]:
-    """Exact nearest centroid ``[N]`` and squared distance ``[N]`` (fp32, chunked)."""
-    bias = -0.5 * centroids.square().sum(-1)
-    idx = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
-    dist2 = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
-    for start in range(0, x.shape[0], chunk_size):
-        xc = x[start:start + chunk_size]
-        best, arg = torch.addmm(bias, xc, centroids.t()).max(dim=1)
-        idx[start:start + chunk_size] = arg
-        # |x - c|^2 = |x|^2 - 2 (x.c - |c|^2/2); clamp tiny negative rounding
-        dist2[start:start + chunk_size] = (xc.square().sum(-1) - 2 * best).clamp_min_(0)
-    return idx, dist2
-
-
-@torch.no_grad()
-def kmeans(x: Tensor, k: int, *, num_iters: int = 20, generator: torch.Generator | None = None,
-           chunk_size: int = 1024, tol: float = 1e-6, n_local_trials: int | None = None,
-           init: Tensor | str = "kmeans++") -> tuple[Tensor, Tensor]:
-    """Greedy k-means++ seeding (as scikit-learn) then Lloyd iterations on ``x [N, D]`` (any device, fp32).
-
-    ``init``: ``"kmeans++"``, ``"random"`` (k distinct random points: much cheaper for large ``k``) or
-    explicit centroids ``[k, D]``. Clusters that end up empty are re-seeded from the
-    points farthest from their current centroid. Stops early when the relative inertia improvement
-    falls below ``tol``. Returns ``(centroids [k, D], assignments [N])``.
-    """
-    if x.dim() != 2:
-        raise ValueError(f"x must be [N, D], got {tuple(x.shape)}")
-    n = x.shape[0]
-    if n < k:
-        raise ValueError(f"k-means needs at least k={k} points, got {n}")
-    x = x.float()
-    device = x.device
-    if isinstance(init, Tensor):
-        if init.shape != (k, x.shape[1]):
-            raise ValueError(f"init must have shape {(k, x.shape[1])}, got {tuple(init.shape)}")
-        centroids = init.to(device=device, dtype=torch.float32, copy=True)
-    elif init == "kmeans++":
-        centroids = _kmeans_plusplus(x, k, generator, n_local_trials)
-    elif init == "random":
-        gdev = generator.device if generator is not None else torch.device("cpu")
-        centroids = x[torch.randperm(n, generator=generator, device=gdev)[:k].to(device)].clone()
-    else:
-        raise ValueError(f"init must be 'kmeans++', 'random' or a [k, D] tensor, got {init!r}")
-    prev_inertia, prev_assign = math.inf, None
-    for _ in range(max(num_iters, 1)):
-        assign, d2 = _nearest_centroid(x, centroids, chunk_size)
-        inertia = float(d2.sum())
-        if prev_assign is not None and (torch.equal(assign, prev_assign)
-                                        or prev_inertia - inertia <= tol * prev_inertia):
-            break  # converged: the centroids are already the means of this assignment (or close enough)
-        counts = torch.bincount(assign, minlength=k).float()
-        sums = torch.zeros_like(centroids).index_add_(0, assign, x)
-        empty = counts == 0
-        centroids = torch.where(empty.unsqueeze(1), centroids, sums / counts.clamp_min(1).unsqueeze(1))
-        n_empty = int(empty.sum())
-        if n_empty:
-            # re-seed at the points worst served by their current centroid
-            centroids[empty] = x[d2.topk(n_empty).indices]
-            prev_assign = None
-        else:
-            prev_assign = assign
-        prev_inertia = inertia
-    else:
-        assign, _ = _nearest_centroid(x, centroids, chunk_size)
-    return centroids, assign
-
-
-def _kmeans_plusplus(x: Tensor, k: int, generator: torch.Generator | None, n_local_trials: int | None) -> Tensor:
-    """Greedy k-means++: at each step ``2 + log k`` candidates drawn by D^2 sampling, keep the best."""
-    n, device = x.shape[0], x.device
-    gdev = generator.device if generator is not None else torch.device("cpu")
-    trials = n_local_trials or (2 + int(math.log(k)))
-    sq = x.square().sum(-1)
-    centroids = torch.empty(k, x.shape[1], device=device)
-    first = int(torch.randint(n, (1,), generator=generator, device=gdev))
-    centroids[0] = x[first]
-    closest = (sq - 2 * (x @ x[first]) + sq[first]).clamp_min_(0)
-    for i in range(1, k):
-        cum = closest.cumsum(0)
-        r = torch.rand(trials, generator=generator, device=gdev).to(device) * cum[-1]
-        cand = torch.searchsorted(cum, r).clamp_max_(n - 1)
-        cand_d = (sq[cand].unsqueeze(1) - 2 * (x[cand] @ x.t()) + sq.unsqueeze(0)).clamp_min_(0)  # [trials, N]
-        pot = torch.minimum(closest.unsqueeze(0), cand_d)
-        best = int(pot.sum(1).argmin())
-        closest = pot[best]
-        centroids[i] = x[cand[best]]
-    return centroids
