@@ -162,3 +162,69 @@ def test_peak_ram_does_not_grow_with_corpus(tmp_path):
         rss[scale] = maxrss_kb / 1024
     data_growth_mb = 3 * 50_000 * 256 * 2 / 2**20  # 73 MB more data on disk
     assert rss[4] - rss[1] < 0.25 * data_growth_mb, rss
+
+
+# ---------------------------------------------------------------------------------------------- audio input
+# The issue-10 audio-input cases through build_embedding_cache (it reads audio only through gemma_rvq.audio).
+@pytest.fixture(scope="module")
+def tiny_model():
+    from gemma_rvq.testing import tiny_rvq_model
+
+    return tiny_rvq_model(num_quantizers=2, codebook_size=16, seed=0).eval()
+
+
+def _speech(seconds: float = 1.0, rate: int = 16000) -> np.ndarray:
+    t = np.arange(int(seconds * rate)) / rate
+    return (0.3 * np.sin(2 * np.pi * 220 * t) * np.sin(2 * np.pi * 3 * t)).astype(np.float32)
+
+
+def _build(model, rows, path, **kwargs):
+    from datasets import Dataset
+
+    from gemma_rvq.training.cache import build_embedding_cache
+
+    return build_embedding_cache(model, Dataset.from_dict({"audio": rows}), path, progress=False, **kwargs)
+
+
+def test_cache_audio_input_int_pcm_needs_a_width(tiny_model, tmp_path):
+    wave = _speech()
+    pcm = np.round(wave * 32767).astype(np.int16)
+    ref = _build(tiny_model, [{"array": pcm.astype(np.float32) / 32768, "sampling_rate": 16000}], tmp_path / "f")
+    rows = [{"array": pcm, "sampling_rate": 16000}]  # Arrow hands the int16 samples back as int64
+    with pytest.raises(ValueError, match=r"row 0 \('audio'\).*pcm_dtype='int16'"):
+        _build(tiny_model, rows, tmp_path / "refused")
+    cache = _build(tiny_model, rows, tmp_path / "declared", pcm_dtype="int16")
+    assert torch.equal(cache.sample_frames(None), ref.sample_frames(None))
+
+
+@pytest.mark.parametrize(
+    ("row", "match"),
+    [
+        ({"array": _speech() * 32767, "sampling_rate": 16000}, "float samples reach"),
+        ({"array": _speech(), "sampling_rate": 16}, r"\[1000, 384000\].*did you mean 16000 Hz"),
+        ({"array": _speech(), "sampling_rate": 0}, r"\[1000, 384000\]"),
+    ],
+    ids=["unscaled-float", "rate-16", "rate-0"],
+)
+def test_cache_audio_input_refusals_name_the_row(tiny_model, tmp_path, row, match):
+    good = {"array": _speech(), "sampling_rate": 16000}
+    with pytest.raises(ValueError, match=rf"row 1 \('audio'\).*{match}"):
+        _build(tiny_model, [good, row], tmp_path / "c")
+
+
+def test_cache_truncated_wav_and_stereo(tiny_model, tmp_path):
+    import soundfile
+
+    from gemma_rvq.training.cache import build_embedding_cache
+
+    wave = _speech(2.0)
+    full, cut = tmp_path / "full.wav", tmp_path / "cut.wav"
+    soundfile.write(full, np.stack([wave, wave], axis=1), 16000, subtype="PCM_16")  # stereo file
+    cut.write_bytes(full.read_bytes()[: full.stat().st_size // 2])
+    cache = build_embedding_cache(tiny_model, [str(full)], tmp_path / "ok", progress=False)
+    assert cache.num_utterances == 1  # one utterance for the two channels
+    decoded = soundfile.read(full, dtype="float32")[0].mean(axis=1)
+    mono = _build(tiny_model, [{"array": decoded, "sampling_rate": 16000}], tmp_path / "m")
+    assert torch.equal(cache.sample_frames(None), mono.sample_frames(None))
+    with pytest.raises(ValueError, match=r"row 1 .*truncated"):
+        build_embedding_cache(tiny_model, [str(full), str(cut)], tmp_path / "bad", progress=False)

@@ -103,3 +103,122 @@ def test_push_detects_repo_type(tmp_path, model_dir):
     space.mkdir()
     (space / "README.md").write_text("---\nsdk: gradio\napp_file: app.py\n---\n# metric\n")
     assert repo_type_of(space) == "space"
+
+
+# ---------------------------------------------------------------------------------------------- audio input
+# The issue-10 audio-input cases through `gemma-rvq tokenize` and `gemma-rvq evaluate`.
+def _bad_files(folder: Path) -> dict[str, Path]:
+    import numpy as np
+    import soundfile
+
+    wave, rate = soundfile.read(CLIPS[0], dtype="float32")
+    files = {}
+    files["unscaled-float"] = folder / "loud.wav"
+    soundfile.write(files["unscaled-float"], wave * 32767, rate, subtype="FLOAT")  # int16 values as floats
+    files["rate-16"] = folder / "sixteen.wav"
+    soundfile.write(files["rate-16"], wave, 16, subtype="PCM_16")
+    full = folder / "full.wav"
+    soundfile.write(full, wave, rate, subtype="PCM_16")
+    files["truncated"] = folder / "cut.wav"
+    files["truncated"].write_bytes(full.read_bytes()[: full.stat().st_size // 3])
+    files["stereo"] = folder / "stereo.wav"
+    soundfile.write(files["stereo"], np.stack([wave, wave[::-1]], axis=1), rate, subtype="PCM_16")
+    return files
+
+
+MESSAGES = {"unscaled-float": "float samples reach", "rate-16": r"\[1000, 384000\]", "truncated": "truncated"}
+
+
+@pytest.mark.parametrize("case", list(MESSAGES))
+@pytest.mark.parametrize("command", ["tokenize", "evaluate"])
+def test_bad_audio_files_fail_with_one_clear_line(model_dir, tmp_path, capsys, case, command):
+    import re
+
+    path = _bad_files(tmp_path)[case]
+    extra = ["-o", str(tmp_path / "out.jsonl")] if command == "tokenize" else []
+    assert main([command, str(CLIPS[0]), str(path), "-m", str(model_dir), *extra]) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("gemma-rvq")]  # not progress
+    assert len(err) == 1 and err[0].startswith(f"gemma-rvq {command}: error:")
+    assert re.search(MESSAGES[case], err[0]) and path.name in err[0]
+
+
+def test_stereo_file_is_one_row(model_dir, tmp_path):
+    path = _bad_files(tmp_path)["stereo"]
+    out = tmp_path / "tokens.jsonl"
+    assert main(["tokenize", str(path), "-m", str(model_dir), "-o", str(out)]) == 0
+    assert len(out.read_text().splitlines()) == 1
+    assert main(["evaluate", str(path), "-m", str(model_dir)]) == 0
+
+
+def test_tokenize_int_pcm_dataset_needs_pcm_dtype(model_dir, tmp_path, capsys):
+    import datasets
+    import numpy as np
+    import soundfile
+
+    wave, rate = soundfile.read(CLIPS[0], dtype="int16")
+    folder = tmp_path / "pcm"
+    datasets.Dataset.from_dict({"audio": [wave], "sr": [rate]}).save_to_disk(str(folder))
+    base = ["tokenize", "--dataset", str(folder), "--sampling-rate-column", "sr", "-m", str(model_dir)]
+    assert main([*base, "-o", str(tmp_path / "a.jsonl")]) == 1
+    assert "pcm_dtype='int16'" in capsys.readouterr().err
+    assert main([*base, "--pcm-dtype", "int16", "-o", str(tmp_path / "b.jsonl")]) == 0
+    assert main(["tokenize", str(CLIPS[0]), "-m", str(model_dir), "-o", str(tmp_path / "c.jsonl")]) == 0
+    row_int, row_file = (json.loads((tmp_path / n).read_text()) for n in ("b.jsonl", "c.jsonl"))
+    assert row_int["semantic_tokens"] == row_file["semantic_tokens"]  # int16 scaled like the file's samples
+    assert np.asarray(wave).dtype == np.int16
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv", ".parquet", ""])
+def test_tokenize_writes_the_format_the_suffix_names(model_dir, tmp_path, suffix):
+    import datasets
+    import pandas as pd
+
+    out = tmp_path / f"tokens{suffix}"
+    assert main(["tokenize", *map(str, CLIPS[:2]), "-m", str(model_dir), "-o", str(out), "--codes"]) == 0
+    if suffix == "":
+        rows = datasets.load_from_disk(str(out)).to_list()
+    elif suffix == ".jsonl":
+        rows = [json.loads(line) for line in out.read_text().splitlines()]
+    elif suffix == ".json":
+        rows = json.loads(out.read_text())
+    elif suffix == ".csv":
+        rows = pd.read_csv(out).to_dict("records")
+        for row in rows:
+            row["audio_codes"] = json.loads(row["audio_codes"])
+    else:
+        rows = pd.read_parquet(out).to_dict("records")
+        for row in rows:
+            row["audio_codes"] = [list(level) for level in row["audio_codes"]]
+    assert out.is_dir() == (suffix == "")
+    assert [r["file"] for r in rows] == list(map(str, CLIPS[:2]))
+    assert all(r["semantic_tokens"].startswith("<|") and len(r["audio_codes"]) == 2 for r in rows)
+
+
+def test_tokenize_refuses_an_unknown_suffix_before_any_work(model_dir, tmp_path, capsys):
+    assert main(["tokenize", str(CLIPS[0]), "-m", str(model_dir), "-o", str(tmp_path / "x.txt")]) == 1
+    assert "cannot tell the output format" in capsys.readouterr().err
+    assert not (tmp_path / "x.txt").exists()
+
+
+@pytest.mark.parametrize("offline", [True, False], ids=["HF_HUB_OFFLINE", "unreachable"])
+def test_offline_hub_id_and_mistyped_path_fail_within_seconds(tmp_path, monkeypatch, capsys, offline):
+    import time
+
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", offline)
+    if not offline:  # a Hub endpoint that refuses connections, whatever network this machine has
+        monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", "http://127.0.0.1:9/{repo_id}/resolve/{revision}/{filename}")
+    for command in (["tokenize", str(CLIPS[0]), "-o", str(tmp_path / "o.jsonl")], ["evaluate", str(CLIPS[0])]):
+        start = time.perf_counter()
+        assert main([*command, "-m", "someone/not-cached-rvq"]) == 1
+        assert time.perf_counter() - start < 5  # the retries this replaces took 46-54 s
+        err = capsys.readouterr().err
+        assert "someone/not-cached-rvq" in err and "GEMMA_RVQ_MODEL" in err and "HF_HUB_OFFLINE" in err
+    for bad in ("./no-such-rvq", "no/such/rvq", str(tmp_path / "missing")):
+        start = time.perf_counter()
+        assert main(["info", bad]) == 1 and main(["evaluate", str(CLIPS[0]), "-m", bad]) == 1
+        assert time.perf_counter() - start < 5
+        assert capsys.readouterr().err.count("no such checkpoint file or folder") == 2

@@ -332,3 +332,111 @@ def test_dtype_runs_on_a_copy_and_is_part_of_the_identity(model, files, expected
     assert next(model.parameters()).dtype == torch.float32  # the caller's model is never cast
     assert SpeechTokenizer(model)({"audio": files[:1]})["semantic_tokens"] == [expected[0][0]]
     assert Hasher.hash(tok) != Hasher.hash(SpeechTokenizer(model))
+
+
+# ---------------------------------------------------------------------------------------------- audio input
+# The issue-10 audio-input cases through the transform (the unit cases and model.encode: test_audio.py).
+BAD_RATES = [True, "16000", float("nan"), float("inf"), 0, -16000, 16, 999, 384_001]
+
+
+def _stereo(files) -> list[np.ndarray]:
+    out = []
+    for f in files:
+        wave = decode_audio(f)[0]
+        out.append(np.stack([wave, 0.5 * wave[::-1]]))  # [C, S], two different channels
+    return out
+
+
+def test_stereo_row_is_one_example_batched_or_not(model, files):
+    stereo = _stereo(files[:2])
+    mono = [s.mean(axis=0) for s in stereo]
+    ref = [direct(model, m, 22050)[0] for m in mono]
+    ds = Dataset.from_dict({"audio": [s.tolist() for s in stereo], "sr": [22050, 22050]})
+    tok = SpeechTokenizer(model, sampling_rate_column="sr")
+    assert ds.map(tok)["semantic_tokens"] == ref  # batched=False: one string per row, not per channel
+    assert ds.map(tok, batched=True, batch_size=2)["semantic_tokens"] == ref
+    assert ds.with_format("numpy").map(tok)["semantic_tokens"] == ref
+    # one example given directly: a [C, S] array / tensor is one multi-channel example
+    assert tok({"audio": stereo[0], "sr": 22050})["semantic_tokens"] == ref[0]
+    fixed = SpeechTokenizer(model, sampling_rate=22050)
+    assert fixed({"audio": torch.from_numpy(stereo[1])})["semantic_tokens"] == ref[1]
+    assert fixed({"audio": stereo})["semantic_tokens"] == ref  # a list of them is a batch
+
+
+@pytest.mark.parametrize("form", ["python ints", "torch.int64", "arrow int64"])
+def test_int64_samples_through_the_transform(model, files, form):
+    wave = decode_audio(files[0])[0]
+    pcm = np.round(wave * 32767).astype(np.int16)
+    ref = direct(model, pcm, 22050)[0]  # int16 scaled by its own width
+    value = {"python ints": pcm.tolist(), "torch.int64": torch.from_numpy(pcm.astype(np.int64)),
+             "arrow int64": None}[form]
+    if form == "arrow int64":
+        ds = Dataset.from_dict({"audio": [pcm], "sr": [22050]})
+        refuse = SpeechTokenizer(model, sampling_rate_column="sr")
+        with pytest.raises(ValueError, match=r"row 0\b.*pcm_dtype='int16'"):
+            ds.map(refuse, batched=True, with_indices=True)
+        accept = SpeechTokenizer(model, sampling_rate_column="sr", pcm_dtype="int16")
+        assert ds.map(accept, batched=True)["semantic_tokens"] == [ref]
+        return
+    with pytest.raises(ValueError, match="no PCM width"):
+        SpeechTokenizer(model, sampling_rate=22050).tokenize([value])
+    assert SpeechTokenizer(model, sampling_rate=22050, pcm_dtype="int16").tokenize([value])["semantic_tokens"] == [ref]
+
+
+def test_unscaled_float_row_is_refused_naming_the_peak(model, files):
+    wave = decode_audio(files[0])[0]
+    loud = (wave * 32767).astype(np.float32)  # int16 PCM cast to float without scaling
+    ds = Dataset.from_dict({"audio": [{"array": wave, "sampling_rate": 22050},
+                                      {"array": loud, "sampling_rate": 22050}]})
+    with pytest.raises(ValueError, match=rf"row 1\b.*float samples reach {np.abs(loud).max():.6g}"):
+        ds.map(SpeechTokenizer(model), batched=True, with_indices=True)
+    out = ds.map(SpeechTokenizer(model, on_error="skip"), batched=True)
+    assert out["semantic_tokens"][1] == "" and "float samples reach" in out["semantic_tokens_error"][1]
+
+
+@pytest.mark.parametrize("rate", BAD_RATES, ids=repr)
+def test_bad_sampling_rates_are_refused(model, files, rate):
+    with pytest.raises(ValueError, match=r"\[1000, 384000\]"):
+        SpeechTokenizer(model, sampling_rate=rate)
+    wave = decode_audio(files[0])[0]
+    with pytest.raises(ValueError, match=r"row 0\b.*\[1000, 384000\]"):
+        SpeechTokenizer(model, sampling_rate_column="sr")({"audio": [wave], "sr": [rate]}, [0])
+    with pytest.raises(ValueError, match=r"\[1000, 384000\]"):
+        SpeechTokenizer(model)({"audio": [{"array": wave, "sampling_rate": rate}]})
+
+
+def test_truncated_wav_row_is_refused(model, files, tmp_path):
+    wave = decode_audio(files[0])[0]
+    buffer = tmp_path / "clip.wav"
+    soundfile.write(buffer, wave, 22050, subtype="PCM_16")
+    data = buffer.read_bytes()
+    ds = Dataset.from_dict({"audio": [{"bytes": data, "path": None}, {"bytes": data[: len(data) // 3], "path": None}]})
+    ds = ds.cast_column("audio", Audio(decode=False))
+    with pytest.raises(ValueError, match=r"row 1\b.*truncated"):
+        ds.map(SpeechTokenizer(model), batched=True, with_indices=True)
+
+
+def test_mistyped_local_path_fails_at_once(tmp_path, files):
+    import time
+
+    (tmp_path / "runs").mkdir()
+    for name in ("./no-such-rvq", str(tmp_path / "missing"), "a/b/c", str(tmp_path / "runs" / "rvq")):
+        start = time.perf_counter()
+        with pytest.raises(FileNotFoundError, match="no such checkpoint file or folder"):
+            SpeechTokenizer(name)({"audio": files[:1]})
+        assert time.perf_counter() - start < 5
+
+
+def test_offline_hub_id_fails_at_once_naming_the_model(monkeypatch, tmp_path, files):
+    import time
+
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    monkeypatch.setenv(MODEL_ENV_VAR, "someone/not-cached-rvq")
+    start = time.perf_counter()
+    with pytest.raises(OSError, match="someone/not-cached-rvq") as info:
+        SpeechTokenizer()({"audio": files[:1]})
+    assert time.perf_counter() - start < 5
+    assert "GEMMA_RVQ_MODEL" in str(info.value) and "HF_HUB_OFFLINE" in str(info.value)

@@ -27,9 +27,7 @@ def _add_model_argument(parser: argparse.ArgumentParser) -> None:
 def _load_model(name_or_path: str, device: str | None = None):
     from .convert import load_any
 
-    if name_or_path.startswith(("/", ".", "~")) and not Path(name_or_path).expanduser().exists():
-        raise FileNotFoundError(f"no such checkpoint folder or file: {name_or_path}")
-    model = load_any(str(Path(name_or_path).expanduser()) if Path(name_or_path).expanduser().exists() else name_or_path)
+    model = load_any(name_or_path)  # a mistyped local path fails at once, never tried as a Hub id
     if device:
         model.to(device)
     return model.eval()
@@ -54,6 +52,8 @@ def _audio_files(inputs: Sequence[str]) -> list[Path]:
 def _load_input_dataset(args: argparse.Namespace):
     import datasets
 
+    from .audio import undecoded
+
     if args.dataset:
         path = Path(args.dataset)
         if path.is_dir() and any((path / name).exists() for name in ("state.json", "dataset_dict.json")):
@@ -62,14 +62,43 @@ def _load_input_dataset(args: argparse.Namespace):
             ds = datasets.load_dataset(args.dataset, args.dataset_config, split=args.split)
         if isinstance(ds, datasets.DatasetDict):
             ds = ds[args.split]
-        if args.audio_column in ds.column_names and isinstance(ds.features[args.audio_column], datasets.Audio):
-            # datasets decodes audio only through torchcodec; we decode with soundfile ourselves.
-            ds = ds.cast_column(args.audio_column, datasets.Audio(decode=False))
-        return ds
+        return undecoded(ds, args.audio_column)  # gemma_rvq.audio decodes, not datasets (torchcodec)
     files = _audio_files(args.inputs)
     return datasets.Dataset.from_dict(
         {"file": [str(f) for f in files], args.audio_column: [{"path": str(f), "bytes": None} for f in files]}
     )
+
+
+OUTPUT_FORMATS = {".jsonl": "JSON lines", ".json": "a JSON array", ".csv": "CSV", ".parquet": "Parquet"}
+
+
+def _output_format(output: Path) -> str:
+    """The file suffix ``-o`` names (one of :data:`OUTPUT_FORMATS`), or ``""`` for a save_to_disk folder."""
+    suffix = output.suffix.lower()
+    if suffix in OUTPUT_FORMATS:
+        return suffix
+    if not suffix or output.is_dir():
+        return ""
+    formats = ", ".join(f"{s} ({name})" for s, name in OUTPUT_FORMATS.items())
+    raise ValueError(f"cannot tell the output format of {output}: name a folder (no suffix: save_to_disk) or a "
+                     f"file ending in {formats}")
+
+
+def _write_output(ds, output: Path, fmt: str) -> None:
+    if fmt == "":
+        ds.save_to_disk(str(output))
+    elif fmt in (".jsonl", ".json"):
+        ds.to_json(str(output), lines=fmt == ".jsonl", force_ascii=False, **({} if fmt == ".jsonl" else {"orient": "records"}))
+    elif fmt == ".csv":
+        # nested lists (the codes) as JSON text: CSV has no list type
+        from datasets import Value
+
+        nested = [c for c, f in ds.features.items() if not isinstance(f, Value)]
+        if nested:
+            ds = ds.map(lambda row: {c: json.dumps(row[c]) for c in nested}, desc="Codes as JSON text")
+        ds.to_csv(str(output), index=False)
+    else:
+        ds.to_parquet(str(output))
 
 
 def cmd_tokenize(args: argparse.Namespace) -> int:
@@ -77,23 +106,23 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
 
     if not args.inputs and not args.dataset:
         raise ValueError("give audio files/folders, or --dataset")
+    output = Path(args.output)
+    output_format = _output_format(output)  # refuse an unknown suffix before any work
     ds = _load_input_dataset(args)
     tokenizer = SpeechTokenizer(
         _load_model(args.model, args.device),
         format=args.format,
         audio_column=args.audio_column,
+        sampling_rate_column=args.sampling_rate_column,
+        pcm_dtype=args.pcm_dtype,
         return_codes=args.codes,
         return_num_frames=True,
         num_quantizers=args.num_quantizers,
         on_error=args.on_error,
     )
-    out = ds.map(tokenizer, batched=True, batch_size=args.batch_size, desc="Tokenizing speech")
+    out = ds.map(tokenizer, batched=True, batch_size=args.batch_size, with_indices=True, desc="Tokenizing speech")
     out = out.remove_columns([c for c in [args.audio_column] if c in out.column_names])
-    output = Path(args.output)
-    if output.suffix == ".jsonl":
-        out.to_json(str(output), lines=True, force_ascii=False)
-    else:
-        out.save_to_disk(str(output))
+    _write_output(out, output, output_format)
     print(f"wrote {len(out)} rows to {output}")
     return 0
 
@@ -198,13 +227,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset-config", default=None, help="dataset configuration name")
     p.add_argument("--split", default="train", help="dataset split (default: train)")
     p.add_argument("--audio-column", default="audio", help="audio column of the dataset (default: audio)")
+    p.add_argument(
+        "--sampling-rate-column", default=None, help="column with the sampling rate of raw-array audio"
+    )
+    p.add_argument(
+        "--pcm-dtype",
+        default=None,
+        choices=["int8", "int16", "int32", "uint8"],
+        help="width of integer PCM samples (a dataset's int16 audio arrives as int64 and needs this)",
+    )
     p.add_argument("--format", default="gemma_rvq", help="token format preset: gemma_rvq, ichigo, spire")
     p.add_argument("--num-quantizers", type=int, default=None, help="render only the first k levels")
     p.add_argument("--codes", action="store_true", help="also write the integer codes")
     p.add_argument("--batch-size", type=int, default=64, help="examples per map batch")
     p.add_argument("--device", default=None, help="torch device (default: cpu)")
     p.add_argument("--on-error", choices=["raise", "skip"], default="raise", help="bad audio: stop, or skip")
-    p.add_argument("--output", "-o", required=True, help="output: a folder (save_to_disk) or a .jsonl file")
+    p.add_argument(
+        "--output",
+        "-o",
+        required=True,
+        help="output: a folder (save_to_disk), or a .jsonl, .json, .csv or .parquet file (other suffixes are refused)",
+    )
     p.set_defaults(func=cmd_tokenize)
 
     p = sub.add_parser(

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from huggingface_hub.errors import LocalEntryNotFoundError
 from transformers.utils import logging
 
 from .configuration_gemma_rvq import GemmaRVQConfig
@@ -38,13 +39,16 @@ __all__ = [
     "DEFAULT_SEED_REPO",
     "DEFAULT_SPIRE_ENCODER",
     "DEFAULT_SPIRE_LAYER",
+    "HubUnreachableError",
     "SeedLayout",
     "add_arguments",
+    "check_hub_source",
     "convert_main",
     "convert_seed_state_dict",
     "convert_spire_kmeans",
     "load_any",
     "load_seed_checkpoint",
+    "looks_like_local_path",
     "match_seed_layout",
     "read_seed_checkpoint",
     "run",
@@ -353,17 +357,92 @@ def _hub_download(repo_id: str, filename: str, **kwargs: Any) -> str:
     return hf_hub_download(repo_id, filename, **kwargs)
 
 
+_WEIGHT_FILE_SUFFIXES = (".pt", ".pth", ".npy", ".safetensors", ".bin", ".joblib", ".pkl", ".ckpt")
+_OFFLINE_HINT = (
+    "Offline, pass a local checkpoint folder instead (or set GEMMA_RVQ_MODEL=/path/to/folder for "
+    "tokenize_speech); with the model already in the Hugging Face cache, set HF_HUB_OFFLINE=1."
+)
+_REACHABLE: set[str] = set()
+
+
+class HubUnreachableError(LocalEntryNotFoundError):
+    """A Hub file that is not cached while the Hub cannot be reached (offline mode, no network): raised at
+    once, naming the repo, ``GEMMA_RVQ_MODEL`` and ``HF_HUB_OFFLINE``."""
+
+
+def looks_like_local_path(name: str) -> bool:
+    """True when ``name`` can only mean a local path, never a Hub repo id (``./x``, ``/x``, ``~/x``, ``x/y/z``,
+    a weights-file suffix, ``runs/x`` where ``runs/`` exists, or anything that is not a valid repo id)."""
+    if name.startswith(("/", "./", "../", "~", ".\\", "..\\")) or "\\" in name or name in (".", ".."):
+        return True
+    if name.lower().endswith(_WEIGHT_FILE_SUFFIXES):
+        return True
+    parts = name.split("/")
+    if len(parts) > 2 or (len(parts) == 2 and Path(parts[0]).is_dir()):
+        return True
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return True
+    return False
+
+
+def _check_hub_reachable(repo_id: str, filename: str, revision: str | None) -> None:
+    """Fail within seconds, naming ``repo_id``, when the Hub cannot be reached for a file that is not cached
+    (``hf_hub_download`` itself retries network errors for close to a minute before it gives up)."""
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url, is_offline_mode
+    from huggingface_hub.errors import HfHubHTTPError
+
+    if is_offline_mode():
+        raise HubUnreachableError(
+            f"cannot load {repo_id!r}: HF_HUB_OFFLINE is set and {filename} of {repo_id!r} is not in the local "
+            f"Hugging Face cache. {_OFFLINE_HINT}"
+        )
+    if repo_id in _REACHABLE:
+        return
+    try:
+        get_hf_file_metadata(hf_hub_url(repo_id, filename, revision=revision), timeout=10)
+    except HfHubHTTPError:  # the Hub answered (404, 401...): the download reports it as usual
+        pass
+    except Exception as err:  # network errors: DNS, refused connection, timeout
+        raise HubUnreachableError(
+            f"cannot load {repo_id!r}: the Hugging Face Hub is unreachable ({type(err).__name__}: {err}) and "
+            f"{filename} of {repo_id!r} is not in the local cache. {_OFFLINE_HINT}"
+        ) from err
+    _REACHABLE.add(repo_id)
+
+
+def check_hub_source(name: str, filename: str = "config.json", revision: str | None = None) -> None:
+    """Before ``name`` (not an existing local path) is looked up on the Hub: a ``FileNotFoundError`` at once
+    when it looks like a local path, an ``OSError`` naming it at once when the Hub cannot be reached and
+    ``filename`` is not cached."""
+    if looks_like_local_path(name):
+        raise FileNotFoundError(
+            f"no such checkpoint file or folder: {name} (it looks like a local path, so it is not looked up on "
+            "the Hugging Face Hub)"
+        )
+    from huggingface_hub import try_to_load_from_cache
+
+    if try_to_load_from_cache(name, filename, revision=revision) is None:
+        _check_hub_reachable(name, filename, revision)
+
+
 def _hub_file(repo_id: str, filename: str, **kwargs: Any) -> str | None:
     """Download ``filename`` from a Hub repo; None when the repo has no such file.
 
-    Only "the repo has no such file" becomes None: being offline or a missing repo still raises.
+    Only "the repo has no such file" becomes None: being offline or a missing repo still raises (offline:
+    at once, with an ``OSError`` naming the repo, ``GEMMA_RVQ_MODEL`` and ``HF_HUB_OFFLINE``).
     """
     from huggingface_hub import try_to_load_from_cache
-    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+    from huggingface_hub.errors import EntryNotFoundError
 
     cached = try_to_load_from_cache(repo_id, filename, revision=kwargs.get("revision"))
     if cached is not None and not isinstance(cached, str):  # the cache remembers the file does not exist
         return None
+    if cached is None:
+        _check_hub_reachable(repo_id, filename, kwargs.get("revision"))
     try:
         return _hub_download(repo_id, filename, **kwargs)
     except LocalEntryNotFoundError:
@@ -660,10 +739,18 @@ def load_any(name_or_path: str | os.PathLike | GemmaRVQModel, *, revision: str |
 
     Raises:
         ValueError: nothing recognisable at ``name_or_path`` (the message says what was found).
+        FileNotFoundError: ``name_or_path`` looks like a local path (``./x``, ``/x``, ``x/y/z``...) and does
+            not exist; it is not tried as a Hub id.
+        OSError: a Hub id that is not cached while the Hub is unreachable or ``HF_HUB_OFFLINE`` is set
+            (at once, naming the id).
     """
     if isinstance(name_or_path, GemmaRVQModel):
         return name_or_path
-    path = Path(name_or_path)
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        name_or_path = str(path)
+    elif looks_like_local_path(os.fspath(name_or_path)):
+        check_hub_source(os.fspath(name_or_path))
     if path.is_file():
         if path.suffix == ".pt":
             return load_seed_checkpoint(path, verbose=verbose, **kwargs)
@@ -676,8 +763,6 @@ def load_any(name_or_path: str | os.PathLike | GemmaRVQModel, *, revision: str |
         seed_config = path / SEED_CONFIG_NAME
         seed_files = sorted(p.name for p in path.glob("rvq_*.pt"))
     else:
-        from huggingface_hub.errors import LocalEntryNotFoundError
-
         errors: list[Exception] = []
 
         def probe(filename: str) -> str | None:

@@ -464,10 +464,9 @@ def _ensure_model_card(folder: Path, state: dict) -> str | None:
 
 
 def _load_clip(corpus: Path, relative: str, target_sr: int):
-    from .audio import decode_audio, prepare_waveform
+    from .audio import load_waveform
 
-    wave, rate = decode_audio(corpus / relative)
-    return prepare_waveform(wave, rate, target_sr, name=relative)
+    return load_waveform(corpus / relative, target_sr, name=relative)
 
 
 def _evaluate_dev(model, corpus: Path, utterances: list[dict]):
@@ -490,7 +489,7 @@ def _evaluate_dev(model, corpus: Path, utterances: list[dict]):
     with torch.no_grad():
         for row in dev:
             wave = _load_clip(corpus, row["file"], model.config.sampling_rate)
-            embeddings, mask = model.embed([wave])
+            embeddings, mask = model.embed([wave], sampling_rate=model.config.sampling_rate)
             out = model.quantize(embeddings, mask)
             pred = unpad_frames(out.quantized, out.codes_mask)
             ref = unpad_frames(embeddings, mask)

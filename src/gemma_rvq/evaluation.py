@@ -21,7 +21,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from .audio import decode_audio, prepare_waveform
+from .audio import load_waveform
 
 __all__ = [
     "LEVEL_ERROR_KEYS",
@@ -184,10 +184,8 @@ def embed_audio_files(model: Any, files: Sequence[str | os.PathLike], *, batch_s
     """
     if not files:
         raise ValueError("no audio files to evaluate")
-    waves = []
-    for path in files:
-        array, rate = decode_audio(path)
-        waves.append(prepare_waveform(array, rate, model.sampling_rate, name=str(path)))
+    min_samples = int(model.config.min_samples)
+    waves = [load_waveform(path, model.sampling_rate, min_samples=min_samples, name=str(path)) for path in files]
     order = sorted(range(len(waves)), key=lambda i: len(waves[i]))
     frames = []
     from tqdm.auto import tqdm

@@ -103,6 +103,10 @@ def describe_checkpoint(name_or_path: str | os.PathLike) -> dict[str, Any]:
     if not path.exists():
         from huggingface_hub import snapshot_download
 
+        from .convert import check_hub_source
+
+        check_hub_source(str(name_or_path))  # a mistyped path or an unreachable Hub fails at once
+
         path = Path(snapshot_download(str(name_or_path), allow_patterns=["*.json", "*.md", "*.safetensors", "rvq_*.pt"]))
     if path.is_file() and path.suffix == ".pt":
         return _describe_seed(path)

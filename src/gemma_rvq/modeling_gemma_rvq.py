@@ -22,7 +22,7 @@ from transformers import initialization as init
 from transformers.modeling_utils import PreTrainedAudioTokenizerBase
 from transformers.utils import ModelOutput
 
-from .audio import prepare_waveform
+from .audio import prepare_batch
 from .configuration_gemma_rvq import EncoderFrames, GemmaRVQConfig
 from .encoders import EncoderAdapter, build_encoder, build_feature_extractor, load_encoder, prepare_encoder
 from .quantization import ResidualQuantizer
@@ -292,41 +292,11 @@ class GemmaRVQModel(PreTrainedAudioTokenizerBase):
     def _to_clips(
         self, input_values: Any, padding_mask: Any, sampling_rate: int | None, adapter: EncoderAdapter
     ) -> list[np.ndarray]:
-        target = adapter.sampling_rate
-        source = target if sampling_rate is None else sampling_rate
-        if isinstance(input_values, (torch.Tensor, np.ndarray)):
-            if input_values.ndim == 1:
-                rows = [input_values]
-            elif input_values.ndim == 2:
-                rows = list(input_values)
-            else:
-                raise ValueError(
-                    f"input_values must be [B, S] or a list of 1-D waveforms, got shape {tuple(input_values.shape)}"
-                )
-            if padding_mask is not None:
-                mask = padding_mask
-                if tuple(mask.shape) != tuple(input_values.shape):
-                    raise ValueError(
-                        f"padding_mask shape {tuple(mask.shape)} does not match input_values {tuple(input_values.shape)}"
-                    )
-                mask = mask.bool() if isinstance(mask, torch.Tensor) else np.asarray(mask, dtype=bool)
-                if mask.ndim == 1:
-                    mask = mask[None]
-                rows = [row[m] for row, m in zip(rows, mask)]
-        elif isinstance(input_values, (list, tuple)):
-            if len(input_values) == 0:
-                raise ValueError("input_values is an empty list")
-            if padding_mask is not None:
-                raise ValueError("padding_mask is only meaningful with a padded [B, S] tensor, not a list")
-            rows = list(input_values)
-        else:
-            raise ValueError(
-                f"input_values must be a tensor/array [B, S] or a list of waveforms, got {type(input_values).__name__}"
-            )
-        return [
-            prepare_waveform(row, source, target, min_samples=adapter.min_samples, name=f"input {i}")
-            for i, row in enumerate(rows)
-        ]
+        # every raw-audio check (rates, PCM widths, channels, masks, lengths) lives in audio.py
+        return prepare_batch(
+            input_values, padding_mask, sampling_rate=sampling_rate,
+            target_sampling_rate=adapter.sampling_rate, min_samples=adapter.min_samples,
+        )  # fmt: skip
 
     def embed(
         self, input_values: Any, padding_mask: Any = None, *, sampling_rate: int | None = None
@@ -339,7 +309,8 @@ class GemmaRVQModel(PreTrainedAudioTokenizerBase):
                 Float or integer PCM.
             padding_mask: `[B, S]` bool, only with a padded `[B, S]` input.
             sampling_rate: rate of the input in Hz; resampled to `self.sampling_rate` when different.
-                `None` means the input is already at `self.sampling_rate`.
+                `None` takes the input to be at `self.sampling_rate` and warns (pass it). Accepted inputs
+                and the errors for the rest: `gemma_rvq.audio`.
 
         Returns:
             `(embeddings [B, T, D], mask [B, T])`, on the encoder's device, in its dtype. Audio longer than

@@ -32,6 +32,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .audio import check_pcm_dtype, check_sampling_rate, load_waveform, source_name
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "ik/speechless-twi-stage1-rvq-gemma4"
@@ -230,8 +232,8 @@ class SpeechTokenizer:
             raise ValueError(f"batch_seconds must be > 0, got {batch_seconds!r}")
         if not 0.0 <= max_padding < 1.0:
             raise ValueError(f"max_padding must be in [0, 1), got {max_padding!r}")
-        if sampling_rate is not None and sampling_rate <= 0:
-            raise ValueError(f"sampling_rate must be positive, got {sampling_rate!r}")
+        if sampling_rate is not None:
+            sampling_rate = check_sampling_rate(sampling_rate)
         self._model: torch.nn.Module | None = None
         self._model_ref: str | None = None
         self._model_digest: str | None = None
@@ -247,9 +249,7 @@ class SpeechTokenizer:
         self.audio_column = audio_column
         self.sampling_rate_column = sampling_rate_column
         self.sampling_rate = sampling_rate
-        if pcm_dtype is not None and np.dtype(pcm_dtype).kind not in "iu":
-            raise ValueError(f"pcm_dtype must be an integer dtype such as 'int16', got {pcm_dtype!r}")
-        self.pcm_dtype = str(np.dtype(pcm_dtype)) if pcm_dtype is not None else None
+        self.pcm_dtype = check_pcm_dtype(pcm_dtype)
         self.output_column = output_column
         self.return_codes = return_codes
         self.codes_column = codes_column
@@ -441,7 +441,10 @@ class SpeechTokenizer:
                 "pass audio_column=..."
             )
         values = batch[self.audio_column]
-        single = _is_single_example(values)
+        if indices is not None and not isinstance(indices, (int, np.integer)):
+            single = False  # with_indices=True on a batch: the indices are a list
+        else:
+            single = _is_single_example(batch, self.audio_column)
         if single:
             values = [values]
             indices = [indices] if indices is not None else None
@@ -470,6 +473,8 @@ class SpeechTokenizer:
         ``codes_column`` (``[Q][T]`` int arrays), ``num_frames_column`` (int), ``error_column``.
         """
         n = len(audio)
+        if sampling_rates is None and self.sampling_rate is not None:
+            sampling_rates = [self.sampling_rate] * n
         if sampling_rates is not None and len(sampling_rates) != n:
             raise ValueError(f"{len(sampling_rates)} sampling rates for {n} audio values")
         model = self.get_model(rank)
@@ -479,9 +484,10 @@ class SpeechTokenizer:
         errors: list[str | None] = [None] * n
         for i, value in enumerate(audio):
             try:
-                waves[i] = self._waveform(
-                    value, sampling_rates[i] if sampling_rates is not None else None, target_sr, min_samples
-                )
+                waves[i] = load_waveform(
+                    value, target_sr, sampling_rate=sampling_rates[i] if sampling_rates is not None else None,
+                    pcm_dtype=self.pcm_dtype, min_samples=min_samples, name=source_name(value),
+                )  # fmt: skip
             except Exception as err:  # any decoding failure is reported against its row
                 errors[i] = _describe(err)
                 self._maybe_raise(i, indices, errors[i], err)
@@ -523,71 +529,6 @@ class SpeechTokenizer:
             else f"row {i} of this batch (map with with_indices=True to get the dataset index)"
         )  # fmt: skip
         raise ValueError(f"SpeechTokenizer: {where}, column {self.audio_column!r}: {message}") from cause
-
-    def _waveform(self, value: Any, rate: int | None, target_sr: int, min_samples: int) -> np.ndarray:
-        from .audio import decode_audio, prepare_waveform, to_float_mono
-
-        if value is None:
-            raise ValueError("the audio value is missing (None)")
-        if hasattr(value, "get_all_samples"):  # torchcodec AudioDecoder and look-alikes
-            samples = value.get_all_samples()
-            data = samples.data
-            array = data.numpy() if isinstance(data, torch.Tensor) else np.asarray(data)
-            array, rate = to_float_mono(array, channels_first=True), int(samples.sample_rate)
-        elif isinstance(value, Mapping):
-            if value.get("array") is not None:
-                array, rate = value["array"], value.get("sampling_rate") or rate
-            elif value.get("bytes") is not None:
-                array, rate = decode_audio(value["bytes"])
-            elif value.get("path"):
-                array, rate = decode_audio(value["path"])
-            else:
-                raise ValueError(f"the audio dict has no 'array', 'bytes' or 'path' (keys: {sorted(value)})")
-        elif isinstance(value, (str, os.PathLike, bytes)):
-            array, rate = decode_audio(value)
-        else:
-            array = value
-        array = self._integer_width(array)
-        if rate is None:
-            raise ValueError(
-                "no sampling rate for a raw array: pass sampling_rate_column=... or sampling_rate=..."
-            )
-        return prepare_waveform(array, int(rate), target_sr, min_samples=min_samples, name="audio")
-
-    def _integer_width(self, array: Any) -> Any:
-        """Integer PCM reaches a map function as int64 (datasets keeps values, not the column's int16
-        width), which would scale to near silence: require ``pcm_dtype`` for it."""
-        if isinstance(array, (np.ndarray, torch.Tensor)):
-            kind = (
-                array.numpy().dtype
-                if isinstance(array, torch.Tensor) and array.dtype != torch.bfloat16
-                else None
-            )
-            dtype = kind if kind is not None else getattr(array, "dtype", None)
-            if not isinstance(dtype, np.dtype):
-                return array
-            is_int, wide = dtype.kind in "iu", dtype.itemsize == 8
-        elif isinstance(array, Sequence) and len(array) and isinstance(array[0], (int, np.integer)):
-            is_int, wide = not isinstance(array[0], bool), True
-        else:
-            return array
-        if not is_int:
-            return array
-        if self.pcm_dtype is None:
-            if not wide:
-                return array
-            raise ValueError(
-                "integer samples arrived as int64 / Python ints, so their PCM width is unknown (datasets "
-                "returns int16 columns as int64): pass pcm_dtype='int16' (or 'int32'), or store float samples"
-            )
-        target = np.dtype(self.pcm_dtype)
-        values = np.asarray(array.numpy() if isinstance(array, torch.Tensor) else array)
-        info = np.iinfo(target)
-        if values.size and (values.min() < info.min or values.max() > info.max):
-            raise ValueError(
-                f"integer samples in [{values.min()}, {values.max()}] do not fit pcm_dtype={self.pcm_dtype!r}"
-            )
-        return values.astype(target)
 
     def _encode(self, model, waves, errors, indices, sr: int) -> list[np.ndarray | None]:
         """Encode valid waveforms in length-sorted minibatches; codes ``[Q, T_i]`` per row, input order."""
@@ -751,14 +692,41 @@ def _configure_worker_threads(num_threads: int | None) -> None:
         torch.set_num_threads(1)
 
 
-def _is_single_example(value: Any) -> bool:
-    """True when ``value`` is one audio example rather than a batch (map with ``batched=False``)."""
+def _is_single_example(batch: Mapping[str, Any], column: str) -> bool:
+    """True when ``batch`` holds one example (``map`` with ``batched=False``, or one example given directly)
+    rather than a batch.
+
+    ``datasets`` says it for its default format (a ``LazyRow`` vs a ``LazyBatch``). Otherwise, as
+    transformers' audio feature extractors read their input: one dict, path, decoder, list of numbers or
+    1-D array is one example; a 2-D array is one multi-channel ``[C, S]`` example unless a sibling
+    column shows a batch of that many rows (numpy-formatted batches); a list of values is a batch.
+    """
+    try:
+        from datasets.formatting.formatting import LazyBatch, LazyRow
+    except ImportError:  # pragma: no cover - datasets is a dependency of gemma-rvq
+        LazyBatch = LazyRow = ()
+    if isinstance(batch, LazyRow):
+        return True
+    if isinstance(batch, LazyBatch):
+        return False
+    value = batch[column]
     if isinstance(value, (Mapping, str, bytes, os.PathLike)) or hasattr(value, "get_all_samples"):
         return True
-    if isinstance(value, np.ndarray):
-        return value.dtype != object and value.ndim == 1
-    if isinstance(value, torch.Tensor):
-        return value.ndim == 1
+    if isinstance(value, (np.ndarray, torch.Tensor)):
+        if (isinstance(value, np.ndarray) and value.dtype == object) or value.ndim > 2:
+            return False
+        if value.ndim == 2:
+            for key in batch:
+                if key == column:
+                    continue
+                sibling = batch[key]
+                if sibling is None or isinstance(sibling, (str, bytes, int, float, np.generic)) or (
+                    isinstance(sibling, (np.ndarray, torch.Tensor)) and sibling.ndim == 0
+                ):
+                    return True
+                if isinstance(sibling, (Sequence, np.ndarray, torch.Tensor)) and len(sibling) == len(value):
+                    return False
+        return True
     return bool(isinstance(value, Sequence) and len(value) and isinstance(value[0], (int, float, np.number)))
 
 

@@ -19,7 +19,6 @@ function of ``(seed, epoch, batch index)``: resuming at a batch index gives exac
 
 from __future__ import annotations
 
-import contextlib
 import glob
 import json
 import logging
@@ -374,37 +373,16 @@ class FrameStream:
 
 
 def example_waveform(value: Any, row: int, target_sampling_rate: int, *, sampling_rate: int | None = None,
-                     audio_column: str = "audio", min_samples: int = 1) -> tuple[np.ndarray, float]:
-    """One dataset cell (any accepted audio form) -> (float32 mono waveform at the target rate, seconds).
-
-    Accepts a decoded dict (``array`` + ``sampling_rate``), an ``Audio(decode=False)`` dict (``bytes``
-    and/or ``path``), an ``AudioDecoder``-like object (``get_all_samples()``), a file path, or a raw
-    array with ``sampling_rate`` given.
-    """
-    from ..audio import decode_audio, prepare_waveform
+                     audio_column: str = "audio", min_samples: int = 1,
+                     pcm_dtype: str | None = None) -> tuple[np.ndarray, float]:
+    """One dataset cell (any form :func:`gemma_rvq.audio.read_audio` accepts) -> (float32 mono waveform at
+    the target rate, seconds), through :func:`gemma_rvq.audio.load_waveform`; errors name the row."""
+    from ..audio import load_waveform, source_name
 
     name = f"row {row} ({audio_column!r})"
-    if value is None:
-        raise ValueError(f"{name}: audio is missing (None)")
-    if isinstance(value, dict):
-        if value.get("array") is not None:
-            array, sr = value["array"], value.get("sampling_rate", sampling_rate)
-        elif value.get("bytes") is not None:
-            array, sr = decode_audio(value["bytes"])
-        elif value.get("path") is not None:
-            array, sr = decode_audio(value["path"])
-        else:
-            raise ValueError(f"{name}: audio dict has no 'array', 'bytes' or 'path' (keys {sorted(value)})")
-    elif hasattr(value, "get_all_samples"):
-        samples = value.get_all_samples()
-        array, sr = np.asarray(samples.data), int(samples.sample_rate)
-    elif isinstance(value, (str, os.PathLike)):
-        array, sr = decode_audio(value)
-    else:
-        array, sr = value, sampling_rate
-    if sr is None:
-        raise ValueError(f"{name}: raw audio array without a sampling rate (pass sampling_rate)")
-    wave = prepare_waveform(array, int(sr), target_sampling_rate, name=name, min_samples=min_samples)
+    source = source_name(value, "")
+    wave = load_waveform(value, target_sampling_rate, sampling_rate=sampling_rate, pcm_dtype=pcm_dtype,
+                         min_samples=min_samples, name=f"{name}, {source}" if source else name)
     return wave, len(wave) / target_sampling_rate
 
 
@@ -437,6 +415,7 @@ def build_embedding_cache(
     world_size: int = 1,
     progress: bool = True,
     finalize: bool = True,
+    pcm_dtype: str | None = None,
 ) -> EmbeddingCache | None:
     """Run the frozen encoder (``model.embed``) over ``source`` once and write the frames to ``path``.
 
@@ -448,6 +427,8 @@ def build_embedding_cache(
             summaries: languages, voices).
         batch_size: utterances per encoder call; measure per device (batching does not help on CPU).
         rank, world_size: this process's contiguous slice of the rows (multi-GPU caching).
+        pcm_dtype: width of integer PCM samples (``"int16"``...): needed for int64 / Python-int samples
+            (see :mod:`gemma_rvq.audio`).
         finalize: with ``world_size == 1``, write ``index.json`` and return the :class:`EmbeddingCache`.
             With several processes, call :func:`finalize_cache` on one process after all finished.
 
@@ -469,12 +450,9 @@ def build_embedding_cache(
         if audio_column not in columns:
             raise ValueError(f"dataset has no audio column {audio_column!r} (columns: {sorted(columns)})")
         extra = [c for c in extra_columns if c in columns]
-        # decoding through datasets needs torchcodec: read the stored form and decode ourselves
-        with contextlib.suppress(Exception):
-            from datasets import Audio
+        from ..audio import undecoded
 
-            if isinstance(source.features[audio_column], Audio):
-                source = source.cast_column(audio_column, Audio(decode=False))
+        source = undecoded(source, audio_column)  # datasets decodes only through torchcodec: we decode
     else:
         extra = []
     was_training = model.training
@@ -495,7 +473,7 @@ def build_embedding_cache(
                 sr = cell.get(sampling_rate_column) if sampling_rate_column else None
                 wave, sec = example_waveform(cell["audio"] if is_list else cell[audio_column], r, sr_target,
                                              sampling_rate=sr, audio_column=audio_column,
-                                             min_samples=int(getattr(model.config, "min_samples", 1)))
+                                             min_samples=int(model.config.min_samples), pcm_dtype=pcm_dtype)
                 waves.append(wave)
                 secs.append(sec)
             emb, mask = model.embed(waves, sampling_rate=sr_target)
