@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -118,6 +119,105 @@ def _scatter(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return out
 
 
+# ---------------------------------------------------------------------------------------------- checkpoints
+_PROJECTION_PREFIXES = ("in_norm.", "in_proj.", "out_norm.", "out_proj.")
+
+
+def _checkpoint_files(name_or_path: Any, kwargs: dict[str, Any]) -> list[str]:
+    """The safetensors file(s) `from_pretrained` just read (a folder or the Hub cache; no new download)."""
+    import json
+
+    from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, cached_file
+
+    common = {
+        "cache_dir": kwargs.get("cache_dir"), "revision": kwargs.get("revision"), "token": kwargs.get("token"),
+        "subfolder": kwargs.get("subfolder") or "", "local_files_only": True,
+        "_raise_exceptions_for_missing_entries": False, "_raise_exceptions_for_connection_errors": False,
+    }
+    single = cached_file(str(name_or_path), SAFE_WEIGHTS_NAME, **common)
+    if single is not None:
+        return [single]
+    index = cached_file(str(name_or_path), SAFE_WEIGHTS_INDEX_NAME, **common)
+    if index is None:
+        return []
+    with open(index, encoding="utf-8") as f:
+        shards = sorted(set(json.load(f).get("weight_map", {}).values()))
+    return [path for path in (cached_file(str(name_or_path), shard, **common) for shard in shards) if path]
+
+
+def _name_keys(keys: Any, limit: int = 12) -> str:
+    """Sorted keys, at most ``limit`` of them named, plus how many more (grouped by top-level module)."""
+    keys = sorted(keys)
+    named = ", ".join(keys[:limit])
+    if len(keys) > limit:
+        groups: dict[str, int] = {}
+        for key in keys:
+            groups[key.split(".")[0]] = groups.get(key.split(".")[0], 0) + 1
+        named += f", ... ({len(keys)} in all: " + ", ".join(f"{n} under {g}.*" for g, n in groups.items()) + ")"
+    return named
+
+
+def check_loaded_checkpoint(
+    model: GemmaRVQModel, loading_info: dict[str, Any], files: list[str], *, source: str,
+    allow_missing_keys: bool = False,
+) -> None:
+    """Refuse a loaded checkpoint whose tensors cannot give the codes it was saved with.
+
+    Args:
+        model: the model `from_pretrained` built.
+        loading_info: its `output_loading_info` (`missing_keys`, `unexpected_keys`, `mismatched_keys`).
+        files: the safetensors files it was read from (for the stored dtypes).
+        source: the folder or Hub id, for the messages.
+        allow_missing_keys: accept missing / mismatched tensors (they were initialised randomly).
+
+    Raises:
+        ValueError: naming the tensors and the reason.
+    """
+    config = model.config
+    missing = set(loading_info.get("missing_keys") or ())
+    mismatched = {k[0] if isinstance(k, (tuple, list)) else k for k in loading_info.get("mismatched_keys") or ()}
+    unexpected = set(loading_info.get("unexpected_keys") or ())
+    expected_projection = {k for k in model.state_dict() if k.startswith(_PROJECTION_PREFIXES)}
+    if config.use_projection and expected_projection and expected_projection <= missing:
+        raise ValueError(f"{source}: config.json says use_projection: true, but the checkpoint holds none of the "
+                         "projection tensors (in_norm, in_proj, out_norm, out_proj): the flag contradicts the weights")
+    stray_projection = {k for k in unexpected if k.startswith(_PROJECTION_PREFIXES)}
+    if not config.use_projection and stray_projection:
+        raise ValueError(f"{source}: config.json says use_projection: false, but the checkpoint holds projection "
+                         f"tensors ({_name_keys(stray_projection)}): the flag contradicts the weights")
+    if unexpected:
+        raise ValueError(f"{source}: the checkpoint holds tensors this config does not describe "
+                         f"({_name_keys(unexpected)}); config.json does not match the weights (e.g. codebook_type, "
+                         "encoder_config or the sizes)")
+    if (missing or mismatched) and not allow_missing_keys:
+        what = "is missing tensors" if missing else "has tensors of the wrong shape"
+        raise ValueError(
+            f"{source}: the checkpoint {what} that define its codes: {_name_keys(missing | mismatched)}. Loading it "
+            "would initialise them randomly and every code would be wrong. Pass allow_missing_keys=True to "
+            "initialise them anyway (e.g. to train them)."
+        )
+    state = model.state_dict()
+    if files:
+        from safetensors import safe_open
+
+        for path in files:
+            with safe_open(path, framework="pt") as f:
+                for key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+                    if key in state and state[key].is_floating_point():
+                        dtype = f.get_slice(key).get_dtype()
+                        if not dtype.startswith(("F", "BF")):
+                            raise ValueError(f"{source}: {key} is stored as {dtype} in {os.path.basename(path)}; "
+                                             "it must be floating point (integer values would be cast silently)")
+    for key, tensor in state.items():
+        if tensor.is_floating_point() and key not in missing | mismatched:
+            # Encoders may hold infinite values on purpose (Gemma 4's clipping bounds): only NaN is refused there.
+            finite = not key.startswith("encoder.")
+            bad = int((~torch.isfinite(tensor) if finite else torch.isnan(tensor)).sum())
+            if bad:
+                what = "NaN or infinite" if finite else "NaN"
+                raise ValueError(f"{source}: {key} holds {bad} {what} values; with them every code would be wrong")
+
+
 class GemmaRVQModel(PreTrainedAudioTokenizerBase):
     """Speech tokenizer: a frozen encoder (Gemma 4 audio, HuBERT, wav2vec2 or Whisper) and a residual VQ.
 
@@ -183,11 +283,58 @@ class GemmaRVQModel(PreTrainedAudioTokenizerBase):
             module.invalidate_cache()
 
     @classmethod
-    def from_pretrained(cls, *args: Any, **kwargs: Any):
-        loaded = super().from_pretrained(*args, **kwargs)
-        model = loaded[0] if isinstance(loaded, tuple) else loaded
+    def from_pretrained(cls, pretrained_model_name_or_path: Any, *args: Any, allow_missing_keys: bool = False,
+                        **kwargs: Any):
+        """`PreTrainedModel.from_pretrained`, refusing a checkpoint that would give wrong codes.
+
+        Every tensor of a gemma-rvq checkpoint defines its codes (codebooks, projections and norms, EMA
+        statistics, a bundled encoder), so a checkpoint missing any of them is refused with the missing keys
+        named, instead of initialising them randomly as transformers would. Also refused, with the reason:
+        tensors the config does not expect (e.g. projections with `use_projection: false`), non-floating
+        tensors where the model has floating ones (integer codebooks), and NaN/inf values. Weights are read
+        from safetensors only (`use_safetensors=True` unless given): no pickle is ever loaded.
+
+        Args:
+            allow_missing_keys: explicit opt-in to initialise missing (or, with `ignore_mismatched_sizes`,
+                mismatched) tensors randomly, e.g. to train them.
+        """
+        kwargs.setdefault("use_safetensors", True)
+        return_info = kwargs.pop("output_loading_info", False)
+        try:
+            model, info = super().from_pretrained(
+                pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
+            )
+        except RuntimeError as err:  # transformers logs the shape mismatches and raises without naming them
+            if "ignore_mismatched_sizes" not in str(err) or pretrained_model_name_or_path is None:
+                raise
+            raise ValueError(cls._describe_mismatches(pretrained_model_name_or_path, kwargs)) from err
+        if pretrained_model_name_or_path is not None and kwargs.get("state_dict") is None:
+            files = _checkpoint_files(pretrained_model_name_or_path, kwargs)
+            check_loaded_checkpoint(model, info, files, source=str(pretrained_model_name_or_path),
+                                    allow_missing_keys=allow_missing_keys)
         model._freeze_encoder()
-        return loaded
+        return (model, info) if return_info else model
+
+    @classmethod
+    def _describe_mismatches(cls, name_or_path: Any, kwargs: dict[str, Any]) -> str:
+        """The tensors whose stored shape differs from what config.json describes, for the error message."""
+        from safetensors import safe_open
+
+        config = kwargs.get("config")
+        if not isinstance(config, GemmaRVQConfig):
+            config = GemmaRVQConfig.from_pretrained(name_or_path, **{
+                k: kwargs[k] for k in ("cache_dir", "revision", "token", "subfolder") if k in kwargs})
+        with torch.device("meta"):
+            expected = {k: tuple(v.shape) for k, v in cls(config).state_dict().items()}
+        wrong = []
+        for path in _checkpoint_files(name_or_path, kwargs):
+            with safe_open(path, framework="pt") as f:
+                for key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+                    shape = tuple(f.get_slice(key).get_shape())
+                    if key in expected and shape != expected[key]:
+                        wrong.append(f"{key} (stored {list(shape)}, config.json gives {list(expected[key])})")
+        return (f"{name_or_path}: tensors of the wrong shape for its config.json: {', '.join(sorted(wrong)) or '?'}; "
+                "the config does not describe these weights (e.g. codebook_size, num_quantizers, dim)")
 
     def _freeze_encoder(self) -> None:
         for encoder in (self.encoder, self._lazy_encoder):
@@ -538,4 +685,5 @@ __all__ = [
     "GemmaRVQModel",
     "GemmaRVQOutput",
     "GemmaRVQQuantizerOutput",
+    "check_loaded_checkpoint",
 ]
