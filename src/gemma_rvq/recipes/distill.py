@@ -1,0 +1,521 @@
+"""Layer-aligned distillation of a speech-token LM into a shallower student (TinyWave, arXiv 2506.23670).
+
+TinyWave compresses speech-text LMs about 3x by matching, layer to layer, the teacher's hidden states,
+attention maps and temperature-softened next-token distributions. This module is that recipe over our
+token strings, as a TRL ``SFTTrainer`` subclass, so the data side (recipes, chat templates, completion-only
+labels, packing) is exactly ``examples/sft.py``'s:
+
+- :func:`build_student` keeps every ``k``-th decoder layer of the teacher (or takes an explicit list) and
+  copies its weights, embeddings and head included: the student reads the same tokenizer.
+- :func:`default_layer_map` aligns student layer ``i`` with the last teacher layer of the block it replaces.
+- The losses are plain torch functions (:func:`hidden_state_mse`, :func:`attention_kl`,
+  :func:`softened_logit_kl`, :func:`causal_lm_cross_entropy`); :class:`LayerDistillationTrainer` weighs them
+  with :class:`LayerDistillationConfig` and logs each one (``distill/ce``, ``distill/kl``, ``distill/hidden``,
+  ``distill/attention``).
+- :func:`run_distill` (the logic of ``examples/distill.py``) loads the teacher (LoRA adapters merged), builds
+  the student and the recipe's dataset, trains, and saves a plain ``AutoModelForCausalLM`` with the
+  teacher's tokenizer and its gemma-rvq metadata files, so it loads and runs wherever the teacher did.
+
+Hidden states are those transformers reports with ``output_hidden_states=True``: entry ``l + 1`` is the
+output of decoder layer ``l`` (the last one after the final norm, for teacher and student alike).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from trl import SFTConfig, SFTTrainer
+
+from .sft import RECIPE_FILE, SemanticSFTArguments, drop_long_examples, load_sft_dataset, resolve_token_format
+
+__all__ = [
+    "CARRIED_FILES",
+    "PROJECTIONS_FILE",
+    "DistillArguments",
+    "LayerDistillationConfig",
+    "LayerDistillationTrainer",
+    "attention_kl",
+    "build_distill_trainer",
+    "build_student",
+    "causal_lm_cross_entropy",
+    "decoder_layers_name",
+    "default_layer_map",
+    "hidden_state_mse",
+    "load_teacher",
+    "run_distill",
+    "save_student_metadata",
+    "softened_logit_kl",
+    "student_layers",
+]
+
+logger = logging.getLogger(__name__)
+
+# gemma-rvq metadata a model folder may carry (recipe, token format): copied from the teacher to the student
+CARRIED_FILES = (RECIPE_FILE, "semantic_format.json")
+PROJECTIONS_FILE = "distill_projections.safetensors"
+_PROJECTIONS = "distill_projections"  # attribute (and state-dict prefix) of the width projections during training
+
+
+# ---------------------------------------------------------------------------------------------- losses
+def _valid(mask: torch.Tensor | None, shape: tuple[int, int], device) -> torch.Tensor:
+    if mask is None:
+        return torch.ones(shape, dtype=torch.bool, device=device)
+    if tuple(mask.shape) != tuple(shape):
+        raise ValueError(f"mask must have shape [B, T] = {tuple(shape)}, got {tuple(mask.shape)}")
+    return mask.bool()
+
+
+def hidden_state_mse(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None = None,
+                     projection: nn.Module | None = None) -> torch.Tensor:
+    """Mean squared error between aligned hidden states, over valid positions and the teacher's width.
+
+    Args:
+        student: ``[B, T, Ds]`` hidden states of one student layer.
+        teacher: ``[B, T, Dt]`` of the aligned teacher layer.
+        mask: ``[B, T]`` (True / 1 = a real token); ``None``: every position.
+        projection: maps ``Ds -> Dt`` (a learned ``nn.Linear`` when the widths differ).
+
+    Returns:
+        A scalar: ``sum over valid (b, t) of ||proj(s) - t||^2 / (n_valid * Dt)``; 0 without valid positions.
+    """
+    if projection is not None:
+        student = projection(student)
+    if student.shape != teacher.shape:
+        raise ValueError(f"hidden states differ in shape: student {tuple(student.shape)} vs teacher "
+                         f"{tuple(teacher.shape)} (widths differ: pass a projection)")
+    valid = _valid(mask, student.shape[:2], student.device)
+    squared = (student.float() - teacher.float()).pow(2).sum(-1)  # [B, T]
+    count = valid.sum() * student.shape[-1]
+    return (squared * valid).sum() / count.clamp(min=1)
+
+
+def attention_kl(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """KL(teacher || student) between attention maps, per query row, averaged over valid queries and heads.
+
+    Args:
+        student: ``[B, Hs, T, T]`` attention probabilities (rows sum to 1) of one student layer.
+        teacher: ``[B, Ht, T, T]`` of the aligned teacher layer. When ``Hs != Ht`` both are averaged over
+            their heads first (one map per layer).
+        mask: ``[B, T]`` valid tokens; padded query rows are left out (keys are masked by the models).
+
+    Returns:
+        A scalar: ``mean over (b, h, valid query q) of sum_k t log(t / s)``; key entries where the teacher
+        puts no mass contribute 0.
+    """
+    if student.shape[1] != teacher.shape[1]:
+        student, teacher = student.mean(1, keepdim=True), teacher.mean(1, keepdim=True)
+    if student.shape != teacher.shape:
+        raise ValueError(f"attention maps differ in shape: student {tuple(student.shape)} vs teacher "
+                         f"{tuple(teacher.shape)}")
+    student, teacher = student.float(), teacher.float()
+    tiny = torch.finfo(torch.float32).tiny
+    terms = torch.where(teacher > 0, teacher * (teacher.clamp_min(tiny).log() - student.clamp_min(tiny).log()),
+                        torch.zeros((), device=teacher.device))
+    per_query = terms.sum(-1)  # [B, H, T]
+    valid = _valid(mask, (student.shape[0], student.shape[2]), student.device)[:, None, :]
+    count = valid.sum() * per_query.shape[1]
+    return (per_query * valid).sum() / count.clamp(min=1)
+
+
+def softened_logit_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor | None = None,
+                      temperature: float = 1.0) -> torch.Tensor:
+    """Hinton's distillation term: ``T^2 * KL(softmax(t / T) || softmax(s / T))``, mean over valid positions.
+
+    Args:
+        student_logits / teacher_logits: ``[B, T, V]`` (the same vocabulary; extra padded rows of either are
+            cut to the smaller ``V``).
+        mask: ``[B, T]`` positions to count; ``None``: all.
+        temperature: ``T > 0``; the ``T^2`` factor keeps gradient sizes comparable across temperatures.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    vocab = min(student_logits.shape[-1], teacher_logits.shape[-1])
+    student_log = F.log_softmax(student_logits[..., :vocab].float() / temperature, dim=-1)
+    teacher_log = F.log_softmax(teacher_logits[..., :vocab].float() / temperature, dim=-1)
+    per_position = (teacher_log.exp() * (teacher_log - student_log)).sum(-1)  # [B, T]
+    valid = _valid(mask, per_position.shape, per_position.device)
+    return temperature**2 * (per_position * valid).sum() / valid.sum().clamp(min=1)
+
+
+def causal_lm_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy: ``logits [B, T, V]`` predict ``labels [B, T]`` shifted by one; -100 ignored.
+
+    The mean over counted tokens (0 when there is none), as ``LlamaForCausalLM(labels=...)`` computes it.
+    """
+    shifted = labels[:, 1:].reshape(-1)
+    flat = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
+    counted = (shifted != -100).sum()
+    total = F.cross_entropy(flat, shifted, ignore_index=-100, reduction="sum")
+    return total / counted.clamp(min=1)
+
+
+# ---------------------------------------------------------------------------------------------- student
+def decoder_layers_name(model) -> str:
+    """Dotted name of the model's decoder-layer ``nn.ModuleList`` (e.g. ``model.layers``)."""
+    count = model.config.get_text_config().num_hidden_layers
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == count and name.split(".")[-1] == "layers":
+            return name
+    raise ValueError(f"{type(model).__name__}: no ModuleList named 'layers' of num_hidden_layers={count} "
+                     "decoder layers found; pass an explicit student model or config")
+
+
+def student_layers(num_teacher_layers: int, stride: int) -> list[int]:
+    """Teacher layers a student keeps with ``stride`` k: ``0, k, 2k, ...`` (the first layer of each block)."""
+    if stride < 1 or stride > num_teacher_layers:
+        raise ValueError(f"layer stride must be in [1, {num_teacher_layers}], got {stride}")
+    return list(range(0, num_teacher_layers, stride))
+
+
+def default_layer_map(num_student_layers: int, num_teacher_layers: int) -> list[int]:
+    """Teacher layer aligned with each student layer: the last layer of the block student layer ``i`` replaces.
+
+    ``round((i + 1) * L / S) - 1``: with ``L = k * S`` that is ``(i + 1) * k - 1``, and the last student layer
+    always meets the last teacher layer (both after the final norm). Returns ``S`` teacher indices.
+    """
+    if not 1 <= num_student_layers <= num_teacher_layers:
+        raise ValueError(f"a student of {num_student_layers} layers cannot be aligned with {num_teacher_layers} "
+                         "teacher layers")
+    return [round((i + 1) * num_teacher_layers / num_student_layers) - 1 for i in range(num_student_layers)]
+
+
+def build_student(teacher, *, layer_stride: int | None = 3, layers: list[int] | None = None):
+    """A shallower copy of ``teacher`` keeping the decoder layers ``layers`` (default: every ``layer_stride``-th).
+
+    The config is the teacher's with ``num_hidden_layers`` and every per-layer list (``layer_types``, ...)
+    cut to the kept layers; embeddings, final norm, head and the kept layers' weights are copied. Returns a
+    new model of the teacher's class, in the teacher's dtype, in train mode.
+    """
+    text_config = teacher.config.get_text_config()
+    total = text_config.num_hidden_layers
+    if layers is None:
+        if layer_stride is None:
+            raise ValueError("pass layer_stride or layers")
+        layers = student_layers(total, layer_stride)
+    layers = [int(i) for i in layers]
+    if not layers or sorted(set(layers)) != layers or layers[0] < 0 or layers[-1] >= total:
+        raise ValueError(f"layers must be increasing teacher layer indices in [0, {total}), got {layers}")
+    prefix = decoder_layers_name(teacher)
+    config = copy.deepcopy(teacher.config)
+    student_text = config.get_text_config()
+    for key, value in list(vars(student_text).items()):
+        if isinstance(value, list) and len(value) == total and key != "architectures":
+            setattr(student_text, key, [value[i] for i in layers])
+    student_text.num_hidden_layers = len(layers)
+    student = type(teacher)(config).to(teacher.dtype)
+
+    position = {t: s for s, t in enumerate(layers)}
+    pattern = re.compile(rf"^{re.escape(prefix)}\.(\d+)\.(.*)$")
+    state = {}
+    for key, value in teacher.state_dict().items():
+        match = pattern.match(key)
+        if match is None:
+            state[key] = value
+        elif int(match.group(1)) in position:
+            state[f"{prefix}.{position[int(match.group(1))]}.{match.group(2)}"] = value
+    student.load_state_dict(state, strict=True)
+    student.generation_config = copy.deepcopy(teacher.generation_config)
+    return student.train()
+
+
+# ---------------------------------------------------------------------------------------------- config
+@dataclass
+class LayerDistillationConfig(SFTConfig):
+    """``trl.SFTConfig`` plus the distillation weights (each loss is also logged unweighted).
+
+    ``loss = ce_weight * CE + kl_weight * KL_T + hidden_weight * MSE + attention_weight * KL_attn``.
+    """
+
+    ce_weight: float = field(default=1.0, metadata={"help": "Weight of the usual next-token cross-entropy."})
+    kl_weight: float = field(default=1.0, metadata={"help": "Weight of the softened-logit KL (times T^2)."})
+    hidden_weight: float = field(default=1.0, metadata={"help": "Weight of the hidden-state MSE on aligned layers."})
+    attention_weight: float = field(
+        default=1.0, metadata={"help": "Weight of the attention-map KL on aligned layers (needs eager attention)."})
+    temperature: float = field(default=2.0, metadata={"help": "Softmax temperature T of the logit KL."})
+    distill_completion_only: bool = field(
+        default=False,
+        metadata={"help": "Compute the KL / hidden / attention terms only where the labels count (the completion). "
+                          "Default: every real token, prompts included (the teacher knows them too)."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("ce_weight", "kl_weight", "hidden_weight", "attention_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+
+
+# ---------------------------------------------------------------------------------------------- trainer
+class LayerDistillationTrainer(SFTTrainer):
+    """``trl.SFTTrainer`` whose loss is the weighted sum of CE, softened-logit KL, hidden MSE and attention KL.
+
+    Args:
+        model: the student (a ``PreTrainedModel``; trained in full).
+        teacher_model: the teacher (frozen, eval mode; prepared on the same device / DeepSpeed engine).
+        layer_map: teacher layer index for each student layer (default :func:`default_layer_map`).
+        Everything else as ``trl.SFTTrainer``; ``args`` is a :class:`LayerDistillationConfig`.
+
+    When the hidden widths differ, one learned ``nn.Linear(Ds, Dt)`` per aligned layer is trained with the
+    student (attached as ``model.distill_projections``); it is saved beside the student as
+    ``distill_projections.safetensors``, never inside it.
+    """
+
+    def __init__(self, model, teacher_model, args: LayerDistillationConfig, *, layer_map: list[int] | None = None,
+                 **kwargs: Any):
+        if not isinstance(args, LayerDistillationConfig):
+            raise ValueError(f"args must be a LayerDistillationConfig, got {type(args).__name__}")
+        if isinstance(model, str) or isinstance(teacher_model, str):
+            raise ValueError("pass loaded models (see gemma_rvq.recipes.distill.load_teacher / build_student)")
+        student_text = model.config.get_text_config()
+        teacher_text = teacher_model.config.get_text_config()
+        s_layers, t_layers = student_text.num_hidden_layers, teacher_text.num_hidden_layers
+        self.layer_map = list(layer_map) if layer_map is not None else default_layer_map(s_layers, t_layers)
+        if len(self.layer_map) != s_layers or not all(0 <= t < t_layers for t in self.layer_map):
+            raise ValueError(f"layer_map must give one teacher layer in [0, {t_layers}) for each of the {s_layers} "
+                             f"student layers, got {self.layer_map}")
+        s_vocab, t_vocab = model.get_output_embeddings().weight.shape[0], \
+            teacher_model.get_output_embeddings().weight.shape[0]
+        tokenizer = kwargs.get("processing_class")
+        if tokenizer is not None and min(s_vocab, t_vocab) < len(tokenizer):
+            raise ValueError(f"the student ({s_vocab}) and teacher ({t_vocab}) heads must both cover the tokenizer's "
+                             f"{len(tokenizer)} tokens")
+        if args.attention_weight > 0:
+            for which, net in (("student", model), ("teacher", teacher_model)):
+                if net.config._attn_implementation != "eager":
+                    logger.info("attention-map distillation: switching the %s to eager attention", which)
+                    net.set_attn_implementation("eager")
+        if args.hidden_weight > 0 and student_text.hidden_size != teacher_text.hidden_size:
+            setattr(model, _PROJECTIONS, nn.ModuleList(
+                nn.Linear(student_text.hidden_size, teacher_text.hidden_size, bias=False) for _ in self.layer_map
+            ).to(dtype=next(model.parameters()).dtype))
+        super().__init__(model=model, args=args, **kwargs)
+        self.model_accepts_loss_kwargs = False  # our loss is a per-batch mean: the Trainer averages accumulation
+        teacher_model.eval().requires_grad_(False)
+        if self.is_deepspeed_enabled:
+            from trl.models import prepare_deepspeed
+
+            self.teacher_model = prepare_deepspeed(teacher_model, self.accelerator)
+        else:
+            self.teacher_model = self.accelerator.prepare_model(teacher_model, evaluation_mode=True)
+
+    # ------------------------------------------------------------------ loss
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        args = self.args
+        mode = "train" if self.model.training else "eval"
+        labels = inputs["labels"]
+        model_inputs = {k: inputs[k] for k in ("input_ids", "attention_mask", "position_ids") if k in inputs}
+        want = {"use_cache": False, "output_hidden_states": args.hidden_weight > 0,
+                "output_attentions": args.attention_weight > 0}
+        outputs = model(**model_inputs, **want)
+        with torch.no_grad():
+            teacher = self.teacher_model(**model_inputs, **want)
+
+        mask = inputs.get("attention_mask")
+        if mask is None:
+            mask = torch.ones_like(inputs["input_ids"], dtype=torch.bool)
+        mask = mask.bool()
+        if args.distill_completion_only:
+            # position t predicts token t + 1: count it when that token is a label
+            mask = mask & F.pad(labels[:, 1:] != -100, (0, 1), value=False)
+
+        parts = {"ce": causal_lm_cross_entropy(outputs.logits, labels)}
+        if args.kl_weight > 0:
+            parts["kl"] = softened_logit_kl(outputs.logits, teacher.logits, mask, args.temperature)
+        if args.hidden_weight > 0:
+            projections = getattr(self.accelerator.unwrap_model(model), _PROJECTIONS, None)
+            parts["hidden"] = torch.stack([
+                hidden_state_mse(outputs.hidden_states[s + 1], teacher.hidden_states[t + 1], mask,
+                                 projections[s] if projections is not None else None)
+                for s, t in enumerate(self.layer_map)
+            ]).mean()
+        if args.attention_weight > 0:
+            parts["attention"] = torch.stack([
+                attention_kl(outputs.attentions[s], teacher.attentions[t], mask)
+                for s, t in enumerate(self.layer_map)
+            ]).mean()
+        weights = {"ce": args.ce_weight, "kl": args.kl_weight, "hidden": args.hidden_weight,
+                   "attention": args.attention_weight}
+        loss = sum(weights[name] * value for name, value in parts.items())
+        for name, value in parts.items():
+            self._metrics[mode][f"distill/{name}"].append(self.accelerator.gather_for_metrics(
+                value.detach()).mean().item())
+        return (loss, outputs) if return_outputs else loss
+
+    # ------------------------------------------------------------------ saving
+    def _save(self, output_dir: str | None = None, state_dict=None):
+        """Save the student as a plain model (the width projections go to their own file)."""
+        output_dir = output_dir or self.args.output_dir
+        if state_dict is None:
+            state_dict = self.accelerator.unwrap_model(self.model).state_dict()
+        projections = {k[len(_PROJECTIONS) + 1:]: v for k, v in state_dict.items() if k.startswith(_PROJECTIONS + ".")}
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith(_PROJECTIONS + ".")}
+        super()._save(output_dir, state_dict=state_dict)
+        if projections and self.args.should_save:
+            from safetensors.torch import save_file
+
+            save_file({k: v.detach().contiguous().cpu() for k, v in projections.items()},
+                      os.path.join(output_dir, PROJECTIONS_FILE))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        path = os.path.join(resume_from_checkpoint, PROJECTIONS_FILE)
+        projections = getattr(self.accelerator.unwrap_model(model or self.model), _PROJECTIONS, None)
+        if projections is not None and os.path.isfile(path):
+            from safetensors.torch import load_file
+
+            projections.load_state_dict(load_file(path))
+
+
+# ---------------------------------------------------------------------------------------------- script
+@dataclass
+class DistillArguments(SemanticSFTArguments):
+    """Script arguments of ``examples/distill.py``: the teacher, the student, and the data (as ``examples/sft.py``)."""
+
+    teacher_model_name_or_path: str | None = field(
+        default=None, metadata={"help": "The teacher: a causal LM folder / Hub id with the semantic tokens, e.g. a "
+                                        "stage-2/3 model; a LoRA adapter folder saved by examples/sft.py is merged."})
+    student_model_name_or_path: str | None = field(
+        default=None, metadata={"help": "An existing student model (same tokenizer). Default: built from the "
+                                        "teacher (layer_stride / student_layers)."})
+    student_config: str | None = field(
+        default=None, metadata={"help": "A config.json (folder or file) for a randomly initialised student of any "
+                                        "width/depth (same vocabulary)."})
+    layer_stride: int = field(default=3, metadata={"help": "Keep every k-th teacher layer (0, k, 2k, ...)."})
+    student_layers: list[int] | None = field(
+        default=None, metadata={"help": "Explicit teacher layers to keep (overrides layer_stride)."})
+    layer_map: list[int] | None = field(
+        default=None, metadata={"help": "Teacher layer aligned with each student layer (default: the last layer "
+                                        "of the block each student layer replaces)."})
+
+
+def load_teacher(path: str, **from_pretrained_kwargs: Any):
+    """``(model, tokenizer)`` of a teacher folder; a LoRA adapter saved by ``examples/sft.py`` is merged."""
+    from .sft import load_sft_model
+
+    model, tokenizer = load_sft_model(path, **from_pretrained_kwargs)
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    return model.eval(), tokenizer
+
+
+def _teacher_format(script_args: DistillArguments):
+    """The teacher folder's own format (``semantic_format.json`` or the recipe file), else the arguments'."""
+    folder = script_args.teacher_model_name_or_path
+    for name, key in (("semantic_format.json", None), (RECIPE_FILE, "token_format")):
+        path = os.path.join(folder, name) if folder and os.path.isdir(folder) else None
+        if path and os.path.isfile(path):
+            with open(path, encoding="utf-8") as handle:
+                data = json.load(handle)
+            data = data.get(key) if key else data.get("token_format", data)
+            if isinstance(data, dict):
+                return resolve_token_format(data)
+    return resolve_token_format(script_args.token_format, script_args.codebook_size, script_args.num_levels)
+
+
+def _load_student(script_args: DistillArguments, teacher, tokenizer, training_args):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kwargs = {"dtype": teacher.dtype}
+    if training_args.attention_weight > 0:
+        kwargs["attn_implementation"] = "eager"
+    if script_args.student_model_name_or_path:
+        student = AutoModelForCausalLM.from_pretrained(script_args.student_model_name_or_path, **kwargs)
+    elif script_args.student_config:
+        config = AutoConfig.from_pretrained(script_args.student_config)
+        student = AutoModelForCausalLM.from_config(config, **kwargs)
+    else:
+        return build_student(teacher, layer_stride=script_args.layer_stride, layers=script_args.student_layers)
+    rows = student.get_input_embeddings().num_embeddings
+    if rows < len(tokenizer):
+        raise ValueError(f"the student's embeddings have {rows} rows, the teacher's tokenizer {len(tokenizer)} "
+                         "tokens: the student must share the teacher's vocabulary")
+    return student
+
+
+def build_distill_trainer(script_args: DistillArguments, training_args: LayerDistillationConfig, *,
+                          teacher=None, tokenizer=None, student=None, train_dataset=None, eval_dataset=None):
+    """Everything up to ``trainer.train()``: the teacher, the student, the recipe's data, the trainer."""
+    if teacher is None:
+        if not script_args.teacher_model_name_or_path:
+            raise ValueError("teacher_model_name_or_path is required")
+        kwargs = {"attn_implementation": "eager"} if training_args.attention_weight > 0 else {}
+        teacher, tokenizer = load_teacher(script_args.teacher_model_name_or_path, **kwargs)
+    elif tokenizer is None:
+        raise ValueError("pass the teacher's tokenizer with the teacher")
+    fmt = _teacher_format(script_args)
+    missing = [t for t in fmt.vocabulary() if t not in tokenizer.get_vocab()]
+    if missing:
+        raise ValueError(f"the teacher's tokenizer lacks {len(missing)} of the {len(fmt.vocabulary())} tokens of "
+                         f"format {fmt.name!r} (e.g. {missing[0]!r}): distil a model trained on this format")
+    if student is None:
+        student = _load_student(script_args, teacher, tokenizer, training_args)
+    training_args.model_init_kwargs = None
+    if train_dataset is None:
+        train_dataset, loaded_eval = load_sft_dataset(script_args, fmt)
+        eval_dataset = eval_dataset if eval_dataset is not None else loaded_eval
+    if training_args.eval_strategy == "no":
+        eval_dataset = None
+    if script_args.drop_long_examples and training_args.max_length is not None and not training_args.packing:
+        train_dataset = drop_long_examples(train_dataset, tokenizer, training_args.max_length)
+        if eval_dataset is not None:
+            eval_dataset = drop_long_examples(eval_dataset, tokenizer, training_args.max_length)
+    if script_args.recipe == "speech_instruct" and script_args.instruct_output == "messages":
+        training_args.assistant_only_loss = True
+    trainer = LayerDistillationTrainer(student, teacher, training_args, layer_map=script_args.layer_map,
+                                       train_dataset=train_dataset, eval_dataset=eval_dataset,
+                                       processing_class=tokenizer)
+    trainer.gemma_rvq_distill = {"teacher": script_args.teacher_model_name_or_path, "layer_map": trainer.layer_map,
+                                 "student_layers": script_args.student_layers or (
+                                     None if script_args.student_model_name_or_path or script_args.student_config
+                                     else student_layers(teacher.config.get_text_config().num_hidden_layers,
+                                                         script_args.layer_stride)),
+                                 "token_format": fmt.to_dict()}
+    return trainer
+
+
+def save_student_metadata(trainer, output_dir: str) -> None:
+    """Copy the teacher folder's gemma-rvq files next to the student (the recipe file rewritten for a full model)."""
+    if not trainer.accelerator.is_main_process:
+        return
+    info = trainer.gemma_rvq_distill
+    teacher_dir = info["teacher"]
+    os.makedirs(output_dir, exist_ok=True)
+    for name in CARRIED_FILES:
+        source = os.path.join(teacher_dir, name) if teacher_dir and os.path.isdir(teacher_dir) else None
+        if source and os.path.isfile(source) and name != RECIPE_FILE:
+            shutil.copyfile(source, os.path.join(output_dir, name))
+    recipe: dict[str, Any] = {}
+    source = os.path.join(teacher_dir, RECIPE_FILE) if teacher_dir and os.path.isdir(teacher_dir) else None
+    if source and os.path.isfile(source):
+        with open(source, encoding="utf-8") as handle:
+            recipe = json.load(handle)
+    tokenizer = trainer.processing_class
+    recipe.update({"token_format": info["token_format"], "peft": False, "vocab_size": len(tokenizer),
+                   "embedding_rows": trainer.accelerator.unwrap_model(trainer.model).get_input_embeddings()
+                   .num_embeddings, "base_model": teacher_dir,
+                   "distillation": {"teacher": teacher_dir, "layer_map": info["layer_map"],
+                                    "student_layers": info["student_layers"]}})
+    with open(os.path.join(output_dir, RECIPE_FILE), "w", encoding="utf-8") as handle:
+        json.dump(recipe, handle, indent=2)
+
+
+def run_distill(script_args: DistillArguments, training_args: LayerDistillationConfig, **kwargs: Any):
+    """Build the trainer, train, save the student (plain model + tokenizer + metadata files). Returns the trainer."""
+    trainer = build_distill_trainer(script_args, training_args, **kwargs)
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model(training_args.output_dir)
+    save_student_metadata(trainer, training_args.output_dir)
+    if training_args.push_to_hub:
+        trainer.push_to_hub(dataset_name=script_args.dataset_name)
+    return trainer
