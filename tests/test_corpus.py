@@ -152,7 +152,7 @@ def test_synthesize(tmp_path):
 @needs_espeak
 def test_generate_corpus(tmp_path):
     rows = make_corpus.generate_corpus(tmp_path, 9, languages=["vi"], seed=1, instructions=False,
-                                       workers=2, progress=False)
+                                       workers=2, progress=False, word_timings=False)
     assert len(rows) == 9
     assert [r["id"] for r in rows] == [r["id"] for r in make_corpus.corpus_specs(9, languages=["vi"], seed=1)]
     for row in rows:
@@ -160,3 +160,58 @@ def test_generate_corpus(tmp_path):
     assert make_corpus.load_metadata(tmp_path)[0]["text"] == rows[0]["text"]
     info = json.loads((tmp_path / "generation.json").read_text())
     assert info["sample_rate"] == 22050 and info["espeak_ng_version"]
+
+
+@pytest.fixture(scope="module")
+def word_rows() -> list[dict]:
+    return _rows("words.jsonl")
+
+
+def test_word_timings_cover_every_clip_in_order(word_rows, metadata, instructions):
+    spoken = metadata + [r for r in instructions if r["file"] is not None]
+    assert [r["id"] for r in word_rows] == [r["id"] for r in spoken]
+    for row, clip in zip(word_rows, spoken):
+        assert row["file"] == clip["file"]
+        text = clip.get("text") or clip["instruction"]
+        words = row["words"]
+        assert " ".join(w["word"] for w in words) == " ".join(text.split())  # every character, in order
+        ends = [0.0]
+        for word in words:
+            assert ends[-1] <= word["start"] < word["end"] <= clip["duration"] + 1e-6, (clip["id"], word)
+            ends.append(word["end"])
+
+
+def test_word_timings_lie_on_speech(word_rows, metadata):
+    """Inside a word there is sound; the clip is spoken from the first word's start to the last word's end."""
+    by_id = {r["id"]: r for r in metadata}
+    for row in word_rows[:10]:
+        wave, rate = sf.read(CORPUS / row["file"], dtype="int16")
+        level = np.abs(wave.astype(np.int32))
+        for word in row["words"]:
+            span = level[round(word["start"] * rate): round(word["end"] * rate)]
+            assert span.size and span.max() > 1000, (row["id"], word)
+        first, last = row["words"][0]["start"], row["words"][-1]["end"]
+        assert level[: max(0, round(first * rate) - 200)].max(initial=0) < 1000, row["id"]
+        # after the last word: the 60 ms pad, or a voice variant's echo tail (f3: ~0.2 s)
+        assert last >= by_id[row["id"]]["duration"] - 0.3
+
+
+@needs_espeak
+def test_synthesize_with_words_reproduces_the_committed_clip_and_timings(word_rows, metadata):
+    for clip in (metadata[0], metadata[-1]):  # English (with a merged "in the") and French
+        wave, _, words = make_corpus.synthesize_with_words(clip["text"], clip["voice"], speed=clip["speed"],
+                                                           pitch=clip["pitch"])
+        committed, _ = sf.read(CORPUS / clip["file"], dtype="int16")
+        assert np.array_equal(wave, committed)
+        assert words == next(r["words"] for r in word_rows if r["id"] == clip["id"])
+
+
+def test_words_from_events_by_hand():
+    """Units run from one spoken WORD event to the next; a unit ends where the next phoneme starts."""
+    text = "Hi, in the park."
+    events = [(1, 1, 2, 0, ""), (7, 1, 0, 10, "h"), (7, 1, 0, 20, "aI"), (7, 4, 0, 30, "_:"),
+              (1, 5, 2, 40, ""), (7, 5, 0, 42, "I"), (7, 5, 0, 50, "n"), (7, 5, 0, 55, "D"),
+              (1, 12, 4, 60, ""), (7, 12, 0, 61, "p"), (7, 12, 0, 70, "A@"), (7, 17, 0, 90, "_"),
+              (1, 17, 0, 95, "")]
+    assert make_corpus.words_from_events(text, events, 100) == [("Hi,", 10, 30), ("in the", 42, 61),
+                                                                ("park.", 61, 90)]
