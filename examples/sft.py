@@ -1,4 +1,5 @@
-"""Supervised fine-tuning for the gemma-rvq recipes (stage 2 Speechless, stage 3 speech instructions, ASR).
+"""Supervised fine-tuning for the gemma-rvq recipes (stage 2 Speechless, stage 3 speech instructions, ASR), and
+continued pretraining on packed speech/text documents (``--recipe cpt``, see docs/continued-pretraining.md).
 
 Single process:
 

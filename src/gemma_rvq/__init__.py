@@ -35,6 +35,7 @@ _LAZY = {
     "add_semantic_tokens": "llm",
     "audio_code_embeddings": "llm",
     "load_any": "convert",
+    "build_interleaved_dataset": "recipes.interleave",
 }
 
 __all__ = ["GemmaRVQConfig", "GemmaRVQModel", "__version__", *_LAZY]

@@ -37,7 +37,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-RECIPES = ("speechless", "speech_instruct", "asr")
+RECIPES = ("speechless", "speech_instruct", "asr", "cpt")
 
 AnyDataset = Dataset | IterableDataset | DatasetDict | IterableDatasetDict
 
@@ -300,6 +300,10 @@ _BUILDERS: dict[str, Callable[..., AnyDataset]] = {
 
 def build_recipe_dataset(recipe: str, dataset: AnyDataset, **kwargs: Any) -> AnyDataset:
     """Dispatch to the builder of ``recipe`` (one of :data:`RECIPES`)."""
+    if recipe == "cpt":  # continued pretraining on documents (gemma_rvq.recipes.interleave)
+        from .interleave import build_cpt_text_dataset
+
+        return build_cpt_text_dataset(dataset, **kwargs)
     if recipe not in _BUILDERS:
         raise ValueError(f"unknown recipe {recipe!r}; available: {list(RECIPES)}")
     return _BUILDERS[recipe](dataset, **kwargs)

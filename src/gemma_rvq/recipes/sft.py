@@ -42,7 +42,7 @@ logger = logging.getLogger(__name__)
 
 RECIPE_FILE = "gemma_rvq_recipe.json"
 
-_DEFAULT_TEMPLATE = {"speechless": "speechless", "asr": "spire_asr", "speech_instruct": None}
+_DEFAULT_TEMPLATE = {"speechless": "speechless", "asr": "spire_asr", "speech_instruct": None, "cpt": None}
 
 
 @dataclass
@@ -71,7 +71,7 @@ class SemanticSFTArguments(ScriptArguments):
     prepared_dataset: bool = field(
         default=False, metadata={"help": "The dataset is already in TRL form (prompt/completion or messages)."}
     )
-    text_column: str = field(default="text", metadata={"help": "Text column (speechless, asr)."})
+    text_column: str = field(default="text", metadata={"help": "Text column (speechless, asr; cpt: the documents)."})
     tokens_column: str = field(default="semantic_tokens", metadata={"help": "Semantic token string column."})
     response_column: str = field(default="response", metadata={"help": "Answer column (speech_instruct)."})
     translation_column: str | None = field(default=None, metadata={"help": "Translation column (asr)."})
@@ -224,6 +224,8 @@ def _builder_kwargs(script_args, token_format) -> dict[str, Any]:
     fmt = token_format if script_args.validate_tokens else None
     common = {"tokens_column": script_args.tokens_column, "drop_missing": script_args.drop_missing_tokens,
               "token_format": fmt}
+    if script_args.recipe == "cpt":  # documents in a text column (gemma_rvq.recipes.interleave.build_cpt_dataset)
+        return {"text_column": script_args.text_column}
     template = script_args.prompt_template or _DEFAULT_TEMPLATE[script_args.recipe]
     if script_args.recipe == "speechless":
         return {**common, "text_column": script_args.text_column, "language": script_args.language,
@@ -354,7 +356,7 @@ def build_sft_trainer(script_args, training_args, model_args, *, model=None, tok
     # (a template given by --chat_template_path is only installed by the trainer: TRL truncates those rows)
     templated = script_args.recipe != "speech_instruct" or getattr(tokenizer, "chat_template", None) is not None
     if (script_args.drop_long_examples and training_args.max_length is not None and not training_args.packing
-            and templated):
+            and templated and script_args.recipe != "cpt"):
         train_dataset = drop_long_examples(train_dataset, tokenizer, training_args.max_length,
                                            num_proc=training_args.dataset_num_proc)
         if eval_dataset is not None:
@@ -362,6 +364,9 @@ def build_sft_trainer(script_args, training_args, model_args, *, model=None, tok
                                               num_proc=training_args.dataset_num_proc)
     if script_args.recipe == "speech_instruct" and script_args.instruct_output == "messages":
         training_args.assistant_only_loss = True
+    if script_args.recipe == "cpt" and training_args.packing and training_args.packing_strategy == "wrapped":
+        raise ValueError("the cpt recipe packs documents without crossing them: use packing_strategy bfd_split "
+                         "(or bfd), not wrapped")
     peft_config = semantic_peft_config(model_args, model, new_ids,
                                        train_new_token_rows=script_args.train_new_token_rows)
     trainer = SFTTrainer(model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
