@@ -206,3 +206,14 @@ def test_unsupported_encoder_is_refused(tmp_path):
         tmp_path)
     with pytest.raises(ValueError, match="model_type 'bert'"):
         encoder_model_config(str(tmp_path), num_quantizers=4, codebook_size=64)
+
+
+def test_continued_pretraining_runs_before_stage_3_and_is_its_base(demo):
+    results = json.loads((demo.output_dir / "results.json").read_text(encoding="utf-8"))
+    cpt = results["cpt"]
+    # the corpus ships word timings, so interleaved documents join the three other kinds, in equal shares
+    assert cpt["steps"] == 4 and set(cpt["documents"]) == {"text", "speech", "paired", "interleaved"}
+    assert len(set(cpt["documents"].values())) == 1
+    recipe = json.loads((demo.hub_folders["speech-instruct-lora"] / "gemma_rvq_recipe.json").read_text())
+    assert recipe["base_model"] == cpt["folder"]
+    assert "steps of continued pretraining (`--recipe cpt`)" in demo.report.read_text(encoding="utf-8")

@@ -12,8 +12,9 @@ Six steps, each through the library's public entry points (nothing here re-imple
 3. the corpus -> semantic tokens with ``dataset.map(SpeechTokenizer(...), batched=True)``;
 4. stage 2 (Speechless): a tiny LM learns text -> tokens (``gemma_rvq.recipes.run_sft``, the code behind
    ``examples/sft.py``), then writes tokens for the text-only instructions (constrained generation);
-5. stage 3: a tiny LM learns tokens -> answers with LoRA (spoken + Speechless-generated instructions) and
-   answers the held-out spoken prompts;
+5. stage 3: the base LM first continues pretraining for a few steps on packed speech/text documents
+   (``--recipe cpt``: transcripts, token strings, pairs, word-interleaved sequences), then learns tokens ->
+   answers with LoRA (spoken + Speechless-generated instructions) and answers the held-out spoken prompts;
 6. a report folder: ``report.md``, PNG plots, and Hub-ready folders with the ``gemma-rvq push`` commands.
 
 Every step prints a ``[k/6]`` header and its elapsed time; any failure raises (the CLI exits non-zero).
@@ -51,6 +52,7 @@ class DemoSettings:
     lm_vocab_size: int = 512
     stage2_steps: int = 300
     stage3_steps: int = 200
+    cpt_steps: int = 40  # continued pretraining of the base LM on packed speech/text documents before stage 3
     batch_size: int = 8
     learning_rate: float = 3e-3
     lora_r: int = 16
@@ -64,7 +66,7 @@ class DemoSettings:
 
     @classmethod
     def quick(cls) -> DemoSettings:
-        return cls(rvq_steps=8, rvq_evaluations=1, rvq_plots=False, stage2_steps=8, stage3_steps=6,
+        return cls(rvq_steps=8, rvq_evaluations=1, rvq_plots=False, stage2_steps=8, stage3_steps=6, cpt_steps=4,
                    max_new_tokens=24)
 
 
@@ -362,7 +364,10 @@ def _run(output_dir, corpus_dir, encoder: str | None, seed: int, quick: bool, se
 
     # ------------------------------------------------------------------ 5. stage 3
     progress.step(5, "Stage 3: tokens -> answer LM with LoRA, then the held-out spoken prompt")
-    stage3 = _run_stage3(settings, fmt, tokens, generated["rows"], base_lm, work, hub / "speech-instruct-lora", seed)
+    state["cpt"] = _run_cpt(settings, fmt, tokens, rvq_model.config.frame_rate, corpus, base_lm, work, seed)
+    stage3_base = Path(state["cpt"]["folder"]) if state["cpt"]["steps"] else base_lm
+    stage3 = _run_stage3(settings, fmt, tokens, generated["rows"], stage3_base, work, hub / "speech-instruct-lora",
+                         seed)
     answers = _answer_held_out(hub / "speech-instruct-lora", tokens["dev"], fmt, stage3["system_prompt"])
     state["stage3"] = {**stage3, "answers": answers}
     for answer in answers:
@@ -678,6 +683,41 @@ def _generate_for_text_only(folder: Path, fmt, instructions: list[dict], max_new
     return {"rows": ok, "summary": {"generated": len(generated), "parsed": len(ok), "examples": examples}}
 
 
+def _run_cpt(settings: DemoSettings, fmt, tokens, frame_rate: float, corpus: Path, base_lm: Path, work: Path,
+             seed: int) -> dict:
+    """Continued pretraining (``--recipe cpt``) of the base LM on a SpireLM-style mixture of the train split:
+    transcripts, token strings, speech -> transcript pairs and SpiritLM-interleaved sequences (from the corpus'
+    word timings, ``words.jsonl``, when it has them), packed without crossing documents."""
+    from .recipes import run_sft
+    from .recipes.interleave import build_cpt_dataset
+
+    folder = work / "cpt-lm"
+    if not settings.cpt_steps:
+        return {"folder": str(base_lm), "steps": 0}
+    train = tokens["train"]
+    ratios = {"text": 1, "speech": 1, "paired": 1}
+    words_file = corpus / "words.jsonl"
+    if words_file.is_file():
+        timings = {row["id"]: row["words"] for row in _read_jsonl(words_file)}
+        if all(row_id in timings for row_id in train["id"]):
+            train = train.add_column("words", [timings[row_id] for row_id in train["id"]])
+            ratios["interleaved"] = 1
+    documents = build_cpt_dataset(train, fmt, ratios, frame_rate=frame_rate, seed=seed)
+    data = work / "cpt-data"
+    documents.save_to_disk(str(data))
+    steps = settings.cpt_steps
+    (script_args, training_args, model_args), command = _sft_args(
+        recipe="cpt", model_name_or_path=base_lm, dataset_name=data, output_dir=folder, text_column="text",
+        use_peft="false", packing="true", packing_strategy="bfd_split", max_steps=steps,
+        logging_steps=max(1, steps // 10), **{**_common_sft(settings, fmt, seed), "max_length": 512},
+    )
+    kinds = {kind: documents["kind"].count(kind) for kind in ratios}
+    print(f"      continued pretraining: {len(documents)} documents {kinds}, packed; {command}")
+    trainer = run_sft(script_args, training_args, model_args)
+    return {"folder": str(folder), "steps": trainer.state.global_step, "documents": kinds,
+            "losses": _losses(trainer.state.log_history), "command": command}
+
+
 SYSTEM_PROMPT = "You answer spoken questions."
 
 
@@ -936,6 +976,9 @@ def _write_report(out: Path, state: dict, plots: dict[str, Path], hub_folders: d
         "",
         "## Stage 3: speech instructions (tokens -> answer, LoRA)",
         "",
+        *([f"Base: the LM after {state['cpt']['steps']} steps of continued pretraining (`--recipe cpt`) on "
+           + ", ".join(f"{n} {kind}" for kind, n in state["cpt"]["documents"].items())
+           + " documents, packed without crossing documents.", ""] if state.get("cpt", {}).get("steps") else []),
         f"{st3['spoken']} spoken + {st3['generated']} Speechless-generated instructions, {st3['steps']} steps, "
         f"{st3['trainable_parameters']:,} of {st3['parameters']:,} parameters trainable"
         + (f", final loss {st3['losses'][-1][1]:.3f}." if st3["losses"] else "."),
