@@ -419,7 +419,10 @@ def _teacher_format(script_args: DistillArguments):
                 data = json.load(handle)
             data = data.get(key) if key else data.get("token_format", data)
             if isinstance(data, dict):
-                return resolve_token_format(data)
+                try:
+                    return resolve_token_format(data)
+                except (TypeError, ValueError) as err:
+                    logger.warning("%s: cannot read a token format (%s); trying the next source", path, err)
     return resolve_token_format(script_args.token_format, script_args.codebook_size, script_args.num_levels)
 
 
