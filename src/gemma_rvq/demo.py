@@ -709,7 +709,9 @@ def _run_cpt(settings: DemoSettings, fmt, tokens, frame_rate: float, corpus: Pat
     (script_args, training_args, model_args), command = _sft_args(
         recipe="cpt", model_name_or_path=base_lm, dataset_name=data, output_dir=folder, text_column="text",
         use_peft="false", packing="true", packing_strategy="bfd_split", max_steps=steps,
-        logging_steps=max(1, steps // 10), **{**_common_sft(settings, fmt, seed), "max_length": 512},
+        logging_steps=max(1, steps // 10),
+        # rows of 256 tokens, 4 per step: about 1k tokens a step keeps this step short beside stages 2 and 3
+        **{**_common_sft(settings, fmt, seed), "max_length": 256, "per_device_train_batch_size": 4},
     )
     kinds = {kind: documents["kind"].count(kind) for kind in ratios}
     print(f"      continued pretraining: {len(documents)} documents {kinds}, packed; {command}")
