@@ -200,17 +200,9 @@ class CTCWordAligner:
                 for (word, _), (start, end) in zip(units, timings)]
 
     def _waveform(self, audio) -> Any:
-        from .audio import decode_audio, prepare_waveform
+        from .audio import load_waveform, source_name
 
-        if isinstance(audio, dict) and "array" in audio:
-            wave, rate = audio["array"], audio["sampling_rate"]
-        elif isinstance(audio, dict):
-            wave, rate = decode_audio(audio.get("bytes") or audio.get("path"))
-        elif isinstance(audio, str):
-            wave, rate = decode_audio(audio)
-        else:
-            raise ValueError(f"{self.audio_column!r}: expected an audio dict or a path, got {type(audio).__name__}")
-        return prepare_waveform(wave, rate, self.sampling_rate, name=self.audio_column)
+        return load_waveform(audio, self.sampling_rate, name=source_name(audio, self.audio_column))
 
     def __call__(self, example: dict[str, Any]) -> dict[str, Any]:
         audio, text = example[self.audio_column], example[self.text_column]
