@@ -99,6 +99,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--kl-weight", type=float, default=1.0)
     parser.add_argument("--hidden-weight", type=float, default=1.0)
     parser.add_argument("--attention-weight", type=float, default=1.0)
+    parser.add_argument("--teacher-steps", type=int, default=200,
+                        help="brief full fine-tuning of the merged teacher on the stage-3 data first (0: none)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -138,28 +140,47 @@ def main(argv: list[str] | None = None) -> dict:
 
     teacher_dir = demo_dir / "hub" / "speech-instruct-lora"
     teacher, tokenizer = load_teacher(str(teacher_dir), attn_implementation="eager")
-    scores = {"teacher": {"dev": _score(teacher, tokenizer, dev, SYSTEM_PROMPT),
-                          "train": _score(teacher, tokenizer, spoken_train, SYSTEM_PROMPT)}}
+    scores = {"demo_teacher": {"dev": _score(teacher, tokenizer, dev, SYSTEM_PROMPT),
+                               "train": _score(teacher, tokenizer, spoken_train, SYSTEM_PROMPT)}}
+
+    def arguments(name: str, steps: int, **weights):
+        script_args = DistillArguments(
+            teacher_model_name_or_path=str(teacher_dir), dataset_name=str(demo_dir / "work" / "stage3-data"),
+            recipe="speech_instruct", tokens_column="semantic_tokens", response_column="response",
+            system_prompt=SYSTEM_PROMPT, layer_stride=args.stride)
+        training_args = LayerDistillationConfig(
+            output_dir=str(work / name), max_steps=steps, per_device_train_batch_size=8,
+            learning_rate=args.learning_rate, lr_scheduler_type="cosine", warmup_steps=0, max_length=1024,
+            bf16=False, use_cpu=True, gradient_checkpointing=False, report_to="none", save_strategy="no",
+            logging_steps=max(1, steps // 10), seed=args.seed, data_seed=args.seed, disable_tqdm=True,
+            dataloader_num_workers=0, ce_weight=1.0, temperature=args.temperature, **weights)
+        return script_args, training_args
+
+    timings = {}
+    if args.teacher_steps:  # TinyWave first fine-tunes the teacher briefly on the target data (all layers, CE)
+        import copy
+
+        set_seed(args.seed)
+        trainer = build_distill_trainer(*arguments("teacher", args.teacher_steps, kl_weight=0.0, hidden_weight=0.0,
+                                                   attention_weight=0.0),
+                                        teacher=copy.deepcopy(teacher), tokenizer=tokenizer, student=teacher)
+        t0 = time.perf_counter()
+        trainer.train()
+        timings["teacher"] = time.perf_counter() - t0
+        teacher = trainer.model.eval()
+        del trainer
+    scores["teacher"] = {"dev": _score(teacher, tokenizer, dev, SYSTEM_PROMPT),
+                         "train": _score(teacher, tokenizer, spoken_train, SYSTEM_PROMPT)}
     layers = teacher.config.num_hidden_layers
     runs = {
         "baseline": {"kl_weight": 0.0, "hidden_weight": 0.0, "attention_weight": 0.0},
         "distilled": {"kl_weight": args.kl_weight, "hidden_weight": args.hidden_weight,
                       "attention_weight": args.attention_weight},
     }
-    timings = {}
     for name, weights in runs.items():
         set_seed(args.seed)
         student = build_student(teacher, layer_stride=args.stride)
-        script_args = DistillArguments(
-            teacher_model_name_or_path=str(teacher_dir), dataset_name=str(demo_dir / "work" / "stage3-data"),
-            recipe="speech_instruct", tokens_column="semantic_tokens", response_column="response",
-            system_prompt=SYSTEM_PROMPT, layer_stride=args.stride)
-        training_args = LayerDistillationConfig(
-            output_dir=str(work / name), max_steps=args.steps, per_device_train_batch_size=8,
-            learning_rate=args.learning_rate, lr_scheduler_type="cosine", warmup_steps=0, max_length=1024,
-            bf16=False, use_cpu=True, gradient_checkpointing=False, report_to="none", save_strategy="no",
-            logging_steps=max(1, args.steps // 10), seed=args.seed, data_seed=args.seed, disable_tqdm=True,
-            dataloader_num_workers=0, ce_weight=1.0, temperature=args.temperature, **weights)
+        script_args, training_args = arguments(name, args.steps, **weights)
         trainer = build_distill_trainer(script_args, training_args, teacher=teacher, tokenizer=tokenizer,
                                         student=student)
         t0 = time.perf_counter()
@@ -177,16 +198,17 @@ def main(argv: list[str] | None = None) -> dict:
     teacher_params = sum(p.numel() for p in teacher.parameters())
     student_params = sum(p.numel() for p in saved.parameters())
     print(f"\nload average at start {load[0]:.2f}; teacher demo {demo_seconds:.0f} s; "
-          f"student runs {timings['baseline']:.0f} s (CE only) / {timings['distilled']:.0f} s (distilled)")
+          f"teacher fine-tuning {timings.get('teacher', 0):.0f} s; student runs {timings['baseline']:.0f} s (CE only) "
+          f"/ {timings['distilled']:.0f} s (distilled)")
     print(f"teacher: {layers} layers, {teacher_params:,} parameters; students: {layers // args.stride} layers "
           f"(teacher layers {list(range(0, layers, args.stride))}), {student_params:,} parameters; "
           f"{args.steps} steps each; {len(dev)} held-out-voice prompts, {len(spoken_train)} training prompts")
     teacher_chrf = scores["teacher"]["dev"]["chrf"]
-    print(f"{'model':<10} {'dev loss':>9} {'dev chrF':>9} {'of teacher':>11} {'train loss':>11} {'train chrF':>11}")
-    for name in ("teacher", "baseline", "distilled"):
+    print(f"{'model':<13} {'dev loss':>9} {'dev chrF':>9} {'of teacher':>11} {'train loss':>11} {'train chrF':>11}")
+    for name in ("demo_teacher", "teacher", "baseline", "distilled"):
         s = scores[name]
         kept = s["dev"]["chrf"] / teacher_chrf if teacher_chrf else float("nan")
-        print(f"{name:<10} {s['dev']['loss']:>9.3f} {s['dev']['chrf']:>9.1f} {kept:>11.2f} "
+        print(f"{name:<13} {s['dev']['loss']:>9.3f} {s['dev']['chrf']:>9.1f} {kept:>11.2f} "
               f"{s['train']['loss']:>11.3f} {s['train']['chrf']:>11.1f}")
     results = {"args": vars(args), "load_average": load, "timings": timings, "demo_seconds": demo_seconds,
                "teacher_parameters": teacher_params, "student_parameters": student_params, "scores": scores}

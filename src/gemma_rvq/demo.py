@@ -702,7 +702,11 @@ def _run_cpt(settings: DemoSettings, fmt, tokens, frame_rate: float, corpus: Pat
         if all(row_id in timings for row_id in train["id"]):
             train = train.add_column("words", [timings[row_id] for row_id in train["id"]])
             ratios["interleaved"] = 1
-    documents = build_cpt_dataset(train, fmt, ratios, frame_rate=frame_rate, seed=seed)
+    # No [TEXT] / [SPEECH] markers here: the format's own start / end tokens delimit speech, as in the stage-3
+    # prompts that follow (with the markers, the few-step base learned to write "[TEXT]" after a token string
+    # and the stage-3 answers began with pieces of it)
+    documents = build_cpt_dataset(train, fmt, ratios, frame_rate=frame_rate, seed=seed,
+                                  markers={"text": None, "speech": None})
     data = work / "cpt-data"
     documents.save_to_disk(str(data))
     steps = settings.cpt_steps
