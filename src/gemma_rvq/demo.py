@@ -703,8 +703,8 @@ def _run_cpt(settings: DemoSettings, fmt, tokens, frame_rate: float, corpus: Pat
             train = train.add_column("words", [timings[row_id] for row_id in train["id"]])
             ratios["interleaved"] = 1
     # No [TEXT] / [SPEECH] markers here: the format's own start / end tokens delimit speech, as in the stage-3
-    # prompts that follow (with the markers, the few-step base learned to write "[TEXT]" after a token string
-    # and the stage-3 answers began with pieces of it)
+    # prompts that follow. With SpiritLM's markers, a stage-3 model on this base (6-layer LMs,
+    # benchmarks/bench_distill.py) answered with pieces of them: "S[]P", "STCFourTSTSTST]ATP".
     documents = build_cpt_dataset(train, fmt, ratios, frame_rate=frame_rate, seed=seed,
                                   markers={"text": None, "speech": None})
     data = work / "cpt-data"
