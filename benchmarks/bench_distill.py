@@ -161,6 +161,7 @@ def main(argv: list[str] | None = None) -> dict:
         import copy
 
         set_seed(args.seed)
+        teacher.requires_grad_(True)  # merged from a LoRA adapter: the base weights come frozen
         trainer = build_distill_trainer(*arguments("teacher", args.teacher_steps, kl_weight=0.0, hidden_weight=0.0,
                                                    attention_weight=0.0),
                                         teacher=copy.deepcopy(teacher), tokenizer=tokenizer, student=teacher)
