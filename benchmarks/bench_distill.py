@@ -101,6 +101,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--attention-weight", type=float, default=1.0)
     parser.add_argument("--teacher-steps", type=int, default=200,
                         help="brief full fine-tuning of the merged teacher on the stage-3 data first (0: none)")
+    parser.add_argument("--completion-only", action="store_true",
+                        help="distillation terms on the answer positions only (distill_completion_only)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -153,11 +155,17 @@ def main(argv: list[str] | None = None) -> dict:
             learning_rate=args.learning_rate, lr_scheduler_type="cosine", warmup_steps=0, max_length=1024,
             bf16=False, use_cpu=True, gradient_checkpointing=False, report_to="none", save_strategy="no",
             logging_steps=max(1, steps // 10), seed=args.seed, data_seed=args.seed, disable_tqdm=True,
-            dataloader_num_workers=0, ce_weight=1.0, temperature=args.temperature, **weights)
+            dataloader_num_workers=0, ce_weight=1.0, temperature=args.temperature,
+            distill_completion_only=args.completion_only, **weights)
         return script_args, training_args
 
     timings = {}
-    if args.teacher_steps:  # TinyWave first fine-tunes the teacher briefly on the target data (all layers, CE)
+    saved_teacher = work / "teacher"
+    if args.teacher_steps and args.reuse and (saved_teacher / "config.json").is_file():
+        from transformers import AutoModelForCausalLM
+
+        teacher = AutoModelForCausalLM.from_pretrained(saved_teacher, attn_implementation="eager").eval()
+    elif args.teacher_steps:  # TinyWave first fine-tunes the teacher briefly on the target data (all layers, CE)
         import copy
 
         set_seed(args.seed)
@@ -169,6 +177,7 @@ def main(argv: list[str] | None = None) -> dict:
         trainer.train()
         timings["teacher"] = time.perf_counter() - t0
         teacher = trainer.model.eval()
+        teacher.save_pretrained(saved_teacher)  # --reuse starts from it
         del trainer
     scores["teacher"] = {"dev": _score(teacher, tokenizer, dev, SYSTEM_PROMPT),
                          "train": _score(teacher, tokenizer, spoken_train, SYSTEM_PROMPT)}
