@@ -581,6 +581,48 @@ class GemmaRVQModel(PreTrainedAudioTokenizerBase):
         result = GemmaRVQEncoderOutput(audio_codes=out.audio_codes, codes_mask=out.codes_mask, embeddings=embeddings)
         return result if return_dict else result.to_tuple()
 
+    def stream(
+        self,
+        sampling_rate: int,
+        num_quantizers: int | None = None,
+        *,
+        token_format: Any = None,
+        lookahead_ms: float | None = None,
+        context_ms: float | None = None,
+    ):
+        """Open a stream for one utterance: codes (or token text) of each frame as soon as it is final.
+
+        ```python
+        stream = model.stream(sampling_rate=16000)
+        for chunk in chunks:             # mono [S] pieces of any length
+            codes = stream.push(chunk)   # LongTensor [Q, n]: the frames that became final (n may be 0)
+        codes = stream.flush()           # the rest; then stream.reset() for the next utterance
+        ```
+
+        Gemma 4 (exact): the concatenated codes equal [`encode`] of the whole clip (float near-ties aside);
+        frame `t` is emitted once `t * 40 + stream.lookahead_ms` (40.0625) ms of audio arrived; the state
+        is bounded by the encoder's context. HuBERT / wav2vec2 / Whisper attend both ways: they stream only
+        with an explicit `lookahead_ms` (windowed, approximate codes), and raise otherwise. See
+        docs/streaming.md.
+
+        Args:
+            sampling_rate: rate of the pushed samples in Hz (resampled to the model's rate on the fly).
+            num_quantizers: emit only the first levels (default: all).
+            token_format: a token format (preset name, `SemanticTokenFormat` or its dict): `push` / `flush`
+                then return text whose concatenation equals `format.render` of the whole utterance.
+            lookahead_ms: bidirectional encoders only: audio each frame waits for from its start on.
+            context_ms: bidirectional encoders only: left context of every window (default 2000).
+
+        Returns:
+            `AudioCodeStream`, or `TokenStream` when `token_format` is given.
+        """
+        from .streaming import open_stream
+
+        return open_stream(
+            self, sampling_rate, num_quantizers, token_format=token_format, lookahead_ms=lookahead_ms,
+            context_ms=context_ms,
+        )
+
     @torch.no_grad()
     def decode(
         self,

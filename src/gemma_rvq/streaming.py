@@ -1,0 +1,719 @@
+"""Streaming tokenization: codes (and token strings) while the audio arrives.
+
+``stream = model.stream(sampling_rate=16000)`` opens one utterance; ``stream.push(samples)`` returns the codes
+``[Q, n]`` of the frames that became final with this chunk (often none), ``stream.flush()`` ends the utterance
+and returns the rest. Frame ``t`` is emitted as soon as the stream holds ``t * frame_ms + lookahead_ms`` of
+audio (``frame_ms = 1000 / frame_rate``), and never changes afterwards.
+
+Gemma 4 audio (exact). Its encoder only looks back: the feature extractor's mel frames (20 ms windows, 10 ms
+hop, fixed per-bin normalisation) and two 3x3 stride-2 subsampling convolutions reach one frame (40 ms, plus
+one sample) past a frame's start, and every conformer layer is causal (chunked local attention over the 12
+previous frames with right context 0, a causal depthwise convolution of 5 frames, per-frame feed-forward
+blocks). So [`Gemma4StreamingEncoder`] keeps per-layer state bounded by that context (the keys/values of the
+last 12 frames and the 4-frame convolution tail of every layer, a few mel frames, fewer than 320 samples)
+and runs every new frame through each layer exactly once. The concatenated streamed codes equal
+``model.encode`` of the whole clip; the only possible differences are float summation-order near-ties
+(matrix products over a few frames vs. a whole clip round differently in the last bit).
+``lookahead_ms`` is 40.0625 (one frame and one sample at 16 kHz).
+
+HuBERT / wav2vec2 / Whisper attend in both directions: every frame depends on all of the audio, so no stream
+can equal the offline codes. [`WindowedStreamingEncoder`] re-encodes a bounded window (``context_ms`` of
+audio before the new frames, ``lookahead_ms`` after each frame's start) and keeps the new frames; its codes
+approximate the offline ones (see docs/streaming.md for measured agreement). It only runs when the caller
+states ``lookahead_ms``; without it ``model.stream`` raises.
+
+Token strings: [`TokenStream`] (``model.stream(..., token_format="ichigo")``) renders the same codes with any
+[`SemanticTokenFormat`]; the concatenated pieces equal ``format.render(codes)`` of the whole utterance. With
+run-length collapse and duration tokens a run is only written once it is closed (a different frame arrived,
+the run reached ``max_duration``, or the stream was flushed); without duration tokens a run's token is written
+when the run starts, since nothing about it can change.
+
+This file is copied next to saved checkpoints (remote code, imported by ``modeling_gemma_rvq.py``): at module
+level it imports only numpy, torch, transformers and its flat siblings.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .audio import to_float_mono
+
+#: encoder families whose layers attend in both directions (windowed, approximate streaming only).
+BIDIRECTIONAL_FAMILIES = ("hubert", "wav2vec2", "whisper")
+
+
+def _as_samples(samples: Any, name: str = "samples") -> np.ndarray:
+    """One chunk of mono audio -> float32 ``[S]`` (integer PCM scaled by its type, as everywhere else)."""
+    if isinstance(samples, (list, tuple)) and len(samples) == 0:
+        return np.zeros(0, dtype=np.float32)
+    array = samples.detach().cpu() if isinstance(samples, torch.Tensor) else samples
+    shape = tuple(getattr(array, "shape", np.shape(array)))
+    if len(shape) != 1:
+        raise ValueError(
+            f"{name} must be mono [S] (one 1-D chunk), got shape {shape}; downmix multi-channel audio first "
+            "(e.g. chunk.mean(axis=1) for [S, C])"
+        )
+    if shape[0] == 0:
+        return np.zeros(0, dtype=np.float32)
+    wave = to_float_mono(array)
+    if not np.isfinite(wave).all():
+        bad = int((~np.isfinite(wave)).sum())
+        raise ValueError(f"{name}: the chunk contains {bad} NaN or infinite samples")
+    return wave
+
+
+def check_sampling_rate(sampling_rate: Any) -> int:
+    """A stream's input rate as an ``int`` (Hz), or a ``ValueError`` naming the accepted range."""
+    if isinstance(sampling_rate, bool) or not isinstance(sampling_rate, (int, float, np.integer, np.floating)):
+        raise ValueError(f"sampling_rate must be a number of Hz (e.g. 16000), got {sampling_rate!r}")
+    if not math.isfinite(float(sampling_rate)) or float(sampling_rate) != int(sampling_rate):
+        raise ValueError(f"sampling_rate must be a whole number of Hz, got {sampling_rate!r}")
+    rate = int(sampling_rate)
+    if not 1000 <= rate <= 384_000:
+        raise ValueError(f"sampling_rate={rate} Hz is outside the accepted range [1000, 384000] Hz (16 kHz = 16000)")
+    return rate
+
+
+class _Resampler:
+    """Streaming soxr resampler (HQ): its concatenated output equals ``soxr.resample`` of the whole input."""
+
+    def __init__(self, source: int, target: int) -> None:
+        self.identity = source == target
+        if not self.identity:
+            try:
+                import soxr
+            except ImportError as err:  # pragma: no cover - soxr is a dependency of gemma-rvq
+                raise ImportError(f"streaming from {source} Hz to {target} Hz needs soxr: pip install soxr") from err
+            self._stream = soxr.ResampleStream(source, target, 1, dtype="float32", quality="HQ")
+
+    def __call__(self, wave: np.ndarray, last: bool = False) -> np.ndarray:
+        if self.identity:
+            return wave
+        return np.ascontiguousarray(self._stream.resample_chunk(wave, last=last), dtype=np.float32)
+
+
+# ============================================================================================ Gemma 4: exact
+class Gemma4StreamingEncoder:
+    """Incremental ``Gemma4AudioModel``: samples in, final frame embeddings ``[n, D]`` out.
+
+    Mirrors ``Gemma4AudioModel.forward`` (transformers 5.x) frame by frame: each new mel frame is computed
+    once by the model's own feature extractor, each output frame goes through the subsampling convolutions
+    (with one frame of recomputed left context) and then through every layer once, with per-layer caches:
+    attention keys/values of the last ``attention_context_left - 1`` frames and the depthwise convolution's
+    input tail (``conv_kernel_size - 1`` frames). Memory is bounded by that context, not the stream length.
+
+    Args:
+        model: the frozen ``Gemma4AudioModel`` (layers already cut to the wanted one).
+        feature_extractor: its ``Gemma4AudioFeatureExtractor``.
+    """
+
+    #: output frames per mel frame (two stride-2 convolutions)
+    SUBSAMPLING = 4
+
+    def __init__(self, model: nn.Module, feature_extractor: Any) -> None:
+        config = model.config
+        if getattr(config, "attention_context_right", 0) != 0:
+            raise ValueError(
+                f"this Gemma 4 audio encoder attends {config.attention_context_right} frames ahead in every layer "
+                "(attention_context_right); exact streaming needs right context 0"
+            )
+        sub = model.subsample_conv_projection
+        for conv in (sub.layer0.conv, sub.layer1.conv):
+            if tuple(conv.kernel_size) != (3, 3) or tuple(conv.stride) != (2, 2) or tuple(conv.padding) != (1, 1):
+                raise ValueError(
+                    "exact streaming expects Gemma 4's 3x3 stride-2 subsampling convolutions with padding 1, got "
+                    f"kernel {tuple(conv.kernel_size)}, stride {tuple(conv.stride)}, padding {tuple(conv.padding)}"
+                )
+        if getattr(feature_extractor, "dither", 0.0):
+            raise ValueError("the feature extractor adds random dither (dither > 0): its features are not reproducible")
+        self.model = model
+        self.feature_extractor = feature_extractor
+        self.sampling_rate = int(feature_extractor.sampling_rate)
+        self.hop = int(feature_extractor.hop_length)
+        self.samples_per_frame = self.hop * self.SUBSAMPLING
+        pad_left = int(feature_extractor.frame_length) // 2
+        # Mel frame i reads samples [i*hop - pad_left, i*hop - pad_left + frame_length] and is valid once the
+        # last of them exists; the feature extractor pads `pad_left` zeros on the left.
+        self._mel_reach = int(feature_extractor.frame_length) - pad_left  # sample i*hop + reach must exist
+        self._mel_skip = -(-pad_left // self.hop)  # leading frames of a slice that see the zero padding
+        # Frame u needs mel frames up to 4u + 3: sample 4u*hop + 3*hop + reach must exist.
+        self.lookahead_samples = (self.SUBSAMPLING - 1) * self.hop + self._mel_reach + 1
+        self.min_samples = self.samples_per_frame
+        layer = model.layers[0] if len(model.layers) else None
+        self._past = config.attention_context_left - 1  # keys a query sees: itself and past - 1 before it
+        self._chunk = config.attention_chunk_size
+        self._conv_tail = layer.lconv1d.depthwise_conv1d.left_pad if layer is not None else 0
+        self.reset()
+
+    # ------------------------------------------------------------------ state
+    def reset(self) -> None:
+        """Forget the utterance: the next push starts a new one."""
+        self._wave = np.zeros(0, dtype=np.float32)  # samples from global index _wave_start on
+        self._wave_start = 0
+        self.num_samples = 0  # samples received (at `sampling_rate`)
+        self._mel: torch.Tensor | None = None  # mel frames from global index _mel_start on
+        self._mel_start = 0
+        self._mel_done = 0  # mel frames computed
+        self.frames_done = 0  # final frames emitted
+        self._caches: list[dict[str, torch.Tensor]] = [{} for _ in self.model.layers]
+        self._pos_emb: torch.Tensor | None = None
+
+    @property
+    def state_nbytes(self) -> int:
+        """Bytes held by the stream's state (bounded by the encoder's context, not the stream length)."""
+        tensors = [self._mel] if self._mel is not None else []
+        tensors += [t for cache in self._caches for t in cache.values()]
+        return int(self._wave.nbytes) + sum(t.numel() * t.element_size() for t in tensors)
+
+    def _num_mel(self, num_samples: int) -> int:
+        """Valid mel frames of a clip of ``num_samples`` samples (the feature extractor's mask)."""
+        return max(0, (num_samples - self._mel_reach - 1) // self.hop + 1)
+
+    @property
+    def _device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def _dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    # ------------------------------------------------------------------ push / flush
+    @torch.no_grad()
+    def push(self, wave: np.ndarray) -> torch.Tensor:
+        """Append float32 samples ``[S]`` (at ``sampling_rate``) -> embeddings ``[n, D]`` of the frames that
+        became final (``n`` may be 0)."""
+        if wave.size:
+            self._wave = np.concatenate([self._wave, wave]) if self._wave.size else wave
+            self.num_samples += int(wave.size)
+        self._compute_mel()
+        final = self._mel_done // self.SUBSAMPLING
+        return self._frames(self.frames_done, final, self._mel_done)
+
+    @torch.no_grad()
+    def flush(self) -> torch.Tensor:
+        """End of the utterance -> embeddings ``[n, D]`` of the remaining frames, computed as the offline
+        forward computes a clip's last frames (zero mel frames past the end). Fewer than ``min_samples``
+        samples in all give no frame (``model.encode`` refuses such a clip)."""
+        self._compute_mel()
+        if self.num_samples < self.min_samples:
+            return self._empty()
+        total = -(-self._mel_done // self.SUBSAMPLING)
+        return self._frames(self.frames_done, total, self._mel_done)
+
+    def _empty(self) -> torch.Tensor:
+        return torch.zeros(0, self.model.config.hidden_size, device=self._device, dtype=self._dtype)
+
+    def _compute_mel(self) -> None:
+        """Mel frames for every sample received, through the model's own feature extractor."""
+        stop = self._num_mel(self.num_samples)
+        start = self._mel_done
+        if stop <= start:
+            return
+        skip = min(start, self._mel_skip)
+        first = (start - skip) * self.hop  # global sample index of the slice
+        piece = self._wave[first - self._wave_start :]
+        feats = self.feature_extractor(
+            [piece], truncation=False, padding="longest", return_attention_mask=True, return_tensors="np"
+        )
+        mel = feats["input_features"][0, skip : skip + stop - start]
+        if mel.shape[0] != stop - start:  # pragma: no cover - a feature extractor with other arithmetic
+            raise RuntimeError(f"expected {stop - start} mel frames from the feature extractor, got {mel.shape[0]}")
+        mel = torch.from_numpy(np.ascontiguousarray(mel))
+        self._mel = mel if self._mel is None else torch.cat([self._mel, mel])
+        self._mel_done = stop
+        # keep the samples the next mel frame starts from
+        keep_from = max(0, (stop - self._mel_skip) * self.hop)
+        if keep_from > self._wave_start:
+            self._wave = self._wave[keep_from - self._wave_start :].copy()
+            self._wave_start = keep_from
+
+    def _frames(self, start: int, stop: int, num_mel: int) -> torch.Tensor:
+        """Frames ``[start, stop)`` through the subsampling and every layer; ``num_mel`` mel frames are valid."""
+        if stop <= start:
+            return self._empty()
+        sub = self.SUBSAMPLING
+        # One frame of left context for the convolutions: the slice's first outputs see its zero padding.
+        first = max(0, (start - 1) * sub)
+        mel = self._mel[first - self._mel_start : stop * sub - self._mel_start]
+        valid = max(0, min(num_mel, stop * sub) - first)
+        if mel.shape[0] < stop * sub - first:  # end of the utterance: zero frames past the end, masked
+            mel = torch.cat([mel, mel.new_zeros(stop * sub - first - mel.shape[0], mel.shape[1])])
+        mask = torch.arange(mel.shape[0]) < valid
+        device, dtype = self._device, self._dtype
+        hidden, _ = self.model.subsample_conv_projection(mel[None].to(device, dtype), mask[None].to(device))
+        hidden = hidden[:, start - first // sub :]
+        if self._pos_emb is None:
+            self._pos_emb = self.model.rel_pos_enc(hidden)
+        for layer, cache in zip(self.model.layers, self._caches):
+            hidden = self._layer(layer, hidden, cache, start)
+        self.frames_done = stop
+        keep = max(0, (stop - 1) * sub)  # the next call's first mel frame
+        if keep > self._mel_start:
+            self._mel = self._mel[keep - self._mel_start :].clone()
+            self._mel_start = keep
+        return hidden[0]
+
+    # ------------------------------------------------------------------ one conformer layer, incrementally
+    def _layer(self, layer: nn.Module, x: torch.Tensor, cache: dict, pos: int) -> torch.Tensor:
+        """``Gemma4AudioLayer.forward`` on new frames ``x [1, n, D]`` starting at frame ``pos``."""
+        clip = min(layer.gradient_clipping, torch.finfo(layer.norm_pre_attn.weight.dtype).max)
+        hidden = layer.feed_forward1(x)
+        residual = hidden
+        hidden = layer.norm_pre_attn(torch.clamp(hidden, -clip, clip))
+        hidden = self._attention(layer.self_attn, hidden, cache, pos)
+        hidden = layer.norm_post_attn(torch.clamp(hidden, -clip, clip))
+        hidden += residual
+        hidden = self._light_conv(layer.lconv1d, hidden, cache)
+        hidden = layer.feed_forward2(hidden)
+        return layer.norm_out(torch.clamp(hidden, -clip, clip))
+
+    def _attention(self, attn: nn.Module, x: torch.Tensor, cache: dict, pos: int) -> torch.Tensor:
+        """``Gemma4AudioAttention.forward`` for queries at frames ``[pos, pos + n)``: the blocked computation of
+        the offline forward (blocks of ``chunk`` queries, each over its ``chunk + past`` context window), with
+        keys/values of earlier frames from ``cache``."""
+        batch, n, _ = x.shape
+        heads, head_dim, chunk, past = attn.num_heads, attn.head_dim, self._chunk, self._past
+        shape = (batch, n, heads, head_dim)
+        query = attn.q_proj(x).float().view(shape) * attn.q_scale * F.softplus(attn.per_dim_scale)
+        key = attn.k_proj(x).float().view(shape) * attn.k_scale
+        value = attn.v_proj(x).float().view(shape)
+        if "key" in cache:
+            key = torch.cat([cache["key"], key], 1)
+            value = torch.cat([cache["value"], value], 1)
+        held = key.shape[1] - n  # cached frames [pos - held, pos)
+        cache["key"], cache["value"] = key[:, -past:], value[:, -past:]
+
+        first_block, stop_block = pos // chunk, (pos + n - 1) // chunk + 1
+        blocks = stop_block - first_block
+        offset = pos - first_block * chunk  # of the first new query inside the blocks
+        queries = query.new_zeros(batch, blocks * chunk, heads, head_dim)
+        queries[:, offset : offset + n] = query
+        queries = queries.view(batch, blocks, chunk, heads, head_dim)
+        # keys/values over frames [first_block*chunk - past, stop_block*chunk): zeros where nothing is
+        # attended (before the stream, beyond the cache, in the future), as masked there
+        context = attn.context_size
+        span = blocks * chunk + context - chunk
+        low = first_block * chunk - past
+        begin = max(low, pos - held)
+        keys = key.new_zeros(batch, span, heads, head_dim)
+        values = value.new_zeros(batch, span, heads, head_dim)
+        keys[:, begin - low : pos + n - low] = key[:, begin - (pos - held) :]
+        values[:, begin - low : pos + n - low] = value[:, begin - (pos - held) :]
+        keys = torch.movedim(keys.unfold(1, context, chunk), -1, 2).contiguous()
+        values = torch.movedim(values.unfold(1, context, chunk), -1, 2).contiguous()
+
+        relative = attn.relative_k_proj(self._pos_emb).view(-1, heads, head_dim).to(dtype=queries.dtype)
+        queries = queries.permute(0, 3, 1, 2, 4)
+        matrix_ac = queries @ keys.permute(0, 3, 1, 4, 2)
+        matrix_bd = queries.reshape(batch, heads, -1, head_dim) @ relative.permute(1, 2, 0)
+        matrix_bd = attn._rel_shift(matrix_bd.reshape(batch, heads, blocks, chunk, -1))
+        weights = torch.tanh((matrix_ac + matrix_bd) / attn.softcap) * attn.softcap
+        weights = weights.masked_fill(self._mask(first_block, blocks, context, weights.device), attn.config.attention_invalid_logits_value)
+        weights = F.softmax(weights, dim=-1, dtype=torch.float32).to(values.dtype)
+        out = weights @ values.permute(0, 3, 1, 2, 4)
+        out = out.permute(0, 2, 3, 1, 4).reshape(batch, blocks * chunk, -1)[:, offset : offset + n]
+        return attn.post(out.to(x.dtype))
+
+    def _mask(self, first_block: int, blocks: int, context: int, device: torch.device) -> torch.Tensor:
+        """True where a query may NOT attend: ``[1, 1, blocks, chunk, context]``."""
+        chunk, past = self._chunk, self._past
+        q = (first_block * chunk + torch.arange(blocks * chunk, device=device)).view(blocks, chunk, 1)
+        k = (first_block * chunk - past + torch.arange(blocks, device=device) * chunk).view(blocks, 1, 1)
+        k = k + torch.arange(context, device=device).view(1, 1, context)
+        distance = q - k
+        allowed = (distance >= 0) & (distance < past) & (k >= 0)
+        return ~allowed[None, None]
+
+    def _light_conv(self, conv_block: nn.Module, x: torch.Tensor, cache: dict) -> torch.Tensor:
+        """``Gemma4AudioLightConv1d.forward`` on new frames, the causal convolution's left padding replaced
+        by the previous frames' inputs."""
+        residual = x
+        hidden = F.glu(conv_block.linear_start(conv_block.pre_layer_norm(x)), dim=-1).transpose(1, 2)
+        conv = conv_block.depthwise_conv1d
+        tail = cache.get("conv")
+        if tail is None:
+            tail = hidden.new_zeros(hidden.shape[0], hidden.shape[1], self._conv_tail)
+        hidden = torch.cat([tail, hidden], dim=2)
+        cache["conv"] = hidden[:, :, hidden.shape[2] - self._conv_tail :]
+        hidden = nn.Conv1d.forward(conv, hidden).transpose(1, 2)  # no padding: the tail is the left context
+        clip = min(conv_block.gradient_clipping, torch.finfo(hidden.dtype).max)
+        hidden = conv_block.conv_norm(torch.clamp(hidden, -clip, clip))
+        hidden = conv_block.linear_end(conv_block.act_fn(hidden))
+        hidden += residual
+        return hidden
+
+
+# =========================================================================== bidirectional encoders: windowed
+class WindowedStreamingEncoder:
+    """Approximate streaming for encoders that attend both ways (HuBERT, wav2vec2, Whisper).
+
+    Frame ``f`` (its audio starts at sample ``f * samples_per_frame``) is emitted once the stream holds
+    ``lookahead_ms`` of audio from that start on. The frames that became final in one push are computed by
+    one encoder forward over a window that starts ``context_ms`` before the first of them and ends at the
+    last sample received; the codes therefore differ from the offline ones (which see the whole clip) and
+    depend a little on the chunking. Memory and cost per push are bounded by the window.
+
+    Args:
+        adapter: the model's ``EncoderAdapter``.
+        lookahead_ms: audio a frame must have from its start on before it is emitted; at least one frame's
+            own receptive field (25 ms for HuBERT / wav2vec2, 20 ms for Whisper at 16 kHz).
+        context_ms: audio before the new frames given to every forward.
+    """
+
+    def __init__(self, adapter: Any, lookahead_ms: float, context_ms: float) -> None:
+        self.adapter = adapter
+        self.sampling_rate = int(adapter.sampling_rate)
+        self.samples_per_frame = int(adapter.samples_per_frame)
+        self.min_samples = int(adapter.min_samples)
+        if isinstance(lookahead_ms, bool) or not isinstance(lookahead_ms, (int, float)) or not math.isfinite(lookahead_ms):
+            raise ValueError(f"lookahead_ms must be a number of milliseconds, got {lookahead_ms!r}")
+        if isinstance(context_ms, bool) or not isinstance(context_ms, (int, float)) or not math.isfinite(context_ms) or context_ms < 0:
+            raise ValueError(f"context_ms must be a number of milliseconds >= 0, got {context_ms!r}")
+        least = 1000.0 * self.min_samples / self.sampling_rate
+        self.lookahead_samples = math.ceil(lookahead_ms * self.sampling_rate / 1000 - 1e-9)
+        if self.lookahead_samples < self.min_samples:
+            raise ValueError(
+                f"lookahead_ms={lookahead_ms} is shorter than one {adapter.family} frame's receptive field "
+                f"({least:g} ms): a frame cannot be computed before its own audio has arrived"
+            )
+        self.context_frames = round(context_ms * self.sampling_rate / 1000 / self.samples_per_frame)
+        # new frames per forward so that context + new frames + lookahead fit the encoder's window
+        room = adapter.window - self.context_frames * self.samples_per_frame - self.lookahead_samples
+        if room < self.samples_per_frame:
+            longest = (adapter.window - self.lookahead_samples - self.samples_per_frame) / self.sampling_rate * 1000
+            raise ValueError(
+                f"context_ms={context_ms} + lookahead_ms={lookahead_ms} exceed the {adapter.family} encoder's "
+                f"window of {adapter.window / self.sampling_rate:g} s (context_ms <= {max(0.0, longest):.0f} here)"
+            )
+        self._max_new = room // self.samples_per_frame
+        self.reset()
+
+    def reset(self) -> None:
+        self._wave = np.zeros(0, dtype=np.float32)
+        self._wave_start = 0
+        self.num_samples = 0
+        self.frames_done = 0
+
+    @property
+    def state_nbytes(self) -> int:
+        return int(self._wave.nbytes)
+
+    def _encoded_length(self, num_samples: int) -> int:
+        """Frames of a clip of ``num_samples`` samples, as the offline forward counts them."""
+        if num_samples < self.min_samples:
+            return 0
+        if self.adapter.family == "whisper":
+            return -(-num_samples // self.samples_per_frame)
+        lengths = self.adapter.model._get_feat_extract_output_lengths(torch.tensor([num_samples]))
+        return int(lengths[0])
+
+    @torch.no_grad()
+    def push(self, wave: np.ndarray) -> torch.Tensor:
+        if wave.size:
+            self._wave = np.concatenate([self._wave, wave]) if self._wave.size else wave
+            self.num_samples += int(wave.size)
+        ready = (self.num_samples - self.lookahead_samples) // self.samples_per_frame + 1
+        return self._frames(min(ready, self._encoded_length(self.num_samples)))
+
+    @torch.no_grad()
+    def flush(self) -> torch.Tensor:
+        return self._frames(self._encoded_length(self.num_samples))
+
+    def _frames(self, stop: int) -> torch.Tensor:
+        spf = self.samples_per_frame
+        parts = []
+        while self.frames_done < stop:
+            start = self.frames_done
+            end = min(stop, start + self._max_new)
+            first = max(0, start - self.context_frames)
+            last = min(self.num_samples, (end - 1) * spf + max(self.lookahead_samples, self.min_samples))
+            if end == stop:  # the newest frames get all the audio there is
+                last = self.num_samples
+            piece = self._wave[first * spf - self._wave_start : last - self._wave_start]
+            hidden, mask = self.adapter.forward_batch([piece])
+            got = int(mask[0].sum())
+            if got < end - first:  # pragma: no cover - an adapter with other frame arithmetic
+                raise RuntimeError(f"the encoder gave {got} frames for a window that should hold {end - first}")
+            parts.append(hidden[0, start - first : end - first])
+            self.frames_done = end
+        keep = max(0, self.frames_done - self.context_frames) * spf
+        if keep > self._wave_start:
+            self._wave = self._wave[keep - self._wave_start :].copy()
+            self._wave_start = keep
+        if not parts:
+            dim = getattr(self.adapter.model.config, "hidden_size", None) or self.adapter.model.config.d_model
+            return torch.zeros(0, dim, device=self.adapter.device, dtype=self.adapter.dtype)
+        return torch.cat(parts)
+
+
+# ================================================================================================ streams
+class AudioCodeStream:
+    """One utterance streamed through a [`GemmaRVQModel`]: ``push`` samples, get the codes of final frames.
+
+    Made by [`GemmaRVQModel.stream`]. Codes are ``LongTensor [Q, n]`` on the model's device; frame ``t`` is
+    emitted once ``t * frame_ms + lookahead_ms`` of audio (at the model's rate) has been pushed.
+
+    Attributes:
+        sampling_rate: rate of the pushed samples (resampled to the model's rate on the fly, with soxr's
+            streaming resampler: the same samples as offline resampling).
+        lookahead_ms: algorithmic latency: audio past a frame's start needed to emit it (40.0625 ms for
+            Gemma 4: one 40 ms frame and one sample).
+        frame_rate: frames per second.
+        exact: True when the streamed codes equal the offline ones (Gemma 4), False for windowed streaming.
+        frames_emitted: frames returned so far.
+    """
+
+    def __init__(self, model: nn.Module, encoder: Any, sampling_rate: int, num_quantizers: int | None) -> None:
+        self.model = model
+        self.encoder = encoder
+        self.sampling_rate = sampling_rate
+        self.num_quantizers = num_quantizers
+        self.exact = isinstance(encoder, Gemma4StreamingEncoder)
+        self.frame_rate = encoder.sampling_rate / encoder.samples_per_frame
+        self.lookahead_ms = 1000.0 * encoder.lookahead_samples / encoder.sampling_rate
+        levels = model.config.num_quantizers if num_quantizers is None else num_quantizers
+        self._levels = levels
+        self.reset()
+
+    def reset(self) -> None:
+        """Start a new utterance (after ``flush``, or to drop the current one)."""
+        self.encoder.reset()
+        self._resampler = _Resampler(self.sampling_rate, self.encoder.sampling_rate)
+        self.frames_emitted = 0
+        self.samples_received = 0
+        self.finished = False
+
+    @property
+    def state_nbytes(self) -> int:
+        """Bytes of audio, features and per-layer caches the stream holds (bounded by the context)."""
+        return self.encoder.state_nbytes
+
+    @property
+    def received_ms(self) -> float:
+        """Milliseconds of audio pushed so far."""
+        return 1000.0 * self.samples_received / self.sampling_rate
+
+    def push(self, samples: Any) -> torch.Tensor:
+        """Append a chunk of mono audio ``[S]`` (any length, float or integer PCM at ``sampling_rate``).
+
+        Returns:
+            ``LongTensor [Q, n]``: codes of the frames that became final with this chunk (``n`` may be 0).
+        """
+        if self.finished:
+            raise RuntimeError("this stream was flushed: call reset() to start a new utterance")
+        wave = _as_samples(samples)
+        self.samples_received += int(wave.size)
+        return self._codes(self.encoder.push(self._resampler(wave)))
+
+    def flush(self) -> torch.Tensor:
+        """End the utterance: ``LongTensor [Q, n]``, the codes of every frame not returned yet. An utterance
+        shorter than one frame (``model.encode`` would refuse it) gives ``[Q, 0]``."""
+        if self.finished:
+            raise RuntimeError("this stream was already flushed: call reset() to start a new utterance")
+        tail = self.encoder.push(self._resampler(np.zeros(0, dtype=np.float32), last=True))
+        hidden = torch.cat([tail, self.encoder.flush()])
+        self.finished = True
+        return self._codes(hidden)
+
+    def _codes(self, hidden: torch.Tensor) -> torch.Tensor:
+        if hidden.shape[0] == 0:
+            return torch.zeros(self._levels, 0, dtype=torch.long, device=self.model.device)
+        out = self.model.encode(embeddings=hidden[None], num_quantizers=self.num_quantizers)
+        self.frames_emitted += hidden.shape[0]
+        return out.audio_codes[0]
+
+
+class StreamingTokenRenderer:
+    """Renders codes ``[Q, n]`` that arrive in pieces with a [`SemanticTokenFormat`]: the concatenation of
+    every ``feed`` and the final ``close`` equals ``format.render`` of all the codes at once.
+
+    Without run-length collapse every frame is written when it arrives. With ``dedup`` and duration tokens a
+    run is written once it is closed (a different frame arrives, it reaches ``max_duration`` frames, or
+    ``close``); with ``dedup`` and no duration tokens a run is written when it starts (its token does not
+    depend on its length).
+    """
+
+    def __init__(self, token_format: Any) -> None:
+        self.format = token_format
+        self.reset()
+
+    def reset(self) -> None:
+        self._started = False
+        self._wrote = False
+        self._run: tuple[int, ...] | None = None  # codes of the open run
+        self._run_length = 0  # frames of the open run not written yet
+
+    def _join(self, tokens: list[str]) -> str:
+        if not tokens:
+            return ""
+        text = self.format.separator.join(tokens)
+        if self._wrote:
+            text = self.format.separator + text
+        self._wrote = True
+        return text
+
+    def _frame_tokens(self, codes: tuple[int, ...]) -> list[str]:
+        return [self.format.code_token(code, level) for level, code in enumerate(codes)]
+
+    def _run_tokens(self) -> list[str]:
+        """The open run's pending frames as ``[duration] + frame tokens`` (durations formats only)."""
+        if not self._run_length:
+            return []
+        tokens = [self.format.duration_token(self._run_length)] if self._run_length >= 2 else []
+        self._run_length = 0
+        return tokens + self._frame_tokens(self._run)
+
+    def feed(self, codes: Any) -> str:
+        """Codes ``[Q, n]`` of the next frames -> the text that became final."""
+        fmt = self.format
+        array = codes.detach().cpu().numpy() if isinstance(codes, torch.Tensor) else np.asarray(codes)
+        if array.ndim != 2:
+            raise ValueError(f"feed() takes codes [Q, n], got shape {tuple(array.shape)}")
+        levels = array.shape[0] if fmt.num_levels is None else fmt.num_levels
+        if array.shape[0] < levels:
+            raise ValueError(
+                f"format {fmt.name!r} renders {levels} levels but the codes have only {array.shape[0]}; "
+                "stream with more quantizers or use a format with fewer levels"
+            )
+        array = array[:levels]
+        if array.size:
+            limit = fmt.codebook_size
+            if array.min() < 0 or (limit is not None and array.max() >= limit):
+                raise ValueError(
+                    f"codes outside [0, {limit}) for format {fmt.name!r}: min {int(array.min())}, max {int(array.max())}"
+                )
+        tokens: list[str] = []
+        if not self._started:
+            self._started = True
+            if fmt.start_token is not None:
+                tokens.append(fmt.start_token)
+        for frame in map(tuple, array.T.tolist()):
+            if not fmt.dedup:
+                tokens += self._frame_tokens(frame)
+            elif not fmt.uses_durations:
+                if frame != self._run:
+                    tokens += self._frame_tokens(frame)
+                    self._run = frame
+            else:
+                if frame != self._run:
+                    tokens += self._run_tokens()
+                    self._run = frame
+                self._run_length += 1
+                if self._run_length == fmt.max_duration:  # a full chunk of the run: nothing can change it
+                    tokens += self._run_tokens()
+        return self._join(tokens)
+
+    def close(self) -> str:
+        """End of the utterance: the open run and the end marker."""
+        fmt = self.format
+        tokens: list[str] = []
+        if not self._started:
+            self._started = True
+            if fmt.start_token is not None:
+                tokens.append(fmt.start_token)
+        if fmt.uses_durations:
+            tokens += self._run_tokens()
+        if fmt.end_token is not None:
+            tokens.append(fmt.end_token)
+        return self._join(tokens)
+
+
+class TokenStream:
+    """An [`AudioCodeStream`] whose ``push`` / ``flush`` return token text in a [`SemanticTokenFormat`].
+
+    The concatenation of every returned piece equals ``format.render(codes)`` of the whole utterance.
+    ``codes`` is the underlying code stream (``lookahead_ms``, ``frame_rate``, ``frames_emitted``...).
+    """
+
+    def __init__(self, codes: AudioCodeStream, token_format: Any) -> None:
+        self.codes = codes
+        self.format = token_format
+        self.renderer = StreamingTokenRenderer(token_format)
+
+    @property
+    def lookahead_ms(self) -> float:
+        return self.codes.lookahead_ms
+
+    @property
+    def frame_rate(self) -> float:
+        return self.codes.frame_rate
+
+    def reset(self) -> None:
+        self.codes.reset()
+        self.renderer.reset()
+
+    def push(self, samples: Any) -> str:
+        """Append a chunk of mono audio -> the text that became final (possibly ``""``)."""
+        return self.renderer.feed(self.codes.push(samples))
+
+    def flush(self) -> str:
+        """End the utterance -> the remaining text (the last run and the end marker)."""
+        return self.renderer.feed(self.codes.flush()) + self.renderer.close()
+
+
+# ================================================================================================= factory
+def open_stream(
+    model: nn.Module,
+    sampling_rate: Any,
+    num_quantizers: int | None = None,
+    *,
+    token_format: Any = None,
+    lookahead_ms: float | None = None,
+    context_ms: float | None = None,
+) -> AudioCodeStream | TokenStream:
+    """The stream behind [`GemmaRVQModel.stream`] (see there)."""
+    rate = check_sampling_rate(sampling_rate)
+    if num_quantizers is not None and (
+        isinstance(num_quantizers, bool) or not isinstance(num_quantizers, int)
+        or not 1 <= num_quantizers <= model.config.num_quantizers
+    ):
+        raise ValueError(f"num_quantizers must be an int in [1, {model.config.num_quantizers}], got {num_quantizers!r}")
+    family = model.config.encoder_family
+    adapter = model._encoder_adapter()
+    if family == "gemma4_audio":
+        if lookahead_ms is not None or context_ms is not None:
+            raise ValueError(
+                "Gemma 4 streams exactly with its fixed lookahead (40.0625 ms at 16 kHz) and its whole left context; "
+                "lookahead_ms / context_ms apply to bidirectional encoders (HuBERT, wav2vec2, Whisper) only"
+            )
+        encoder: Any = Gemma4StreamingEncoder(adapter.model, adapter.feature_extractor)
+    elif family in BIDIRECTIONAL_FAMILIES:
+        if lookahead_ms is None:
+            raise ValueError(
+                f"a {family} encoder attends in both directions: every frame depends on the whole clip, so streamed "
+                "codes cannot equal model.encode. Pass lookahead_ms= (audio each frame waits for, e.g. 500) and "
+                "optionally context_ms= (left context, default 2000) to stream with windowed, approximate codes, "
+                "or encode whole utterances with model.encode"
+            )
+        encoder = WindowedStreamingEncoder(adapter, lookahead_ms, 2000.0 if context_ms is None else context_ms)
+    else:  # pragma: no cover - the config validates the family
+        raise ValueError(f"streaming is not supported for encoder family {family!r}")
+    stream = AudioCodeStream(model, encoder, rate, num_quantizers)
+    if token_format is None:
+        return stream
+    from .tokens import format_for_model
+
+    # a preset name is fitted to the model (K, levels); a format object or dict is used as given
+    fmt = format_for_model(token_format, codebook_size=model.config.codebook_size, num_quantizers=stream._levels)
+    if fmt.num_levels is not None and fmt.num_levels > stream._levels:
+        raise ValueError(
+            f"format {fmt.name!r} renders {fmt.num_levels} levels but the stream has {stream._levels} "
+            "(num_quantizers)"
+        )
+    return TokenStream(stream, fmt)
+
+
+__all__ = [
+    "AudioCodeStream",
+    "Gemma4StreamingEncoder",
+    "StreamingTokenRenderer",
+    "TokenStream",
+    "WindowedStreamingEncoder",
+    "open_stream",
+]
