@@ -31,8 +31,9 @@ convolution's GroupNorm normalises over time, padding included, so those encoder
 time (exact, slower). Whisper pads every clip to the same 30 s window anyway.
 
 Long audio (longer than the adapter's window): split into windows of ``window`` samples whose starts are
-whole frames apart, overlapping by ``overlap`` samples; every window of every clip goes through one padded
-encoder forward, and each window keeps the frames between two seams: the middle of each overlap, or for
+whole frames apart, overlapping by ``overlap`` samples; the windows go through padded encoder forwards of at
+most ``len(clips)`` windows each (peak memory flat in the clip length), and each window keeps the frames
+between two seams: the middle of each overlap, or for
 Gemma 4, whose layers only look back, a few frames before the end of the earlier window (the later window's
 first frames lack left context). No frame is lost or duplicated and frame ``f`` of a window starting at sample ``s`` is
 global frame ``s / samples_per_frame + f``.
@@ -294,32 +295,44 @@ class EncoderAdapter:
             starts.append(last)
         return starts
 
+    #: windows per encoder forward for long audio (``None``: as many as there are clips in the call)
+    windows_per_forward: int | None = None
+
     def __call__(self, clips: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Embeddings ``[B, T, D]`` and mask ``[B, T]`` of clips of any length (one padded forward)."""
+        """Embeddings ``[B, T, D]`` and mask ``[B, T]`` of clips of any length.
+
+        Clips that fit one window go through one padded forward. Longer clips are cut into windows
+        (``plan``) that go through the encoder ``len(clips)`` at a time (``windows_per_forward``), so peak
+        memory is that of one batch of full windows whatever the clips' length; only kept frames are held.
+        """
         plans = [self.plan(len(c)) for c in clips]
         if all(len(p) == 1 for p in plans):
             return self.forward_batch(list(clips))
-        pieces = [c[s : s + self.window] for c, p in zip(clips, plans) for s in p]
-        hidden, mask = self.forward_batch(pieces)
-        lengths = mask.sum(-1).tolist()
         spf = self.samples_per_frame
-        stitched, row = [], 0
-        for plan in plans:
-            offsets = [s // spf for s in plan]
-            parts = []
-            lo = 0
-            for j, off in enumerate(offsets):
-                end = off + lengths[row + j]
-                if j + 1 == len(offsets):
+        # (clip, window index, frame offset of the window, frame offset of the next window or None)
+        jobs = [
+            (i, j, s // spf, plan[j + 1] // spf if j + 1 < len(plan) else None)
+            for i, plan in enumerate(plans)
+            for j, s in enumerate(plan)
+        ]
+        parts: list[list[torch.Tensor]] = [[] for _ in clips]
+        kept_until = [0] * len(clips)  # frames of each clip stitched so far
+        group = max(1, self.windows_per_forward or len(clips))
+        for g in range(0, len(jobs), group):
+            batch = jobs[g : g + group]
+            hidden, mask = self.forward_batch([clips[i][off * spf : off * spf + self.window] for i, _, off, _ in batch])
+            for row, (i, _, off, next_off) in enumerate(batch):
+                end = off + int(mask[row].sum())
+                if next_off is None:
                     hi = end
                 else:  # middle of the overlap, or later when the encoder barely looks ahead
-                    hi = max((offsets[j + 1] + end) // 2, end - self.right_context_frames)
+                    hi = max((next_off + end) // 2, end - self.right_context_frames)
+                lo = kept_until[i]
                 hi = min(end, max(lo, hi))
-                parts.append(hidden[row + j, lo - off : hi - off])
-                lo = hi
-            stitched.append(torch.cat(parts) if len(parts) > 1 else parts[0])
-            row += len(plan)
-        return _pad_frames(stitched)
+                parts[i].append(hidden[row, lo - off : hi - off].clone())  # not a view: frees the batch
+                kept_until[i] = hi
+            del hidden, mask
+        return _pad_frames([torch.cat(p) if len(p) > 1 else p[0] for p in parts])
 
 
 def _pad_frames(frames: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

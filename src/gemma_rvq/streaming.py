@@ -363,16 +363,27 @@ class WindowedStreamingEncoder:
         adapter: the model's ``EncoderAdapter``.
         lookahead_ms: audio a frame must have from its start on before it is emitted; at least one frame's
             own receptive field (25 ms for HuBERT / wav2vec2, 20 ms for Whisper at 16 kHz).
-        context_ms: audio before the new frames given to every forward.
+        context_ms: audio before the new frames given to every forward (default: 2000 ms; for Whisper,
+            whose forward always costs a 30 s window, as much as fits it with 1 s of new frames).
     """
 
-    def __init__(self, adapter: Any, lookahead_ms: float, context_ms: float) -> None:
+    DEFAULT_CONTEXT_MS = 2000.0
+
+    def __init__(self, adapter: Any, lookahead_ms: float, context_ms: float | None = None) -> None:
         self.adapter = adapter
         self.sampling_rate = int(adapter.sampling_rate)
         self.samples_per_frame = int(adapter.samples_per_frame)
         self.min_samples = int(adapter.min_samples)
         if isinstance(lookahead_ms, bool) or not isinstance(lookahead_ms, (int, float)) or not math.isfinite(lookahead_ms):
             raise ValueError(f"lookahead_ms must be a number of milliseconds, got {lookahead_ms!r}")
+        if context_ms is None:
+            # Whisper pays for its whole 30 s window whatever it holds: fill it with left context (which
+            # also keeps the frames of a short utterance at their offline positions).
+            context_ms = self.DEFAULT_CONTEXT_MS
+            if adapter.family == "whisper":
+                # room for 1 s of new frames per forward
+                spare = adapter.window - math.ceil(lookahead_ms * self.sampling_rate / 1000) - self.sampling_rate
+                context_ms = max(0.0, 1000.0 * spare / self.sampling_rate)
         if isinstance(context_ms, bool) or not isinstance(context_ms, (int, float)) or not math.isfinite(context_ms) or context_ms < 0:
             raise ValueError(f"context_ms must be a number of milliseconds >= 0, got {context_ms!r}")
         least = 1000.0 * self.min_samples / self.sampling_rate
@@ -691,7 +702,7 @@ def open_stream(
                 "optionally context_ms= (left context, default 2000) to stream with windowed, approximate codes, "
                 "or encode whole utterances with model.encode"
             )
-        encoder = WindowedStreamingEncoder(adapter, lookahead_ms, 2000.0 if context_ms is None else context_ms)
+        encoder = WindowedStreamingEncoder(adapter, lookahead_ms, context_ms)
     else:  # pragma: no cover - the config validates the family
         raise ValueError(f"streaming is not supported for encoder family {family!r}")
     stream = AudioCodeStream(model, encoder, rate, num_quantizers)
