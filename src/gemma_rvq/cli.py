@@ -320,6 +320,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("checkpoint", help="folder, Hub id, or rvq_*.pt file")
     p.set_defaults(func=cmd_info)
+
+    from .stream_cli import make_parser as add_stream_parser
+
+    add_stream_parser(sub)
     return parser
 
 

@@ -99,6 +99,27 @@ class _Resampler:
 
 
 # ============================================================================================ Gemma 4: exact
+def _causal_depthwise(conv: nn.Conv1d, x: torch.Tensor) -> torch.Tensor:
+    """``conv`` (depthwise, stride 1, no bias) over ``x [B, C, pad + n]`` whose first ``pad`` frames are the
+    left context -> ``[B, C, n]``.
+
+    On CPU a oneDNN convolution call costs ~1 ms whatever its size, more than the rest of a layer for a few
+    frames; the same products summed in the same order (one multiply-add per tap, first tap first: what
+    the convolution computes) cost microseconds. Elsewhere the convolution itself runs.
+    """
+    kernel = conv.kernel_size[0]
+    if x.device.type != "cpu" or conv.bias is not None or conv.stride[0] != 1 or conv.groups != x.shape[1]:
+        return nn.Conv1d.forward(conv, x)
+    dilation = conv.dilation[0]
+    n = x.shape[2] - (kernel - 1) * dilation
+    weight = conv.weight[:, 0].float()  # [C, kernel]
+    source = x.float()
+    out = source[:, :, :n] * weight[None, :, 0, None]
+    for tap in range(1, kernel):
+        out = torch.addcmul(out, source[:, :, tap * dilation : tap * dilation + n], weight[None, :, tap, None])
+    return out.to(x.dtype)
+
+
 class Gemma4StreamingEncoder:
     """Incremental ``Gemma4AudioModel``: samples in, final frame embeddings ``[n, D]`` out.
 
@@ -162,7 +183,9 @@ class Gemma4StreamingEncoder:
         self._mel_done = 0  # mel frames computed
         self.frames_done = 0  # final frames emitted
         self._caches: list[dict[str, torch.Tensor]] = [{} for _ in self.model.layers]
-        self._pos_emb: torch.Tensor | None = None
+        # per-layer tensors that depend on the weights only (relative position keys, query scale), and masks
+        self._constants: list[dict[str, torch.Tensor]] | None = None
+        self._masks: dict[tuple[int, bool], torch.Tensor] = {}
 
     @property
     def state_nbytes(self) -> int:
@@ -248,10 +271,11 @@ class Gemma4StreamingEncoder:
         device, dtype = self._device, self._dtype
         hidden, _ = self.model.subsample_conv_projection(mel[None].to(device, dtype), mask[None].to(device))
         hidden = hidden[:, start - first // sub :]
-        if self._pos_emb is None:
-            self._pos_emb = self.model.rel_pos_enc(hidden)
-        for layer, cache in zip(self.model.layers, self._caches):
-            hidden = self._layer(layer, hidden, cache, start)
+        if self._constants is None:
+            position_embeddings = self.model.rel_pos_enc(hidden)
+            self._constants = [self._layer_constants(layer.self_attn, position_embeddings) for layer in self.model.layers]
+        for layer, cache, constants in zip(self.model.layers, self._caches, self._constants):
+            hidden = self._layer(layer, hidden, cache, constants, start)
         self.frames_done = stop
         keep = max(0, (stop - 1) * sub)  # the next call's first mel frame
         if keep > self._mel_start:
@@ -260,34 +284,43 @@ class Gemma4StreamingEncoder:
         return hidden[0]
 
     # ------------------------------------------------------------------ one conformer layer, incrementally
-    def _layer(self, layer: nn.Module, x: torch.Tensor, cache: dict, pos: int) -> torch.Tensor:
+    @staticmethod
+    def _layer_constants(attn: nn.Module, position_embeddings: torch.Tensor) -> dict[str, torch.Tensor]:
+        """What every call of ``attn`` recomputes from its weights alone."""
+        relative = attn.relative_k_proj(position_embeddings).view(-1, attn.num_heads, attn.head_dim)
+        return {
+            "relative": relative.float().permute(1, 2, 0),  # [heads, head_dim, positions]
+            "query_scale": F.softplus(attn.per_dim_scale),
+        }
+
+    def _layer(self, layer: nn.Module, x: torch.Tensor, cache: dict, constants: dict, pos: int) -> torch.Tensor:
         """``Gemma4AudioLayer.forward`` on new frames ``x [1, n, D]`` starting at frame ``pos``."""
         clip = min(layer.gradient_clipping, torch.finfo(layer.norm_pre_attn.weight.dtype).max)
         hidden = layer.feed_forward1(x)
         residual = hidden
         hidden = layer.norm_pre_attn(torch.clamp(hidden, -clip, clip))
-        hidden = self._attention(layer.self_attn, hidden, cache, pos)
+        hidden = self._attention(layer.self_attn, hidden, cache, constants, pos)
         hidden = layer.norm_post_attn(torch.clamp(hidden, -clip, clip))
         hidden += residual
         hidden = self._light_conv(layer.lconv1d, hidden, cache)
         hidden = layer.feed_forward2(hidden)
         return layer.norm_out(torch.clamp(hidden, -clip, clip))
 
-    def _attention(self, attn: nn.Module, x: torch.Tensor, cache: dict, pos: int) -> torch.Tensor:
+    def _attention(self, attn: nn.Module, x: torch.Tensor, cache: dict, constants: dict, pos: int) -> torch.Tensor:
         """``Gemma4AudioAttention.forward`` for queries at frames ``[pos, pos + n)``: the blocked computation of
         the offline forward (blocks of ``chunk`` queries, each over its ``chunk + past`` context window), with
         keys/values of earlier frames from ``cache``."""
         batch, n, _ = x.shape
         heads, head_dim, chunk, past = attn.num_heads, attn.head_dim, self._chunk, self._past
         shape = (batch, n, heads, head_dim)
-        query = attn.q_proj(x).float().view(shape) * attn.q_scale * F.softplus(attn.per_dim_scale)
+        query = attn.q_proj(x).float().view(shape) * attn.q_scale * constants["query_scale"]
         key = attn.k_proj(x).float().view(shape) * attn.k_scale
         value = attn.v_proj(x).float().view(shape)
         if "key" in cache:
             key = torch.cat([cache["key"], key], 1)
             value = torch.cat([cache["value"], value], 1)
         held = key.shape[1] - n  # cached frames [pos - held, pos)
-        cache["key"], cache["value"] = key[:, -past:], value[:, -past:]
+        cache["key"], cache["value"] = key[:, -past:].clone(), value[:, -past:].clone()
 
         first_block, stop_block = pos // chunk, (pos + n - 1) // chunk + 1
         blocks = stop_block - first_block
@@ -297,7 +330,7 @@ class Gemma4StreamingEncoder:
         queries = queries.view(batch, blocks, chunk, heads, head_dim)
         # keys/values over frames [first_block*chunk - past, stop_block*chunk): zeros where nothing is
         # attended (before the stream, beyond the cache, in the future), as masked there
-        context = attn.context_size
+        context = attn.context_size  # chunk + past (right context 0)
         span = blocks * chunk + context - chunk
         low = first_block * chunk - past
         begin = max(low, pos - held)
@@ -308,27 +341,33 @@ class Gemma4StreamingEncoder:
         keys = torch.movedim(keys.unfold(1, context, chunk), -1, 2).contiguous()
         values = torch.movedim(values.unfold(1, context, chunk), -1, 2).contiguous()
 
-        relative = attn.relative_k_proj(self._pos_emb).view(-1, heads, head_dim).to(dtype=queries.dtype)
         queries = queries.permute(0, 3, 1, 2, 4)
         matrix_ac = queries @ keys.permute(0, 3, 1, 4, 2)
-        matrix_bd = queries.reshape(batch, heads, -1, head_dim) @ relative.permute(1, 2, 0)
+        matrix_bd = queries.reshape(batch, heads, -1, head_dim) @ constants["relative"]
         matrix_bd = attn._rel_shift(matrix_bd.reshape(batch, heads, blocks, chunk, -1))
         weights = torch.tanh((matrix_ac + matrix_bd) / attn.softcap) * attn.softcap
-        weights = weights.masked_fill(self._mask(first_block, blocks, context, weights.device), attn.config.attention_invalid_logits_value)
+        weights = weights.masked_fill(self._mask(first_block, blocks, weights.device), attn.config.attention_invalid_logits_value)
         weights = F.softmax(weights, dim=-1, dtype=torch.float32).to(values.dtype)
         out = weights @ values.permute(0, 3, 1, 2, 4)
         out = out.permute(0, 2, 3, 1, 4).reshape(batch, blocks * chunk, -1)[:, offset : offset + n]
         return attn.post(out.to(x.dtype))
 
-    def _mask(self, first_block: int, blocks: int, context: int, device: torch.device) -> torch.Tensor:
-        """True where a query may NOT attend: ``[1, 1, blocks, chunk, context]``."""
-        chunk, past = self._chunk, self._past
-        q = (first_block * chunk + torch.arange(blocks * chunk, device=device)).view(blocks, chunk, 1)
-        k = (first_block * chunk - past + torch.arange(blocks, device=device) * chunk).view(blocks, 1, 1)
-        k = k + torch.arange(context, device=device).view(1, 1, context)
-        distance = q - k
-        allowed = (distance >= 0) & (distance < past) & (k >= 0)
-        return ~allowed[None, None]
+    def _mask(self, first_block: int, blocks: int, device: torch.device) -> torch.Tensor:
+        """True where a query may NOT attend: ``[1, 1, blocks, chunk, context]`` (only the stream's first
+        block differs from the others: it has no frames before it)."""
+        key = (blocks, first_block == 0)
+        if key not in self._masks:
+            chunk, past = self._chunk, self._past
+            context = chunk + past
+            q = torch.arange(blocks * chunk, device=device).view(blocks, chunk, 1)
+            k = (torch.arange(blocks, device=device) * chunk - past).view(blocks, 1, 1)
+            k = k + torch.arange(context, device=device).view(1, 1, context)
+            distance = q - k
+            allowed = (distance >= 0) & (distance < past)
+            if first_block == 0:
+                allowed &= k >= 0
+            self._masks[key] = ~allowed[None, None]
+        return self._masks[key]
 
     def _light_conv(self, conv_block: nn.Module, x: torch.Tensor, cache: dict) -> torch.Tensor:
         """``Gemma4AudioLightConv1d.forward`` on new frames, the causal convolution's left padding replaced
@@ -340,8 +379,8 @@ class Gemma4StreamingEncoder:
         if tail is None:
             tail = hidden.new_zeros(hidden.shape[0], hidden.shape[1], self._conv_tail)
         hidden = torch.cat([tail, hidden], dim=2)
-        cache["conv"] = hidden[:, :, hidden.shape[2] - self._conv_tail :]
-        hidden = nn.Conv1d.forward(conv, hidden).transpose(1, 2)  # no padding: the tail is the left context
+        cache["conv"] = hidden[:, :, hidden.shape[2] - self._conv_tail :].clone()
+        hidden = _causal_depthwise(conv, hidden).transpose(1, 2)
         clip = min(conv_block.gradient_clipping, torch.finfo(hidden.dtype).max)
         hidden = conv_block.conv_norm(torch.clamp(hidden, -clip, clip))
         hidden = conv_block.linear_end(conv_block.act_fn(hidden))
