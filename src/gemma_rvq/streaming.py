@@ -132,12 +132,14 @@ class Gemma4StreamingEncoder:
     Args:
         model: the frozen ``Gemma4AudioModel`` (layers already cut to the wanted one).
         feature_extractor: its ``Gemma4AudioFeatureExtractor``.
+        min_samples: fewest samples an utterance needs to give frames (``model.encode`` refuses shorter
+            audio); default: one frame.
     """
 
     #: output frames per mel frame (two stride-2 convolutions)
     SUBSAMPLING = 4
 
-    def __init__(self, model: nn.Module, feature_extractor: Any) -> None:
+    def __init__(self, model: nn.Module, feature_extractor: Any, min_samples: int | None = None) -> None:
         config = model.config
         if getattr(config, "attention_context_right", 0) != 0:
             raise ValueError(
@@ -165,7 +167,7 @@ class Gemma4StreamingEncoder:
         self._mel_skip = -(-pad_left // self.hop)  # leading frames of a slice that see the zero padding
         # Frame u needs mel frames up to 4u + 3: sample 4u*hop + 3*hop + reach must exist.
         self.lookahead_samples = (self.SUBSAMPLING - 1) * self.hop + self._mel_reach + 1
-        self.min_samples = self.samples_per_frame
+        self.min_samples = self.samples_per_frame if min_samples is None else int(min_samples)
         layer = model.layers[0] if len(model.layers) else None
         self._past = config.attention_context_left - 1  # keys a query sees: itself and past - 1 before it
         self._chunk = config.attention_chunk_size
@@ -455,13 +457,11 @@ class WindowedStreamingEncoder:
         return int(self._wave.nbytes)
 
     def _encoded_length(self, num_samples: int) -> int:
-        """Frames of a clip of ``num_samples`` samples, as the offline forward counts them."""
+        """Frames of a clip of ``num_samples`` samples, as ``model.encode`` counts them (0 below
+        ``min_samples``, which ``encode`` refuses)."""
         if num_samples < self.min_samples:
             return 0
-        if self.adapter.family == "whisper":
-            return -(-num_samples // self.samples_per_frame)
-        lengths = self.adapter.model._get_feat_extract_output_lengths(torch.tensor([num_samples]))
-        return int(lengths[0])
+        return int(self.adapter.frames.get_encoded_length(num_samples))
 
     @torch.no_grad()
     def push(self, wave: np.ndarray) -> torch.Tensor:
@@ -732,7 +732,7 @@ def open_stream(
                 "Gemma 4 streams exactly with its fixed lookahead (40.0625 ms at 16 kHz) and its whole left context; "
                 "lookahead_ms / context_ms apply to bidirectional encoders (HuBERT, wav2vec2, Whisper) only"
             )
-        encoder: Any = Gemma4StreamingEncoder(adapter.model, adapter.feature_extractor)
+        encoder: Any = Gemma4StreamingEncoder(adapter.model, adapter.feature_extractor, adapter.min_samples)
     elif family in BIDIRECTIONAL_FAMILIES:
         if lookahead_ms is None:
             raise ValueError(
