@@ -180,8 +180,9 @@ class Gemma4StreamingEncoder:
         self._wave = np.zeros(0, dtype=np.float32)  # samples from global index _wave_start on
         self._wave_start = 0
         self.num_samples = 0  # samples received (at `sampling_rate`)
-        self._mel: torch.Tensor | None = None  # mel frames from global index _mel_start on
-        self._mel_start = 0
+        # subsampling inputs not consumed yet, [1, C, frames, F] from a global frame index on
+        self._buffers: dict[str, tuple[torch.Tensor | None, int]] = {"mel": (None, 0), "l0": (None, 0)}
+        self._done = {"l0": 0, "l1": 0}  # frames made by each subsampling convolution
         self._mel_done = 0  # mel frames computed
         self.frames_done = 0  # final frames emitted
         self._caches: list[dict[str, torch.Tensor]] = [{} for _ in self.model.layers]
@@ -192,7 +193,7 @@ class Gemma4StreamingEncoder:
     @property
     def state_nbytes(self) -> int:
         """Bytes held by the stream's state (bounded by the encoder's context, not the stream length)."""
-        tensors = [self._mel] if self._mel is not None else []
+        tensors = [buffer for buffer, _ in self._buffers.values() if buffer is not None]
         tensors += [t for cache in self._caches for t in cache.values()]
         return int(self._wave.nbytes) + sum(t.numel() * t.element_size() for t in tensors)
 
@@ -249,8 +250,9 @@ class Gemma4StreamingEncoder:
         mel = feats["input_features"][0, skip : skip + stop - start]
         if mel.shape[0] != stop - start:  # pragma: no cover - a feature extractor with other arithmetic
             raise RuntimeError(f"expected {stop - start} mel frames from the feature extractor, got {mel.shape[0]}")
-        mel = torch.from_numpy(np.ascontiguousarray(mel))
-        self._mel = mel if self._mel is None else torch.cat([self._mel, mel])
+        mel = torch.from_numpy(np.ascontiguousarray(mel)).to(self._device, self._dtype)[None, None]
+        buffer, origin = self._buffers["mel"]
+        self._buffers["mel"] = (mel if buffer is None else torch.cat([buffer, mel], dim=2), origin)
         self._mel_done = stop
         # keep the samples the next mel frame starts from
         keep_from = max(0, (stop - self._mel_skip) * self.hop)
@@ -259,31 +261,55 @@ class Gemma4StreamingEncoder:
             self._wave_start = keep_from
 
     def _frames(self, start: int, stop: int, num_mel: int) -> torch.Tensor:
-        """Frames ``[start, stop)`` through the subsampling and every layer; ``num_mel`` mel frames are valid."""
+        """Frames ``[start, stop)`` through the subsampling and every layer; ``num_mel`` mel frames are valid
+        (at the end of the utterance the frames past them are zeros, as in the offline forward)."""
         if stop <= start:
             return self._empty()
-        sub = self.SUBSAMPLING
-        # One frame of left context for the convolutions: the slice's first outputs see its zero padding.
-        first = max(0, (start - 1) * sub)
-        mel = self._mel[first - self._mel_start : stop * sub - self._mel_start]
-        valid = max(0, min(num_mel, stop * sub) - first)
-        if mel.shape[0] < stop * sub - first:  # end of the utterance: zero frames past the end, masked
-            mel = torch.cat([mel, mel.new_zeros(stop * sub - first - mel.shape[0], mel.shape[1])])
-        mask = torch.arange(mel.shape[0]) < valid
-        device, dtype = self._device, self._dtype
-        hidden, _ = self.model.subsample_conv_projection(mel[None].to(device, dtype), mask[None].to(device))
-        hidden = hidden[:, start - first // sub :]
+        sub = self.model.subsample_conv_projection
+        # Each 3x3 stride-2 convolution: output t reads inputs 2t-1 .. 2t+1. Every frame of both stages is
+        # computed once, from the previous stage's frames kept in a buffer (one frame of left context).
+        layer0 = self._stage(sub.layer0, "mel", "l0", 2 * stop, valid=num_mel)
+        hidden = self._stage(sub.layer1, "l0", "l1", stop, valid=-(-num_mel // 2), new=layer0)
+        hidden = hidden.permute(0, 2, 3, 1).contiguous().reshape(1, stop - start, -1)
+        hidden = sub.input_proj_linear(hidden)
         if self._constants is None:
             position_embeddings = self.model.rel_pos_enc(hidden)
             self._constants = [self._layer_constants(layer.self_attn, position_embeddings) for layer in self.model.layers]
         for layer, cache, constants in zip(self.model.layers, self._caches, self._constants):
             hidden = self._layer(layer, hidden, cache, constants, start)
         self.frames_done = stop
-        keep = max(0, (stop - 1) * sub)  # the next call's first mel frame
-        if keep > self._mel_start:
-            self._mel = self._mel[keep - self._mel_start :].clone()
-            self._mel_start = keep
         return hidden[0]
+
+    def _stage(self, layer: nn.Module, source: str, target: str, stop: int, valid: int,
+               new: torch.Tensor | None = None) -> torch.Tensor:
+        """``Gemma4AudioSubSampleConvProjectionLayer.forward`` for output frames ``[done, stop)`` of stage
+        ``target`` from the buffered input frames of stage ``source`` (``valid`` of them are real; the rest
+        are zeros, as the offline forward masks them). Returns the new frames ``[1, C, n, F]``.
+
+        The convolution runs with time padding 0 on the exact input frames (the left zero padding of the
+        stream's first frame is added explicitly): on CPU this gives the same bits as the offline padded
+        convolution (checked by the tests)."""
+        buffer, first = self._buffers[source]
+        done = self._done[target]
+        if new is not None:  # frames the previous stage just made: append them to its buffer
+            buffer = new if buffer is None else torch.cat([buffer, new], dim=2)
+        lo, hi = 2 * done - 1, 2 * stop  # input frames [lo, hi)
+        avail_lo, avail_hi = max(lo, first), min(hi, first + buffer.shape[2])
+        x = buffer[:, :, avail_lo - first : avail_hi - first]
+        if avail_lo > lo or avail_hi < hi:  # the stream's start (-1), or past the end of the utterance
+            x = F.pad(x, (0, 0, avail_lo - lo, hi - avail_hi))
+        if valid < hi:  # end of the utterance: zero the input frames past the real ones
+            keep = (torch.arange(lo, hi, device=x.device) < valid).to(x.dtype)
+            x = x * keep[None, None, :, None]
+        conv = layer.conv
+        out = F.conv2d(x.to(conv.weight.dtype), conv.weight, conv.bias, conv.stride, (0, conv.padding[1]),
+                       conv.dilation, conv.groups)
+        out = layer.act(layer.norm(out.permute(0, 2, 3, 1)).permute(0, 3, 1, 2).contiguous())
+        self._done[target] = stop
+        # the next call reads from input frame 2 * stop - 1 on
+        keep_from = max(first, 2 * stop - 1)
+        self._buffers[source] = (buffer[:, :, keep_from - first :].clone(), keep_from)
+        return out
 
     # ------------------------------------------------------------------ one conformer layer, incrementally
     @staticmethod
