@@ -234,7 +234,7 @@ def long_audio_memory(model, device: str, log) -> dict:
     return {"peak_1min": out[1], "peak_10min": out[10], "ratio": out[10] / out[1]}
 
 
-def check(device: str, out_path: str | None, seconds: float) -> dict:
+def check(device: str, out_path: str | None, seconds: float, sizes: tuple[str, ...] = ("tiny", "full")) -> dict:
     """The CUDA check: exact streaming in fp32 and bf16, tiny and full size; memory; a windowed HuBERT."""
     results: dict = {"device": torch.cuda.get_device_name() if device.startswith("cuda") else device,
                      "torch": torch.__version__}
@@ -244,6 +244,8 @@ def check(device: str, out_path: str | None, seconds: float) -> dict:
 
     wave = speech(seconds)
     for size, (q, k) in (("tiny", (2, 16)), ("full", (8, 2048))):
+        if size not in sizes:
+            continue
         for dtype in (torch.float32, torch.bfloat16):
             name = f"{size}_{str(dtype).split('.')[-1]}"
             try:
@@ -302,11 +304,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="offline encodes; the best counts")
     parser.add_argument("--memory", action="store_true", help="also: peak memory of 1 min vs 10 min offline")
     parser.add_argument("--check", action="store_true", help="the CUDA check (see above)")
+    parser.add_argument("--check-sizes", nargs="*", default=["tiny", "full"], help="--check: encoder sizes")
     parser.add_argument("--out", default=None, help="write the results as JSON")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.check:
-        check(args.device, args.out, min(args.seconds, 20.0))
+        check(args.device, args.out, min(args.seconds, 20.0), tuple(args.check_sizes))
         return
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     what = args.model or (f"{args.size} Gemma 4" if args.family == "gemma4_audio" else f"tiny {args.family}")

@@ -14,6 +14,8 @@ line per check and writes everything to ``--out`` (JSON). Sections:
    on a subsample.
 5. ``gemma4``: full-size random Gemma 4 audio encoder (hidden 1024, 12 layers) + 8 x 2048 RVQ in bf16:
    tokenization throughput in audio seconds per wall second, encoder alone and the whole map transform.
+6. ``stream`` (not in the default list): ``benchmarks/bench_stream.py --check``: streamed == offline codes on
+   the device in fp32 and bf16 (tiny and full-size Gemma 4), cost and latency by chunk size, long-audio memory.
 
     python benchmarks/gpu_check.py --out gpu.json                 # everything (~3-5 min on one H200)
     python benchmarks/gpu_check.py --sections encode map --out x.json
@@ -152,6 +154,24 @@ def check_search(num_frames: int) -> None:
         raise RuntimeError(f"bench_encode.py exited with {proc.returncode}: {proc.stderr[-400:]}")
 
 
+def check_stream() -> None:
+    """Streaming on the device (bench_stream.py --check): exact Gemma 4 streams in fp32 and bf16 against
+    offline encode on the same device, cost ratio and push latency by chunk size, long-audio peak memory."""
+    import subprocess
+
+    out = Path(tempfile.mkdtemp()) / "stream.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks/bench_stream.py"), "--check", "--device", DEV, "--out", str(out)]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=480)
+    _log("stream", returncode=proc.returncode, seconds=round(time.perf_counter() - start, 1))
+    print(proc.stdout[-8000:], proc.stderr[-3000:], flush=True)
+    RESULTS["stream"]["stdout"] = proc.stdout[-12000:]
+    if out.exists():
+        RESULTS["stream"]["results"] = json.loads(out.read_text())
+    if proc.returncode != 0:
+        raise RuntimeError(f"bench_stream.py exited with {proc.returncode}: {proc.stderr[-400:]}")
+
+
 def check_gemma4(minutes: float) -> None:
     import datasets
     from datasets import Dataset
@@ -236,7 +256,7 @@ def main() -> None:
     workdir = tempfile.mkdtemp()
     steps = {"encode": check_encode, "map": check_map, "train": lambda: check_train(workdir),
              "search": lambda: check_search(args.search_frames),
-             "gemma4": lambda: check_gemma4(args.gemma4_minutes)}
+             "gemma4": lambda: check_gemma4(args.gemma4_minutes), "stream": check_stream}
     for name in args.sections:
         start = time.perf_counter()
         try:
