@@ -124,10 +124,11 @@ class Gemma4StreamingEncoder:
     """Incremental ``Gemma4AudioModel``: samples in, final frame embeddings ``[n, D]`` out.
 
     Mirrors ``Gemma4AudioModel.forward`` (transformers 5.x) frame by frame: each new mel frame is computed
-    once by the model's own feature extractor, each output frame goes through the subsampling convolutions
-    (with one frame of recomputed left context) and then through every layer once, with per-layer caches:
-    attention keys/values of the last ``attention_context_left - 1`` frames and the depthwise convolution's
-    input tail (``conv_kernel_size - 1`` frames). Memory is bounded by that context, not the stream length.
+    once by the model's own feature extractor, each output of each subsampling convolution once (the
+    previous stage's last frame kept as left context), and each frame goes through every layer once, with
+    per-layer caches: attention keys/values of the last ``attention_context_left - 1`` frames and the
+    depthwise convolution's input tail (``conv_kernel_size - 1`` frames). Memory is bounded by that context,
+    not the stream length. Not thread-safe; keep the model on one device and dtype while a stream is open.
 
     Args:
         model: the frozen ``Gemma4AudioModel`` (layers already cut to the wanted one).
@@ -215,7 +216,8 @@ class Gemma4StreamingEncoder:
         """Append float32 samples ``[S]`` (at ``sampling_rate``) -> embeddings ``[n, D]`` of the frames that
         became final (``n`` may be 0)."""
         if wave.size:
-            self._wave = np.concatenate([self._wave, wave]) if self._wave.size else wave
+            # a copy either way: the caller may reuse its buffer (audio callbacks do)
+            self._wave = np.concatenate([self._wave, wave]) if self._wave.size else wave.copy()
             self.num_samples += int(wave.size)
         self._compute_mel()
         final = self._mel_done // self.SUBSAMPLING
@@ -492,7 +494,8 @@ class WindowedStreamingEncoder:
     @torch.no_grad()
     def push(self, wave: np.ndarray) -> torch.Tensor:
         if wave.size:
-            self._wave = np.concatenate([self._wave, wave]) if self._wave.size else wave
+            # a copy either way: the caller may reuse its buffer (audio callbacks do)
+            self._wave = np.concatenate([self._wave, wave]) if self._wave.size else wave.copy()
             self.num_samples += int(wave.size)
         ready = (self.num_samples - self.lookahead_samples) // self.samples_per_frame + 1
         return self._frames(min(ready, self._encoded_length(self.num_samples)))
