@@ -99,7 +99,7 @@ def test_gemma4_stream_equals_offline_for_many_chunkings(tiny_gemma4_rvq, make_s
 def test_gemma4_stream_embeddings_match_offline_to_float_precision(tiny_gemma4_rvq, make_speech):
     adapter = tiny_gemma4_rvq._encoder_adapter()
     wave = make_speech(2.0, SR, seed=6)
-    offline, _ = tiny_gemma4_rvq.embed(wave)
+    offline, _ = tiny_gemma4_rvq.embed(wave, sampling_rate=SR)
     encoder = Gemma4StreamingEncoder(adapter.model, adapter.feature_extractor)
     streamed = torch.cat([encoder.push(wave[i : i + 1000]) for i in range(0, len(wave), 1000)] + [encoder.flush()])
     assert streamed.shape == offline[0].shape
@@ -315,6 +315,7 @@ _MEMORY_CHILD = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # two fresh Python processes (torch + transformers imports)
 def test_long_audio_peak_memory_is_flat_in_the_clip_length():
     """10x longer audio (10x more windows) must not raise the peak RSS by more than 1.3x (one process each).
 
@@ -407,6 +408,7 @@ _REMOTE_CHILD = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # two fresh Python processes (torch + transformers imports)
 def test_stream_works_as_remote_code_without_the_package(tiny_gemma4_rvq, make_speech, tmp_path):
     tiny_gemma4_rvq.save_pretrained(tmp_path / "ckpt")
     assert (tmp_path / "ckpt" / "streaming.py").is_file()

@@ -42,14 +42,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .audio import to_float_mono
+from .audio import check_sampling_rate, to_float_mono
 
 #: encoder families whose layers attend in both directions (windowed, approximate streaming only).
 BIDIRECTIONAL_FAMILIES = ("hubert", "wav2vec2", "whisper")
 
 
 def _as_samples(samples: Any, name: str = "samples") -> np.ndarray:
-    """One chunk of mono audio -> float32 ``[S]`` (integer PCM scaled by its type, as everywhere else)."""
+    """One chunk of mono audio -> float32 ``[S]``, through the one audio reader (``audio.to_float_mono``:
+    integer PCM scaled by its width, NaN / unscaled floats refused, as for ``model.encode``)."""
     if isinstance(samples, (list, tuple)) and len(samples) == 0:
         return np.zeros(0, dtype=np.float32)
     array = samples.detach().cpu() if isinstance(samples, torch.Tensor) else samples
@@ -61,23 +62,10 @@ def _as_samples(samples: Any, name: str = "samples") -> np.ndarray:
         )
     if shape[0] == 0:
         return np.zeros(0, dtype=np.float32)
-    wave = to_float_mono(array)
-    if not np.isfinite(wave).all():
-        bad = int((~np.isfinite(wave)).sum())
-        raise ValueError(f"{name}: the chunk contains {bad} NaN or infinite samples")
-    return wave
-
-
-def check_sampling_rate(sampling_rate: Any) -> int:
-    """A stream's input rate as an ``int`` (Hz), or a ``ValueError`` naming the accepted range."""
-    if isinstance(sampling_rate, bool) or not isinstance(sampling_rate, (int, float, np.integer, np.floating)):
-        raise ValueError(f"sampling_rate must be a number of Hz (e.g. 16000), got {sampling_rate!r}")
-    if not math.isfinite(float(sampling_rate)) or float(sampling_rate) != int(sampling_rate):
-        raise ValueError(f"sampling_rate must be a whole number of Hz, got {sampling_rate!r}")
-    rate = int(sampling_rate)
-    if not 1000 <= rate <= 384_000:
-        raise ValueError(f"sampling_rate={rate} Hz is outside the accepted range [1000, 384000] Hz (16 kHz = 16000)")
-    return rate
+    try:
+        return to_float_mono(array)
+    except ValueError as err:
+        raise ValueError(f"{name}: {err}") from err
 
 
 class _Resampler:
