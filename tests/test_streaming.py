@@ -261,6 +261,23 @@ def test_bad_stream_arguments_are_refused(tiny_gemma4_rvq, kwargs, match):
         tiny_gemma4_rvq.stream(**kwargs)
 
 
+def test_stream_refuses_an_encoder_it_does_not_reproduce(monkeypatch):
+    """The first stream of an encoder is checked against its offline forward: a mirror that computes
+    differently (here: a wrong attention query scale, as another transformers version might) is refused."""
+    from gemma_rvq.streaming import Gemma4StreamingEncoder
+    from gemma_rvq.testing import tiny_rvq_model
+
+    original = Gemma4StreamingEncoder._layer_constants
+
+    def wrong(attn, position_embeddings):
+        constants = original(attn, position_embeddings)
+        return {**constants, "query_scale": constants["query_scale"] * 2}
+
+    monkeypatch.setattr(Gemma4StreamingEncoder, "_layer_constants", staticmethod(wrong))
+    with pytest.raises(RuntimeError, match="does not reproduce"):
+        tiny_rvq_model("gemma4_audio").stream(SR)
+
+
 def test_bad_chunks_are_refused(tiny_gemma4_rvq):
     stream = tiny_gemma4_rvq.stream(SR)
     with pytest.raises(ValueError, match="mono"):

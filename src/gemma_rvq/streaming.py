@@ -725,6 +725,33 @@ class TokenStream:
 
 
 # ================================================================================================= factory
+def _check_against_offline(encoder: Gemma4StreamingEncoder, adapter: Any) -> None:
+    """Once per encoder module: stream 1 s of noise (two pushes, across attention blocks) and compare it with
+    the offline forward. The incremental encoder mirrors ``Gemma4AudioModel``'s code; should another
+    transformers version compute differently, streaming refuses instead of silently giving other codes."""
+    model = encoder.model
+    if getattr(model, "_gemma_rvq_stream_checked", False):
+        return
+    wave = (0.1 * np.random.default_rng(0).standard_normal(encoder.sampling_rate)).astype(np.float32)
+    probe = Gemma4StreamingEncoder(model, encoder.feature_extractor, encoder.min_samples)
+    streamed = torch.cat([probe.push(wave[:7000]), probe.push(wave[7000:]), probe.flush()]).float()
+    offline, mask = adapter.forward_batch([wave])
+    reference = offline[0, : int(mask[0].sum())].float()
+    error = float((streamed - reference).norm() / reference.norm()) if streamed.shape == reference.shape else math.inf
+    # Rounding alone: ~1e-6 in fp32 on CPU (a wrong attention scale: 5e-3); bf16, and TF32 convolutions on
+    # CUDA, round more coarsely, so there only gross differences can be told apart.
+    exact = reference.device.type == "cpu" and encoder._dtype in (torch.float32, torch.float64)
+    if not error < (1e-4 if exact else 3e-2):
+        import transformers
+
+        raise RuntimeError(
+            f"streaming does not reproduce this Gemma 4 audio encoder (transformers {transformers.__version__}): "
+            f"relative difference {error:.3g} from the offline forward on a test signal. Encode whole "
+            "utterances with model.encode, and please report this with your transformers version"
+        )
+    model._gemma_rvq_stream_checked = True
+
+
 def open_stream(
     model: nn.Module,
     sampling_rate: Any,
@@ -750,6 +777,7 @@ def open_stream(
                 "lookahead_ms / context_ms apply to bidirectional encoders (HuBERT, wav2vec2, Whisper) only"
             )
         encoder: Any = Gemma4StreamingEncoder(adapter.model, adapter.feature_extractor, adapter.min_samples)
+        _check_against_offline(encoder, adapter)
     elif family in BIDIRECTIONAL_FAMILIES:
         if lookahead_ms is None:
             raise ValueError(
