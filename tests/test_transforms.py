@@ -16,7 +16,7 @@ from datasets.fingerprint import Hasher
 from datasets.utils._dill import dumps
 
 import gemma_rvq
-from gemma_rvq import transforms
+from gemma_rvq import model_registry, transforms
 from gemma_rvq.audio import decode_audio, prepare_waveform
 from gemma_rvq.testing import tiny_rvq_model
 from gemma_rvq.tokens import get_format
@@ -154,8 +154,8 @@ def test_sorted_minibatches_keep_order_and_pad_little(model, files):
 
 def test_pickled_identity_is_small_stable_and_computed_once(model, monkeypatch):
     calls = []
-    real = transforms.state_dict_digest
-    monkeypatch.setattr(transforms, "state_dict_digest", lambda m: calls.append(1) or real(m))
+    real = model_registry.state_dict_digest
+    monkeypatch.setattr(model_registry, "state_dict_digest", lambda m: calls.append(1) or real(m))
     tok = SpeechTokenizer(model)
     first = Hasher.hash(tok)
     assert Hasher.hash(tok) == first and len(calls) == 1  # weights digest computed once
@@ -440,3 +440,87 @@ def test_offline_hub_id_fails_at_once_naming_the_model(monkeypatch, tmp_path, fi
         SpeechTokenizer()({"audio": files[:1]})
     assert time.perf_counter() - start < 5
     assert "GEMMA_RVQ_MODEL" in str(info.value) and "HF_HUB_OFFLINE" in str(info.value)
+
+
+# ---------------------------------------------------------------------------------------------- options
+def test_every_option_travels_to_workers_and_undeclared_options_cannot_exist(model):
+    import dataclasses
+    import pickle
+
+    from gemma_rvq.tokenizer_options import (
+        OPTION_NAMES,
+        SpeechTokenizerOptions,
+        check_declared,
+        check_keywords,
+    )
+
+    changed = {
+        "audio_column": "speech", "sampling_rate_column": "sr", "sampling_rate": 22050, "pcm_dtype": "int16",
+        "output_column": "units", "return_codes": True, "codes_column": "codes", "return_num_frames": True,
+        "num_frames_column": "frames", "error_column": "err", "batch_size": 3, "batch_seconds": 7.0,
+        "max_padding": 0.2, "cpu_streams": 2, "device": "cpu", "dtype": "bfloat16", "on_error": "skip",
+        "num_quantizers": 1, "num_threads": 2,
+    }  # fmt: skip
+    assert set(changed) == set(OPTION_NAMES)  # a new option must be added here too
+    tok = SpeechTokenizer(model, **changed)
+    clone = pickle.loads(pickle.dumps(tok))  # what a num_proc worker receives
+    assert clone.options == tok.options and all(getattr(clone, k) == v for k, v in changed.items())
+    output = {f.name for f in dataclasses.fields(SpeechTokenizerOptions) if f.metadata["changes_output"]}
+    assert set(tok.identity()["options"]) == output
+    with pytest.raises(AttributeError):
+        tok.batch_size = 8  # options are read-only: a changed copy would disagree with the cache identity
+
+    def init(self, model=None, format=None, *, revision=None, undeclared_option=1, **_):
+        pass
+
+    with pytest.raises(TypeError, match=r"undeclared keywords \['undeclared_option'\]"):
+        check_keywords(init, besides=("self", "model", "format", "revision", "_"))
+
+    @dataclasses.dataclass
+    class Forgot(SpeechTokenizerOptions):
+        new_option: int = 0  # not made with option(..., changes_output=...)
+
+    with pytest.raises(TypeError, match="new_option must be declared with option"):
+        check_declared(Forgot)
+
+
+# ---------------------------------------------------------------------------------------------- extras
+_WITHOUT_EXTRAS = r"""
+import sys
+# as if only `pip install gemma-rvq` had run: every optional dependency is missing
+for name in ("trl", "peft", "accelerate", "evaluate", "matplotlib", "sklearn", "joblib"):
+    sys.modules[name] = None
+import datasets
+from gemma_rvq import SpeechTokenizer
+ds = datasets.Dataset.from_dict({"audio": sys.argv[2:]}).cast_column("audio", datasets.Audio(decode=False))
+out = ds.map(SpeechTokenizer(sys.argv[1]), batched=True)
+assert all(s.startswith("<|rvq_start|>") for s in out["semantic_tokens"]), out["semantic_tokens"]
+from gemma_rvq.commands import sft
+from gemma_rvq.extras import require
+
+def refused(call, extra):
+    try:
+        call()
+    except ImportError as err:
+        assert f"pip install 'gemma-rvq[{extra}]'" in str(err), str(err)
+    else:
+        raise SystemExit(f"{call} ran without its extra")
+
+refused(lambda: __import__("gemma_rvq.recipes"), "sft")
+refused(sft.make_parser, "sft")
+refused(lambda: require("matplotlib", "training plots"), "train")
+refused(lambda: require("evaluate", "the evaluate metric modules"), "metrics")
+print("tokenized without extras")
+"""
+
+
+def test_tokenizing_needs_no_extra_and_a_missing_extra_is_named(model, files, tmp_path):
+    import subprocess
+    import sys
+
+    model.save_pretrained(tmp_path / "rvq")
+    proc = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_EXTRAS, str(tmp_path / "rvq"), *files[:2]],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0 and "tokenized without extras" in proc.stdout, proc.stderr[-3000:]

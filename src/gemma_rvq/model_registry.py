@@ -1,0 +1,265 @@
+"""Which model a transform uses, what identifies it, and the models loaded in this process.
+
+A :class:`ModelHandle` names a model three ways: an in-memory object, a local path, or a Hub id (``None``:
+``$GEMMA_RVQ_MODEL`` or :data:`DEFAULT_MODEL`). It gives
+
+- a small, stable **identity** (for ``datasets``' cache fingerprint): a digest of an object's state dict
+  (computed once per handle) or of a folder's weight files (once per file state and process), or the
+  Hub id and the commit its revision points to in the local cache;
+- a **load spec** (pickled in place of the weights) from which another process gets the same model: a
+  forked ``num_proc`` worker finds an in-memory model in ``_MEMORY_MODELS`` by digest, a path or Hub id is
+  loaded once per (reference, device, dtype) and process into ``_LOADED_MODELS``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import re
+import threading
+import weakref
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "ik/speechless-twi-stage1-rvq-gemma4"
+"""The model :data:`gemma_rvq.tokenize_speech` loads when ``$GEMMA_RVQ_MODEL`` is not set."""
+
+MODEL_ENV_VAR = "GEMMA_RVQ_MODEL"
+"""Environment variable naming the default model (a Hub id or a local folder)."""
+
+_HEX40 = re.compile(r"^[0-9a-f]{40}$")
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".json", ".joblib", ".pkl", ".npy", ".npz")
+
+# In-memory models by weights digest. A pickled handle carries only the digest; a worker forked from this
+# process (datasets' num_proc on Linux) finds the model here without any copy or reload.
+_MEMORY_MODELS: weakref.WeakValueDictionary[str, torch.nn.Module] = weakref.WeakValueDictionary()
+# Models loaded from a path / Hub id (or copies of in-memory ones on another device / dtype), per process.
+_LOADED_MODELS: dict[tuple, torch.nn.Module] = {}
+_LOAD_LOCK = threading.Lock()
+# Models that finished one encode call in this process (their lazy state exists; concurrent calls are safe).
+_WARM_MODELS: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
+
+
+# ---------------------------------------------------------------------------------------------- digests
+def _hasher():
+    try:
+        import xxhash
+
+        return xxhash.xxh3_128()
+    except ImportError:  # pragma: no cover
+        import hashlib
+
+        return hashlib.blake2b(digest_size=16)
+
+
+def state_dict_digest(model: torch.nn.Module) -> str:
+    """Digest of a module's class, config and every state-dict tensor (names, dtypes, shapes, bytes).
+
+    About 1-3 GB/s on one CPU core; a :class:`ModelHandle` computes it once.
+    """
+    h = _hasher()
+    h.update(type(model).__qualname__.encode())
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "to_dict"):
+        h.update(json.dumps(config.to_dict(), sort_keys=True, default=str).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        if t.numel():
+            h.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+_PATH_DIGESTS: dict[tuple, str] = {}
+
+
+def path_digest(path: str | os.PathLike) -> str:
+    """Digest of the weight and config files under ``path`` (a file or a checkpoint folder).
+
+    Cached per process on (path, file names, sizes, modification times), so it is read once.
+    """
+    path = os.path.abspath(os.fspath(path))
+    if os.path.isdir(path):
+        files = sorted(
+            os.path.join(root, name)
+            for root, _, names in os.walk(path)
+            for name in names
+            if name.endswith(_WEIGHT_SUFFIXES) and "/.cache/" not in os.path.join(root, name)
+        )
+    else:
+        files = [path]
+    stat_key = (path, tuple((f, os.path.getsize(f), os.path.getmtime(f)) for f in files))
+    if stat_key in _PATH_DIGESTS:
+        return _PATH_DIGESTS[stat_key]
+    h = _hasher()
+    for f in files:
+        h.update(os.path.relpath(f, path).encode())
+        with open(f, "rb") as fh:
+            while chunk := fh.read(1 << 24):
+                h.update(chunk)
+    _PATH_DIGESTS[stat_key] = digest = h.hexdigest()
+    return digest
+
+
+def hub_commit(repo_id: str, revision: str | None) -> str | None:
+    """The commit a Hub revision points to in the local cache, if it is there (no network)."""
+    if revision and _HEX40.match(revision):
+        return revision
+    try:
+        from huggingface_hub import constants
+
+        ref = os.path.join(
+            constants.HF_HUB_CACHE, "models--" + repo_id.replace("/", "--"), "refs", revision or "main"
+        )
+        with open(ref) as fh:
+            return fh.read().strip() or None
+    except (OSError, ImportError):
+        return None
+
+
+# ---------------------------------------------------------------------------------------------- placement
+def place(model: torch.nn.Module, device: torch.device, dtype: torch.dtype | None) -> torch.nn.Module:
+    """``model`` in eval mode, frozen, on ``device`` (and in ``dtype`` when given)."""
+    model.eval().requires_grad_(False)
+    params = next(model.parameters(), None)
+    if params is not None and (params.device != device or (dtype is not None and params.dtype != dtype)):
+        model.to(device=device, dtype=dtype)
+    return model
+
+
+def resolve_device(device: str | None, rank: int | None) -> torch.device:
+    """``device`` as a ``torch.device``; ``None`` or a bare ``"cuda"``: GPU ``rank % n_gpus`` when GPUs exist."""
+    n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if device is None:
+        return torch.device(f"cuda:{(rank or 0) % n_gpus}") if n_gpus else torch.device("cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and resolved.index is None and n_gpus:
+        return torch.device(f"cuda:{(rank or 0) % n_gpus}")
+    return resolved
+
+
+def is_warm(model: torch.nn.Module) -> bool:
+    """True once ``model`` finished one encode call in this process (its lazy state is built)."""
+    return model in _WARM_MODELS
+
+
+def mark_warm(model: torch.nn.Module) -> None:
+    _WARM_MODELS.add(model)
+
+
+# ---------------------------------------------------------------------------------------------- the handle
+class ModelHandle:
+    """A model given as an object, a local path or a Hub id (``None``: the default), for one transform.
+
+    Args:
+        model: a ``torch.nn.Module`` (a ``GemmaRVQModel``), a path or Hub id, or ``None``
+            (``$GEMMA_RVQ_MODEL`` or :data:`DEFAULT_MODEL`, read when first needed).
+        revision: Hub revision of a Hub-id ``model``.
+    """
+
+    def __init__(self, model: Any = None, revision: str | None = None) -> None:
+        self.model: torch.nn.Module | None = None
+        self.ref: str | None = None
+        self.revision = revision
+        self.memory_key: str | None = None  # set in a process that got this handle by pickle
+        self.digest: str | None = None
+        if isinstance(model, torch.nn.Module):
+            self.model = model
+        elif model is None or isinstance(model, (str, os.PathLike)):
+            self.ref = os.fspath(model) if model is not None else None
+        else:
+            raise TypeError(f"model must be a GemmaRVQModel, a path, a Hub id or None, got {type(model)!r}")
+
+    def __repr__(self) -> str:
+        return f"<{type(self.model).__name__}>" if self.model is not None else repr(self.resolved_ref())
+
+    @property
+    def in_memory(self) -> bool:
+        return self.model is not None or self.memory_key is not None
+
+    def resolved_ref(self) -> str:
+        """The path or Hub id to load (the environment's default when none was given)."""
+        if self.ref is not None:
+            return self.ref
+        return os.environ.get(MODEL_ENV_VAR) or DEFAULT_MODEL
+
+    def identity(self) -> dict:
+        """``{"digest": ...}`` for objects (state-dict digest, computed once per handle) and local paths
+        (file digest, computed once per file state and process); ``{"hub_id", "revision"}`` for Hub ids
+        (the cached commit when the revision is a branch or tag)."""
+        if self.in_memory:
+            if self.digest is None:
+                self.digest = state_dict_digest(self.model)
+            if self.model is not None:
+                _MEMORY_MODELS[self.digest] = self.model
+            return {"digest": self.digest}
+        ref = self.resolved_ref()
+        if os.path.exists(ref):
+            return {"digest": path_digest(ref)}
+        return {"hub_id": ref, "revision": hub_commit(ref, self.revision) or self.revision or "main"}
+
+    def load_spec(self) -> dict:
+        """How another process gets this model (pickled in place of the weights)."""
+        if self.model is not None:
+            return {"memory": self.identity()["digest"]}
+        if self.memory_key is not None:
+            return {"memory": self.memory_key}
+        return {"ref": self.resolved_ref(), "revision": self.revision}
+
+    @classmethod
+    def from_load_spec(cls, spec: dict) -> ModelHandle:
+        handle = cls(spec.get("ref"), revision=spec.get("revision"))
+        handle.memory_key = handle.digest = spec.get("memory")
+        return handle
+
+    def get(self, device: torch.device, dtype: torch.dtype | None) -> torch.nn.Module:
+        """The model, in eval mode, on ``device`` in ``dtype`` (loaded once per process; the caller's own
+        object is never moved or cast: a copy per (weights, device, dtype) is kept instead)."""
+        model = self.model
+        if model is None and self.memory_key is not None:
+            model = _MEMORY_MODELS.get(self.memory_key)
+            if model is None:
+                raise RuntimeError(
+                    "SpeechTokenizer was built from an in-memory model, and this process (started with "
+                    "'spawn', or on another machine) cannot see it. Save it with model.save_pretrained(dir) "
+                    "and pass SpeechTokenizer(dir, ...) instead."
+                )
+        if model is not None:
+            params = next(model.parameters(), None)
+            if params is None or (params.device == device and (dtype is None or params.dtype == dtype)):
+                return model.eval()
+            key = ("memory", self.identity()["digest"], str(device), str(dtype))
+            with _LOAD_LOCK:
+                if key not in _LOADED_MODELS:
+                    _LOADED_MODELS[key] = place(copy.deepcopy(model), device, dtype)
+                return _LOADED_MODELS[key]
+        ref = self.resolved_ref()
+        # the identity keeps a path whose weights changed from reusing the model loaded before
+        key = (ref, json.dumps(self.identity(), sort_keys=True), str(device), str(dtype))
+        with _LOAD_LOCK:
+            if key not in _LOADED_MODELS:
+                from .convert import load_any
+
+                logger.info("gemma-rvq: loading %s on %s", ref, device)
+                kwargs = {"revision": self.revision} if self.revision else {}
+                _LOADED_MODELS[key] = place(load_any(ref, **kwargs), device, dtype)
+            return _LOADED_MODELS[key]
+
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "MODEL_ENV_VAR",
+    "ModelHandle",
+    "hub_commit",
+    "is_warm",
+    "mark_warm",
+    "path_digest",
+    "place",
+    "resolve_device",
+    "state_dict_digest",
+]
