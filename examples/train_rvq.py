@@ -8,28 +8,22 @@ Every ``RVQTrainingConfig`` field is also a command-line flag (``--batch_size 81
 YAML file. The run caches the encoder's frame embeddings once (resumable), trains with accelerate,
 evaluates on the dev split, and exports ``best``, ``final`` and ``averaged`` ``save_pretrained``
 folders with model cards to ``output_dir`` (pushed with ``--push_to_hub --hub_model_id you/name``).
-Resume a killed run with ``--resume_from_checkpoint latest``.
+Resume a killed run with ``--resume_from_checkpoint latest``. The parser is the one ``gemma-rvq train``
+uses: ``gemma_rvq.commands.train.make_parser``.
 """
 
 from __future__ import annotations
 
-import json
 import sys
 
-from gemma_rvq.training import parse_args, train_rvq
+from gemma_rvq.commands.train import main as train_main
+from gemma_rvq.commands.train import make_parser
 
 
 def main(argv: list[str] | None = None) -> dict:
-    config = parse_args(argv)
-    result = train_rvq(config)
-    summary = {
-        name: {split: {k: m[split][k] for k in ("mse", "fvu", "cosine_similarity", "codebook_utilization",
-                                                 "codebook_perplexity") if k in m[split]} for split in m}
-        for name, m in result.metrics.items()
-    }
-    if summary:
-        print(json.dumps({"steps": result.steps, "folders": result.folders, "metrics": summary}, indent=1))
-    return summary
+    """Parse ``argv`` (``--config`` and flags), train, and return the exported folders' metrics."""
+    (config,) = make_parser(prog="train_rvq.py").parse_args_and_config(argv)
+    return train_main(config)
 
 
 if __name__ == "__main__":

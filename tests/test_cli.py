@@ -14,7 +14,7 @@ from gemma_rvq.testing import tiny_rvq_model
 
 REPO = Path(__file__).resolve().parents[1]
 CLIPS = sorted((REPO / "data" / "corpus" / "clips").glob("*.flac"))
-SUBCOMMANDS = ["tokenize", "train", "evaluate", "convert", "push", "demo", "info"]
+SUBCOMMANDS = ["tokenize", "train", "evaluate", "sft", "convert", "push", "demo", "info"]
 
 
 @pytest.fixture(scope="module")
@@ -222,3 +222,39 @@ def test_offline_hub_id_and_mistyped_path_fail_within_seconds(tmp_path, monkeypa
         assert main(["info", bad]) == 1 and main(["evaluate", str(CLIPS[0]), "-m", bad]) == 1
         assert time.perf_counter() - start < 5
         assert capsys.readouterr().err.count("no such checkpoint file or folder") == 2
+
+
+# ---------------------------------------------------------------------------------------------- parsers
+def test_one_parser_per_task_for_the_example_and_the_subcommand(tmp_path, capsys):
+    import runpy
+
+    from gemma_rvq.commands import train
+    from gemma_rvq.training import parse_args
+
+    config = tmp_path / "run.yaml"
+    config.write_text("output_dir: from-yaml\nbatch_size: 64\nmodel_config: {num_quantizers: 2}\n")
+    argv = ["--config", str(config), "--batch-size", "32"]
+    (from_command,) = train.make_parser(prog="gemma-rvq train").parse_args_and_config(argv)
+    assert from_command == parse_args(argv)  # the library's parse_args is the same parser
+    assert from_command.batch_size == 32 and from_command.output_dir == "from-yaml"  # the flag wins
+    assert from_command.model_config == {"num_quantizers": 2}  # YAML mapping -> JSON text -> the config's dict
+    (config.parent / "bad.yaml").write_text("batch_sise: 3\n")
+    with pytest.raises(ValueError, match=r"bad.yaml: unknown RVQTrainingConfig keys: \['batch_sise'\]"):
+        train.make_parser().parse_args_and_config(["-c", str(config.parent / "bad.yaml")])
+    # the example scripts import their parser from the library
+    example = runpy.run_path(str(REPO / "examples" / "train_rvq.py"))
+    assert example["make_parser"] is train.make_parser
+    from gemma_rvq.commands import sft, tokenize
+
+    assert runpy.run_path(str(REPO / "examples" / "sft.py"))["make_parser"] is sft.make_parser
+    tokenize_example = (REPO / "examples" / "tokenize_dataset.py").read_text()
+    assert "from gemma_rvq.commands.tokenize import main, make_parser" in tokenize_example
+    standalone = tokenize.make_parser(prog="tokenize_dataset.py").parse_args(["a.wav", "-m", "x", "-o", "o.jsonl"])
+    via_cli = build_parser().parse_args(["tokenize", "a.wav", "-m", "x", "-o", "o.jsonl"])
+    assert vars(standalone) == {k: v for k, v in vars(via_cli).items() if k not in ("command", "traceback")}
+    # gemma-rvq train / sft hand their arguments to the task's own parser
+    assert main(["train", "-c", str(config.parent / "bad.yaml")]) == 1
+    assert "unknown RVQTrainingConfig keys" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["sft", "--help"])
+    assert "--recipe" in capsys.readouterr().out  # SemanticSFTArguments, through TrlParser

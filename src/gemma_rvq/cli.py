@@ -12,144 +12,15 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3", ".opus")
+from .commands import evaluate as _evaluate
+from .commands import sft as _sft
+from .commands import tokenize as _tokenize
+from .commands import train as _train
+from .commands.tokenize import AUDIO_SUFFIXES  # noqa: F401 - kept for old imports
 
-
-def _add_model_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--model",
-        "-m",
-        required=True,
-        help="gemma-rvq checkpoint: a local folder or Hub id (seed-format rvq_*.pt folders are converted on the fly)",
-    )
-
-
-def _load_model(name_or_path: str, device: str | None = None):
-    from .convert import load_any
-
-    model = load_any(name_or_path)  # a mistyped local path fails at once, never tried as a Hub id
-    if device:
-        model.to(device)
-    return model.eval()
-
-
-# --------------------------------------------------------------------------------------------- tokenize
-def _audio_files(inputs: Sequence[str]) -> list[Path]:
-    files: list[Path] = []
-    for item in inputs:
-        path = Path(item)
-        if path.is_dir():
-            files.extend(sorted(p for p in path.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES))
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise FileNotFoundError(f"no such file or folder: {item}")
-    if not files:
-        raise ValueError(f"no audio files ({', '.join(AUDIO_SUFFIXES)}) found in: {' '.join(inputs)}")
-    return files
-
-
-def _load_input_dataset(args: argparse.Namespace):
-    import datasets
-
-    from .audio import undecoded
-
-    if args.dataset:
-        path = Path(args.dataset)
-        if path.is_dir() and any((path / name).exists() for name in ("state.json", "dataset_dict.json")):
-            ds = datasets.load_from_disk(str(path))
-        else:
-            ds = datasets.load_dataset(args.dataset, args.dataset_config, split=args.split)
-        if isinstance(ds, datasets.DatasetDict):
-            ds = ds[args.split]
-        return undecoded(ds, args.audio_column)  # gemma_rvq.audio decodes, not datasets (torchcodec)
-    files = _audio_files(args.inputs)
-    return datasets.Dataset.from_dict(
-        {"file": [str(f) for f in files], args.audio_column: [{"path": str(f), "bytes": None} for f in files]}
-    )
-
-
-OUTPUT_FORMATS = {".jsonl": "JSON lines", ".json": "a JSON array", ".csv": "CSV", ".parquet": "Parquet"}
-
-
-def _output_format(output: Path) -> str:
-    """The file suffix ``-o`` names (one of :data:`OUTPUT_FORMATS`), or ``""`` for a save_to_disk folder."""
-    suffix = output.suffix.lower()
-    if suffix in OUTPUT_FORMATS:
-        return suffix
-    if not suffix or output.is_dir():
-        return ""
-    formats = ", ".join(f"{s} ({name})" for s, name in OUTPUT_FORMATS.items())
-    raise ValueError(f"cannot tell the output format of {output}: name a folder (no suffix: save_to_disk) or a "
-                     f"file ending in {formats}")
-
-
-def _write_output(ds, output: Path, fmt: str) -> None:
-    if fmt == "":
-        ds.save_to_disk(str(output))
-    elif fmt in (".jsonl", ".json"):
-        ds.to_json(str(output), lines=fmt == ".jsonl", force_ascii=False, **({} if fmt == ".jsonl" else {"orient": "records"}))
-    elif fmt == ".csv":
-        # nested lists (the codes) as JSON text: CSV has no list type
-        from datasets import Value
-
-        nested = [c for c, f in ds.features.items() if not isinstance(f, Value)]
-        if nested:
-            ds = ds.map(lambda row: {c: json.dumps(row[c]) for c in nested}, desc="Codes as JSON text")
-        ds.to_csv(str(output), index=False)
-    else:
-        ds.to_parquet(str(output))
-
-
-def cmd_tokenize(args: argparse.Namespace) -> int:
-    from .transforms import SpeechTokenizer
-
-    if not args.inputs and not args.dataset:
-        raise ValueError("give audio files/folders, or --dataset")
-    output = Path(args.output)
-    output_format = _output_format(output)  # refuse an unknown suffix before any work
-    ds = _load_input_dataset(args)
-    tokenizer = SpeechTokenizer(
-        _load_model(args.model, args.device),
-        format=args.format,
-        audio_column=args.audio_column,
-        sampling_rate_column=args.sampling_rate_column,
-        pcm_dtype=args.pcm_dtype,
-        return_codes=args.codes,
-        return_num_frames=True,
-        num_quantizers=args.num_quantizers,
-        on_error=args.on_error,
-    )
-    out = ds.map(tokenizer, batched=True, batch_size=args.batch_size, with_indices=True, desc="Tokenizing speech")
-    out = out.remove_columns([c for c in [args.audio_column] if c in out.column_names])
-    _write_output(out, output, output_format)
-    print(f"wrote {len(out)} rows to {output}")
-    return 0
-
-
-# --------------------------------------------------------------------------------------------- train
-def cmd_train(args: argparse.Namespace) -> int:
-    from .training import RVQTrainingConfig, train_rvq
-
-    overrides = {"output_dir": args.output_dir} if args.output_dir else {}
-    config = RVQTrainingConfig.from_yaml(args.config, **overrides)
-    result = train_rvq(config)
-    for name, folder in result.folders.items():
-        print(f"{name}: {folder}")
-    return 0
-
-
-# --------------------------------------------------------------------------------------------- evaluate
-def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .evaluation import evaluate_audio_files
-
-    model = _load_model(args.model, args.device)
-    results = evaluate_audio_files(model, _audio_files(args.inputs), batch_size=args.batch_size)
-    text = json.dumps(results, indent=2)
-    if args.output:
-        Path(args.output).write_text(text + "\n")
-    print(text)
-    return 0
+# The tasks with an example script build their parser in gemma_rvq.commands (one parser per task).
+cmd_tokenize = _tokenize.main
+cmd_evaluate = _evaluate.main
 
 
 # --------------------------------------------------------------------------------------------- convert
@@ -187,6 +58,10 @@ def cmd_push(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------------------------- demo
 def cmd_demo(args: argparse.Namespace) -> int:
+    from .extras import require
+
+    for module in ("accelerate", "matplotlib", "evaluate", "trl", "peft"):  # the whole pipeline: gemma-rvq[all]
+        require(module, "gemma-rvq demo")
     from .demo import run_demo
 
     run_demo(
@@ -216,60 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--traceback", action="store_true", help="show the full traceback on errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser(
-        "tokenize",
-        help="audio files, folders or a dataset -> semantic-token strings (a dataset or JSONL)",
-        description="Encode speech into semantic-token strings with a gemma-rvq model.",
-    )
-    p.add_argument("inputs", nargs="*", help="audio files or folders (searched recursively)")
-    _add_model_argument(p)
-    p.add_argument("--dataset", help="instead of files: a Hub dataset id or a save_to_disk folder")
-    p.add_argument("--dataset-config", default=None, help="dataset configuration name")
-    p.add_argument("--split", default="train", help="dataset split (default: train)")
-    p.add_argument("--audio-column", default="audio", help="audio column of the dataset (default: audio)")
-    p.add_argument(
-        "--sampling-rate-column", default=None, help="column with the sampling rate of raw-array audio"
-    )
-    p.add_argument(
-        "--pcm-dtype",
-        default=None,
-        choices=["int8", "int16", "int32", "uint8"],
-        help="width of integer PCM samples (a dataset's int16 audio arrives as int64 and needs this)",
-    )
-    p.add_argument("--format", default="gemma_rvq", help="token format preset: gemma_rvq, ichigo, spire")
-    p.add_argument("--num-quantizers", type=int, default=None, help="render only the first k levels")
-    p.add_argument("--codes", action="store_true", help="also write the integer codes")
-    p.add_argument("--batch-size", type=int, default=64, help="examples per map batch")
-    p.add_argument("--device", default=None, help="torch device (default: cpu)")
-    p.add_argument("--on-error", choices=["raise", "skip"], default="raise", help="bad audio: stop, or skip")
-    p.add_argument(
-        "--output",
-        "-o",
-        required=True,
-        help="output: a folder (save_to_disk), or a .jsonl, .json, .csv or .parquet file (other suffixes are refused)",
-    )
-    p.set_defaults(func=cmd_tokenize)
-
-    p = sub.add_parser(
-        "train",
-        help="train an RVQ (stage 1) from a YAML config; for multi-GPU use accelerate launch examples/train_rvq.py",
-        description="Train a residual vector quantizer on frozen-encoder embeddings (stage 1).",
-    )
-    p.add_argument("--config", "-c", required=True, help="YAML file of RVQTrainingConfig fields")
-    p.add_argument("--output-dir", help="override output_dir of the config")
-    p.set_defaults(func=cmd_train)
-
-    p = sub.add_parser(
-        "evaluate",
-        help="score a checkpoint on audio: MSE, NMSE, FVU, cosine, utilization, perplexity",
-        description="Encode audio, reconstruct the embeddings and report the RVQ quality metrics.",
-    )
-    p.add_argument("inputs", nargs="+", help="audio files or folders")
-    _add_model_argument(p)
-    p.add_argument("--batch-size", type=int, default=16, help="clips per encoder batch")
-    p.add_argument("--device", default=None, help="torch device (default: cpu)")
-    p.add_argument("--output", "-o", help="also write the results to this JSON file")
-    p.set_defaults(func=cmd_evaluate)
+    _tokenize.make_parser(sub)
+    _train.make_parser(sub)
+    _evaluate.make_parser(sub)
+    _sft.make_parser(sub)
 
     p = sub.add_parser(
         "convert",
@@ -333,9 +158,33 @@ def _version() -> str:
     return __version__
 
 
+def _forwarded(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[str, list[str]] | None:
+    """(command, its arguments) when ``argv`` runs a task that parses its own arguments (train, sft)."""
+    sub = parser._subparsers._group_actions[0].choices  # the subcommand parsers
+    for i, token in enumerate(argv):
+        if not token.startswith("-"):
+            command = sub.get(token)
+            if command is not None and command.get_default("forward") is not None:
+                return token, argv[i + 1 :]
+            return None
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    forwarded = _forwarded(parser, argv)
+    if forwarded is not None:  # the task's own parser reads the rest (HfArgumentParser / TrlParser + YAML)
+        command, rest = forwarded
+        args = parser.parse_args([*argv[: len(argv) - len(rest) - 1], command])
+
+        def run_forwarded(args: argparse.Namespace) -> int:
+            args.forward(rest, f"gemma-rvq {command}")
+            return 0
+
+        args.func = run_forwarded
+    else:
+        args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

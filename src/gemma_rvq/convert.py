@@ -663,6 +663,9 @@ def _load_centers(kmeans: Any, allow_pickle: bool) -> np.ndarray:
                 f"pass allow_pickle=True (CLI: --allow-pickle). Safer: on a trusted machine, save "
                 f"kmeans.cluster_centers_ with numpy.save and convert the .npy."
             )
+        from .extras import require
+
+        require("joblib", "reading a pickled scikit-learn k-means")
         import joblib  # installed with scikit-learn
 
         logger.warning(f"unpickling {path} (allow_pickle=True): this executes code from the file")

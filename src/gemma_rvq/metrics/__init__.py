@@ -98,7 +98,9 @@ def load(name: str, **kwargs: Any) -> evaluate.EvaluationModule:
 
     >>> perplexity = load("codebook_perplexity", codebook_size=2048)  # doctest: +SKIP
     """
-    import evaluate
+    from ..extras import require
+
+    evaluate = require("evaluate", "the evaluate metric modules")
 
     return evaluate.load(module_path(name), **kwargs)
 

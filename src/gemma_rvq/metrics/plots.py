@@ -18,6 +18,9 @@ __all__ = ["plot_code_usage", "plot_level_errors"]
 
 
 def _figure(rows: int, cols: int, panel_size: tuple[float, float]) -> tuple[Any, Any]:
+    from ..extras import require
+
+    require("matplotlib", "metric plots")
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 

@@ -8,6 +8,12 @@
 
 from __future__ import annotations
 
+from ..extras import require
+
+# before the submodules import trl: a missing extra is named, not a bare ModuleNotFoundError
+require("trl", "gemma_rvq.recipes (stage 2/3 SFT)")
+require("peft", "gemma_rvq.recipes (stage 2/3 SFT)")
+
 from .data import (
     RECIPES,
     build_asr_dataset,

@@ -208,27 +208,8 @@ class RVQTrainingConfig:
 
 
 def parse_args(argv: list[str] | None = None) -> RVQTrainingConfig:
-    """Parse ``--config file.yaml`` and ``--field value`` overrides (command line wins over the file)."""
-    import argparse
+    """Parse ``--config file.yaml`` and ``--field value`` overrides (command line wins over the file), with
+    the parser ``gemma-rvq train`` and ``examples/train_rvq.py`` use."""
+    from ..commands.train import make_parser
 
-    from transformers import HfArgumentParser
-
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config", default=None)
-    known, rest = pre.parse_known_args(argv)
-    parser = HfArgumentParser(RVQTrainingConfig)
-    parser.add_argument("--config", default=None, help="YAML file of RVQTrainingConfig fields.")
-    if known.config is not None:
-        with open(known.config, encoding="utf-8") as f:
-            values = yaml.safe_load(f) or {}
-        if not isinstance(values, dict):
-            raise ValueError(f"{known.config}: expected a mapping of RVQTrainingConfig fields")
-        fields = {f.name for f in dataclasses.fields(RVQTrainingConfig)}
-        unknown = sorted(set(values) - fields)
-        if unknown:
-            raise ValueError(f"{known.config}: unknown RVQTrainingConfig keys: {unknown}")
-        if isinstance(values.get("model_config"), dict):
-            values["model_config"] = json.dumps(values["model_config"])
-        parser.set_defaults(**values)
-    # the extra --config argument comes back as a trailing namespace
-    return parser.parse_args_into_dataclasses(args=rest)[0]
+    return make_parser().parse_args_and_config(argv)[0]

@@ -490,6 +490,9 @@ class RVQTrainer:
 
 def make_accelerator(config: RVQTrainingConfig) -> Any:
     """An ``Accelerator`` for RVQ training (trackers filtered to the installed ones)."""
+    from ..extras import require
+
+    require("accelerate", "stage-1 RVQ training")
     from accelerate import Accelerator, DistributedDataParallelKwargs
     from accelerate.utils import ProjectConfiguration
 
@@ -560,6 +563,9 @@ def plot_loss_curves(output_dir: str, state: TrainerState) -> str | None:
     """Training losses and dev/train FVU over steps -> ``<output_dir>/loss_curves.png``."""
     if not state.train_log:
         return None
+    from ..extras import require
+
+    require("matplotlib", "training plots")
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
