@@ -228,3 +228,34 @@ def test_cache_truncated_wav_and_stereo(tiny_model, tmp_path):
     assert torch.equal(cache.sample_frames(None), mono.sample_frames(None))
     with pytest.raises(ValueError, match=r"row 1 .*truncated"):
         build_embedding_cache(tiny_model, [str(full), str(cut)], tmp_path / "bad", progress=False)
+
+
+# ---------------------------------------------------------------------------------------------- integrity
+@pytest.mark.parametrize("damage", ["overwritten-same-size", "truncated", "missing"])
+def test_damaged_shard_is_named_before_training_and_rebuilt(tmp_path, damage, caplog):
+    utts = _utterances(30, 8)
+    _write(tmp_path / "ref", utts)
+    reference = finalize_cache(tmp_path / "ref").sample_frames(None)
+    path = tmp_path / "cache"
+    _write(path, utts)
+    cache = finalize_cache(path)
+    victim = path / cache.shards[2].file
+    stat = victim.stat()
+    if damage == "overwritten-same-size":
+        arr = np.load(victim)
+        np.save(victim, (arr.astype(np.float32) * 1000).astype(np.float16))  # same shape, same size
+        os.utime(victim, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # even with the old modification time
+        assert victim.stat().st_size == stat.st_size
+    elif damage == "truncated":
+        victim.write_bytes(victim.read_bytes()[: stat.st_size // 2])
+    else:
+        victim.unlink()
+    with pytest.raises(ValueError, match=rf"{victim.name}: .*Rebuild it: run the same training again"):
+        EmbeddingCache(path)  # what the trainer opens: refused before any batch is read
+    with caplog.at_level("WARNING"):
+        _write(path, utts)  # the resume every training run starts with: re-encodes the damaged shard
+    assert victim.name in caplog.text and "re-encoding rows" in caplog.text
+    rebuilt = finalize_cache(path)
+    assert torch.equal(rebuilt.sample_frames(None), reference)
+    record = json.loads((path / "index.json").read_text())["shards"][2]
+    assert record["checksum"].startswith("xxh3_128:") and record["bytes"] == victim.stat().st_size

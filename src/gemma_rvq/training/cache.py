@@ -11,6 +11,12 @@ Crash safety: a shard's ``.npy`` and then its ``.json`` sidecar are written to t
 renamed; a shard counts as complete only when its sidecar exists. On restart every completed shard is
 kept and skipped; a ``.npy`` without sidecar (killed mid-shard) is deleted and redone.
 
+Integrity: each sidecar (and so ``index.json``) records the shard's size and checksum (xxh3-128 of the
+file). Opening a cache (:class:`EmbeddingCache`) checks every shard and refuses a missing, truncated or
+overwritten one, naming it; resuming a build (:func:`build_embedding_cache`, which every training run
+calls first) re-encodes a damaged shard and the shards after it. Shards written before checksums existed
+are checked by size and shape only.
+
 Streaming (:class:`FrameStream`): the shard order is shuffled per epoch and the frames of a window of
 ``shuffle_shards`` shards are permuted together, then cut into batches. Peak RAM is one window
 (``shuffle_shards x shard_frames x dim x 2`` bytes), whatever the corpus size. The stream is a pure
@@ -19,6 +25,7 @@ function of ``(seed, epoch, batch index)``: resuming at a batch index gives exac
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import logging
@@ -54,6 +61,53 @@ def _atomic_write_npy(path: str, array: np.ndarray) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def _file_checksum(path: str, algo: str | None = None) -> str:
+    """``"<algo>:<hex>"`` of a file's bytes: xxh3-128 (several GB/s) when xxhash is installed, else blake2b."""
+    if algo is None:
+        try:
+            import xxhash
+
+            algo = "xxh3_128"
+        except ImportError:  # pragma: no cover - xxhash is a datasets dependency
+            algo = "blake2b_128"
+    if algo == "xxh3_128":
+        import xxhash
+
+        h = xxhash.xxh3_128()
+    elif algo == "blake2b_128":
+        import hashlib
+
+        h = hashlib.blake2b(digest_size=16)
+    else:
+        raise ValueError(f"unknown checksum algorithm {algo!r}")
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return f"{algo}:{h.hexdigest()}"
+
+
+def shard_problem(folder: str, shard: dict[str, Any], dim: int | None = None) -> str | None:
+    """What is wrong with one shard file against its record (missing, wrong size, checksum, shape), or None."""
+    path = os.path.join(folder, shard["file"])
+    if not os.path.isfile(path):
+        return "the file is missing"
+    size = os.path.getsize(path)
+    if shard.get("bytes") is not None and size != shard["bytes"]:
+        return f"{size} bytes, the index says {shard['bytes']} (truncated or replaced)"
+    if shard.get("checksum") is not None:
+        if _file_checksum(path, shard["checksum"].split(":", 1)[0]) != shard["checksum"]:
+            return "its checksum does not match the index (the file was overwritten)"
+        return None
+    try:  # a shard from before checksums: its header at least
+        arr = np.load(path, mmap_mode="r")
+    except Exception as err:
+        return f"unreadable ({err})"
+    expected = (shard["num_frames"], dim if dim is not None else arr.shape[-1])
+    if arr.shape != expected:
+        return f"shape {arr.shape}, the index says {expected}"
+    return None
 
 
 # ---------------------------------------------------------------------------------------------- writing
@@ -123,7 +177,25 @@ class EmbeddingCacheWriter:
         for i, s in enumerate(done):
             if s["shard"] != i:
                 raise ValueError(f"embedding cache {self.path}: shard {i} of rank {self.rank} is missing")
+        for i, s in enumerate(done):
+            problem = shard_problem(self.path, s, self.dim)
+            if problem is not None:
+                self._drop_from(done[i:], f"{s['file']}: {problem}")
+                return done[:i]
         return done
+
+    def _drop_from(self, shards: list[dict[str, Any]], reason: str) -> None:
+        """Delete a damaged shard and every later one of this rank (and the finished marks): they are
+        re-encoded from the damaged shard's first row on."""
+        logger.warning("embedding cache %s: %s; re-encoding rows %d.. of rank %d (%d shard(s))",
+                       self.path, reason, shards[0]["start_row"], self.rank, len(shards))
+        for s in shards:
+            for name in (s["file"], s["file"][: -len(".npy")] + ".json"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(self.path, name))
+        for name in (f"rank-{self.rank:03d}.done", "index.json"):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(self.path, name))
 
     def _remove_partial(self) -> None:
         keep = {s["file"] for s in self._completed}
@@ -165,8 +237,10 @@ class EmbeddingCacheWriter:
             return
         name = f"shard-{self.rank:03d}-{self._shard_index:05d}"
         data = np.concatenate(self._buffer, axis=0) if self._buffer_frames else np.zeros((0, self.dim), np.float16)
-        _atomic_write_npy(os.path.join(self.path, name + ".npy"), data)
+        npy = os.path.join(self.path, name + ".npy")
+        _atomic_write_npy(npy, data)
         info = {"file": name + ".npy", "rank": self.rank, "shard": self._shard_index, "num_frames": int(data.shape[0]),
+                "bytes": os.path.getsize(npy), "checksum": _file_checksum(npy),
                 "start_row": self._start_row, "end_row": self.next_row, "utterances": self._utts}
         _atomic_write_json(os.path.join(self.path, name + ".json"), info)
         self._completed.append(info)
@@ -228,7 +302,7 @@ class ShardInfo:
 class EmbeddingCache:
     """Read access to a finalized cache folder (see the module docstring for the layout)."""
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike, *, verify: bool = True) -> None:
         self.path = os.fspath(path)
         index_path = os.path.join(self.path, "index.json")
         if not os.path.exists(index_path):
@@ -248,6 +322,20 @@ class EmbeddingCache:
         self.num_utterances: int = self.index["num_utterances"]
         self.seconds: float = self.index["seconds"]
         self.languages: dict[str, int] = self.index.get("languages", {})
+        if verify:
+            self.verify()
+
+    def verify(self) -> None:
+        """Check every shard against the index (present, size, checksum); ``ValueError`` naming the damaged
+        ones and how to rebuild them. Reads every shard once (the checksum)."""
+        damaged = [f"{s['file']}: {problem}" for s in self.index["shards"]
+                   if (problem := shard_problem(self.path, s, self.dim)) is not None]
+        if damaged:
+            raise ValueError(
+                f"embedding cache {self.path} is damaged: " + "; ".join(damaged) + ". Rebuild it: run the same "
+                "training again with this cache_dir (build_embedding_cache re-encodes damaged shards and the "
+                f"ones after them), or delete {self.path} to encode everything afresh"
+            )
 
     def __repr__(self) -> str:
         return (f"EmbeddingCache({self.path!r}, utterances={self.num_utterances}, frames={self.num_frames}, "
