@@ -524,3 +524,81 @@ def test_tokenizing_needs_no_extra_and_a_missing_extra_is_named(model, files, tm
         capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert proc.returncode == 0 and "tokenized without extras" in proc.stdout, proc.stderr[-3000:]
+
+
+# ---------------------------------------------------------------------------------------------- integrity
+def _encoder_dir(path: Path, seed: int) -> Path:
+    """A tiny Gemma 4 audio encoder saved as its own folder (what encoder_name_or_path points to)."""
+    tiny_rvq_model(num_quantizers=8, codebook_size=16, seed=seed, bundle_encoder=False, encoder_path=str(path))
+    return path
+
+
+def test_cache_identity_covers_the_encoder_behind_encoder_name_or_path(files, tmp_path):
+    encoder = _encoder_dir(tmp_path / "encoder", seed=0)
+    rvq = tiny_rvq_model(num_quantizers=8, codebook_size=16, seed=0, bundle_encoder=False,
+                         encoder_path=str(encoder))
+    rvq.save_pretrained(tmp_path / "rvq")
+    assert json.loads((tmp_path / "rvq" / "config.json").read_text()).get("encoder_config") is None  # by path
+    ds = file_backed(bytes_dataset(files[:2]), tmp_path / "ds")
+    first = SpeechTokenizer(str(tmp_path / "rvq"))
+    out1 = ds.map(first, batched=True)["semantic_tokens"]
+    assert "encoder" in first.identity()["model"]
+    again = SpeechTokenizer(str(tmp_path / "rvq"))
+    assert ds.map(again, batched=True)["semantic_tokens"] == out1 and again.stats["examples"] == 0  # a hit
+    # replace the encoder at the same path: the RVQ folder is untouched, the tokens must be recomputed
+    for name in os.listdir(encoder):
+        os.remove(encoder / name)
+    _encoder_dir(encoder, seed=1)
+    replaced = SpeechTokenizer(str(tmp_path / "rvq"))
+    out2 = ds.map(replaced, batched=True)["semantic_tokens"]
+    assert replaced.stats["examples"] == 2  # a miss, not the old tokens
+    transforms._LOADED_MODELS.clear()  # a fresh process: loads the new encoder
+    assert out2 == SpeechTokenizer(str(tmp_path / "rvq"))({"audio": files[:2]})["semantic_tokens"]
+    # an in-memory model whose encoder is referenced by path carries the encoder identity too
+    assert SpeechTokenizer(rvq).identity()["model"]["encoder"] == replaced.identity()["model"]["encoder"]
+
+
+def test_weights_changed_in_place_are_never_a_silent_stale_hit(files, tmp_path):
+    model = tiny_rvq_model(num_quantizers=8, codebook_size=16, seed=0).eval()
+    ds = file_backed(bytes_dataset(files[:2]), tmp_path / "ds")
+    tok = SpeechTokenizer(model)
+    before = ds.map(tok, batched=True)["semantic_tokens"]
+    with torch.no_grad():
+        model.quantizer.codebooks.mul_(-1.0)  # in place, after the transform was built
+    after = ds.map(tok, batched=True)["semantic_tokens"]  # same transform object: a new identity, a miss
+    assert after != before and after == ds.map(SpeechTokenizer(model), batched=True)["semantic_tokens"]
+    # changed between fingerprint and call (what a map in flight would see): refused
+    tok.identity()
+    with torch.no_grad():
+        model.quantizer.codebooks.mul_(-1.0)
+    with pytest.raises(ValueError, match="changed after this SpeechTokenizer computed its cache identity"):
+        tok({"audio": files[:1]})
+    # a checkpoint folder rewritten in place with its old modification times
+    path = tmp_path / "rvq"
+    model.save_pretrained(path)
+    by_path = SpeechTokenizer(str(path))
+    by_path.identity()
+    weights = path / "model.safetensors"
+    stat = weights.stat()
+    tiny_rvq_model(num_quantizers=8, codebook_size=16, seed=3).save_pretrained(path)
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    with pytest.raises(ValueError, match="changed after this SpeechTokenizer computed its cache identity"):
+        by_path({"audio": files[:1]})
+    assert SpeechTokenizer(str(path)).identity() != by_path._handle._identity  # a new transform sees it
+
+
+def test_a_format_that_does_not_fit_is_refused_when_the_transform_is_built(model, files, tmp_path):
+    from gemma_rvq.tokens import get_format
+
+    small = get_format("gemma_rvq", codebook_size=8, num_levels=8)  # the model has 16 codes per level
+    deep = get_format("gemma_rvq", codebook_size=16, num_levels=8)
+    with pytest.raises(ValueError, match=r"does not fit the model \(8 levels of 16 codes\).*below 8"):
+        SpeechTokenizer(model, format=small, on_error="skip")
+    with pytest.raises(ValueError, match=r"renders 8 levels"):
+        SpeechTokenizer(model, format=deep, num_quantizers=2)
+    with pytest.raises(ValueError, match="num_quantizers=9"):
+        SpeechTokenizer(model, num_quantizers=9)
+    model.save_pretrained(tmp_path / "rvq")  # a path: checked from its config.json, nothing loaded
+    with pytest.raises(ValueError, match="does not fit the model"):
+        SpeechTokenizer(str(tmp_path / "rvq"), format=small)
+    assert not any(key[0] == str(tmp_path / "rvq") for key in transforms._LOADED_MODELS)

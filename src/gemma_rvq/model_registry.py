@@ -81,7 +81,8 @@ _PATH_DIGESTS: dict[tuple, str] = {}
 def path_digest(path: str | os.PathLike) -> str:
     """Digest of the weight and config files under ``path`` (a file or a checkpoint folder).
 
-    Cached per process on (path, file names, sizes, modification times), so it is read once.
+    Cached per process on (path, file names, sizes, modification and change times, inodes), so it is
+    read once per file state.
     """
     path = os.path.abspath(os.fspath(path))
     if os.path.isdir(path):
@@ -93,7 +94,8 @@ def path_digest(path: str | os.PathLike) -> str:
         )
     else:
         files = [path]
-    stat_key = (path, tuple((f, os.path.getsize(f), os.path.getmtime(f)) for f in files))
+    # ctime and inode too: a file rewritten with its old size and modification time still changes them
+    stat_key = (path, tuple((f, (st := os.stat(f)).st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino) for f in files))
     if stat_key in _PATH_DIGESTS:
         return _PATH_DIGESTS[stat_key]
     h = _hasher()
@@ -120,6 +122,53 @@ def hub_commit(repo_id: str, revision: str | None) -> str | None:
             return fh.read().strip() or None
     except (OSError, ImportError):
         return None
+
+
+def _read_json(path: str) -> dict | None:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            value = json.load(fh)
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def encoder_identity(config: Any) -> dict | None:
+    """What identifies the encoder behind a gemma-rvq config, which the RVQ weights alone do not:
+
+    - ``None`` for a bundled encoder (``encoder_config`` set: its weights are in the checkpoint);
+    - ``{"digest": ...}`` of the files at a local ``encoder_name_or_path`` (the weights that are loaded);
+    - ``{"hub_id", "revision"}`` for a Hub id: the commit its revision points to in the local cache.
+
+    ``config`` is a ``GemmaRVQConfig`` or its dict (``config.json``).
+    """
+    get = config.get if isinstance(config, dict) else lambda key, default=None: getattr(config, key, default)
+    if get("encoder_config") is not None:
+        return None
+    name, revision = get("encoder_name_or_path"), get("encoder_revision")
+    if not name:
+        return None
+    if os.path.exists(name):
+        return {"digest": path_digest(name)}
+    return {"hub_id": name, "revision": hub_commit(name, revision) or revision or "main"}
+
+
+def _tensor_versions(model: torch.nn.Module) -> tuple:
+    """(name, storage address, in-place version) of every state-dict tensor: it changes whenever a weight
+    is modified in place (``copy_``, ``mul_``, ``load_state_dict``, an optimizer step) or replaced."""
+    return tuple((name, t.data_ptr(), t._version) for name, t in model.state_dict(keep_vars=True).items())
+
+
+def same_identity(before: Any, now: Any) -> bool:
+    """``now`` is ``before``, or ``before`` with an unpinned Hub revision resolved to its commit (and what
+    that resolution reveals, such as the encoder named in the downloaded config)."""
+    if before == now:
+        return True
+    if not (isinstance(before, dict) and isinstance(now, dict)):
+        return False
+    if "hub_id" in before and before.get("hub_id") == now.get("hub_id") and not _HEX40.match(str(before.get("revision"))):
+        return all(same_identity(v, now.get(k)) for k, v in before.items() if k != "revision")
+    return before.keys() == now.keys() and all(same_identity(v, now[k]) for k, v in before.items())
 
 
 # ---------------------------------------------------------------------------------------------- placement
@@ -168,6 +217,9 @@ class ModelHandle:
         self.revision = revision
         self.memory_key: str | None = None  # set in a process that got this handle by pickle
         self.digest: str | None = None
+        self.encoder: dict | None = None  # encoder identity of an in-memory model, computed with the digest
+        self._versions: tuple | None = None  # tensor versions when the digest was computed
+        self._identity: dict | None = None  # the identity last handed out (what datasets fingerprinted)
         if isinstance(model, torch.nn.Module):
             self.model = model
         elif model is None or isinstance(model, (str, os.PathLike)):
@@ -189,19 +241,83 @@ class ModelHandle:
         return os.environ.get(MODEL_ENV_VAR) or DEFAULT_MODEL
 
     def identity(self) -> dict:
-        """``{"digest": ...}`` for objects (state-dict digest, computed once per handle) and local paths
-        (file digest, computed once per file state and process); ``{"hub_id", "revision"}`` for Hub ids
-        (the cached commit when the revision is a branch or tag)."""
+        """What decides the codes, small and stable:
+
+        - objects: a digest of the state dict (computed once per handle, and again only when a weight
+          was changed in place since: tensor versions are compared);
+        - local paths: a digest of the checkpoint's files (once per file state and process);
+        - Hub ids: the id and the commit the revision points to in the local cache;
+
+        plus, for paths and Hub ids, the encoder behind ``encoder_name_or_path`` when it is not bundled
+        (:func:`encoder_identity`: a digest of its files or its cached Hub commit).
+        """
         if self.in_memory:
-            if self.digest is None:
+            if self.model is not None and (self.digest is None or _tensor_versions(self.model) != self._versions):
+                self._versions = _tensor_versions(self.model)
                 self.digest = state_dict_digest(self.model)
-            if self.model is not None:
+                config = getattr(self.model, "config", None)
+                self.encoder = encoder_identity(config) if config is not None else None
                 _MEMORY_MODELS[self.digest] = self.model
-            return {"digest": self.digest}
+            identity = {"digest": self.digest}
+            if self.encoder is not None:
+                identity["encoder"] = self.encoder
+        else:
+            ref = self.resolved_ref()
+            if os.path.exists(ref):
+                identity = {"digest": path_digest(ref)}
+            else:
+                identity = {"hub_id": ref, "revision": hub_commit(ref, self.revision) or self.revision or "main"}
+            encoder = self._encoder_of_reference()
+            if encoder is not None:
+                identity["encoder"] = encoder
+        self._identity = identity
+        return identity
+
+    def config_dict(self) -> dict | None:
+        """The model's config as a dict, without loading weights: the object's, the folder's
+        ``config.json``, or a Hub repo's cached ``config.json`` (None when none of these is at hand)."""
+        if self.model is not None:
+            config = getattr(self.model, "config", None)
+            return config.to_dict() if hasattr(config, "to_dict") else None
+        if self.memory_key is not None:
+            return None
         ref = self.resolved_ref()
+        if os.path.isdir(ref):
+            return _read_json(os.path.join(ref, "config.json"))
         if os.path.exists(ref):
-            return {"digest": path_digest(ref)}
-        return {"hub_id": ref, "revision": hub_commit(ref, self.revision) or self.revision or "main"}
+            return None
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(ref, "config.json", revision=self.revision)
+        except Exception:  # an invalid repo id, no huggingface_hub: nothing cached to read
+            return None
+        return _read_json(cached) if isinstance(cached, str) else None
+
+    def _encoder_of_reference(self) -> dict | None:
+        config = self.config_dict()
+        if config is None or config.get("model_type") not in (None, "gemma_rvq"):
+            return None
+        return encoder_identity(config)
+
+    def check_unchanged(self) -> None:
+        """Raise when the weights changed after the identity was last handed out (``datasets`` then
+        fingerprinted this transform with the old weights and would cache new tokens under it)."""
+        if self._identity is None:
+            return
+        if self.model is not None:
+            changed = _tensor_versions(self.model) != self._versions
+        elif self.memory_key is not None:
+            return  # a forked worker's copy: the parent checked it when it was pickled
+        else:
+            before = self._identity
+            changed = not same_identity(before, self.identity())
+        if changed:
+            raise ValueError(
+                f"the weights of {self!r} changed after this SpeechTokenizer computed its cache identity "
+                "(datasets fingerprinted it with the old weights, so these tokens would be cached under the "
+                "old identity). Build a new SpeechTokenizer after changing a model's weights or files."
+            )
 
     def load_spec(self) -> dict:
         """How another process gets this model (pickled in place of the weights)."""
@@ -212,9 +328,14 @@ class ModelHandle:
         return {"ref": self.resolved_ref(), "revision": self.revision}
 
     @classmethod
-    def from_load_spec(cls, spec: dict) -> ModelHandle:
+    def from_load_spec(cls, spec: dict, identity: dict | None = None) -> ModelHandle:
+        """The handle a worker unpickles; ``identity`` (what the parent fingerprinted) is checked against
+        the files the worker finds (:meth:`check_unchanged`)."""
         handle = cls(spec.get("ref"), revision=spec.get("revision"))
         handle.memory_key = handle.digest = spec.get("memory")
+        if identity is not None:
+            handle.encoder = identity.get("encoder") if handle.memory_key is not None else None
+            handle._identity = identity
         return handle
 
     def get(self, device: torch.device, dtype: torch.dtype | None) -> torch.nn.Module:
@@ -255,11 +376,13 @@ __all__ = [
     "DEFAULT_MODEL",
     "MODEL_ENV_VAR",
     "ModelHandle",
+    "encoder_identity",
     "hub_commit",
     "is_warm",
     "mark_warm",
     "path_digest",
     "place",
     "resolve_device",
+    "same_identity",
     "state_dict_digest",
 ]

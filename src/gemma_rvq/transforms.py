@@ -145,6 +145,12 @@ class SpeechTokenizer:
         self._handle = ModelHandle(model, revision=revision)
         self._format_spec = format
         self._init_runtime()
+        # no weights loaded: the object's config, or a config.json at hand (the default model is resolved
+        # from $GEMMA_RVQ_MODEL only when first used)
+        config = self._handle.config_dict() if model is not None else None
+        if config is not None and config.get("codebook_size") and config.get("num_quantizers"):
+            # a format that cannot render this model's codes fails here, not after encoding every row
+            self._format = self._fit_format(int(config["codebook_size"]), int(config["num_quantizers"]))
 
     # ------------------------------------------------------------------ pickling / fingerprint
     def _init_runtime(self) -> None:
@@ -185,7 +191,7 @@ class SpeechTokenizer:
         self._options = SpeechTokenizerOptions(**state["options"], **state["runtime"])
         spec = state["format"]
         self._format_spec = spec["preset"] if set(spec) == {"preset"} else spec
-        self._handle = ModelHandle.from_load_spec(state["load"])
+        self._handle = ModelHandle.from_load_spec(state["load"], identity=state["model"])
         self._init_runtime()
 
     def __repr__(self) -> str:
@@ -204,15 +210,29 @@ class SpeechTokenizer:
 
     def _format_for(self, model: torch.nn.Module):
         if self._format is None:
-            from .tokens import format_for_model
-
             config = model.config
-            self._format = format_for_model(
-                self._format_spec,
-                codebook_size=int(config.codebook_size),
-                num_quantizers=int(self.num_quantizers or config.num_quantizers),
-            )
+            self._format = self._fit_format(int(config.codebook_size), int(config.num_quantizers))
         return self._format
+
+    def _fit_format(self, codebook_size: int, num_quantizers: int):
+        """The format for a model with ``num_quantizers`` levels of ``codebook_size`` codes, or a
+        ``ValueError`` when it cannot render every code the model (with ``num_quantizers=``) produces."""
+        from .tokens import format_for_model
+
+        if self.num_quantizers is not None and self.num_quantizers > num_quantizers:
+            raise ValueError(f"num_quantizers={self.num_quantizers}, but the model has {num_quantizers} levels")
+        levels = int(self.num_quantizers or num_quantizers)
+        fmt = format_for_model(self._format_spec, codebook_size=codebook_size, num_quantizers=levels)
+        where = f"token format {getattr(fmt, 'name', fmt)!r} does not fit the model ({levels} levels of {codebook_size} codes)"
+        if fmt.num_levels is not None and fmt.num_levels > levels:
+            raise ValueError(f"{where}: it renders {fmt.num_levels} levels")
+        if fmt.codebook_size is not None and fmt.codebook_size < codebook_size:
+            raise ValueError(f"{where}: it takes codes below {fmt.codebook_size} only")
+        try:  # whatever else the format checks (code point range...), on the largest codes
+            fmt.render(np.full((levels, 2), codebook_size - 1, dtype=np.int64))
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}") from err
+        return fmt
 
     @property
     def format(self):
@@ -285,7 +305,9 @@ class SpeechTokenizer:
             sampling_rates = [self.sampling_rate] * n
         if sampling_rates is not None and len(sampling_rates) != n:
             raise ValueError(f"{len(sampling_rates)} sampling rates for {n} audio values")
+        self._handle.check_unchanged()  # weights changed since datasets fingerprinted this transform?
         model = self.get_model(rank)
+        render = self._format_for(model).render  # before any encoding: a misfit is not a row error
         target_sr = int(model.config.sampling_rate)
         min_samples = int(model.config.min_samples)
         waves: list[np.ndarray | None] = [None] * n
@@ -301,7 +323,6 @@ class SpeechTokenizer:
                 self._maybe_raise(i, indices, errors[i], err)
         codes = self._encode(model, waves, errors, indices, target_sr)
         strings: list[str] = []
-        render = self._format_for(model).render
         for i in range(n):
             if codes[i] is not None and codes[i].shape[-1] == 0:
                 errors[i] = "the encoder produced no frames (audio too short?)"
