@@ -235,7 +235,7 @@ def main() -> None:
         tc16, _ = timed(lambda: run_c(feature_sets[1], encoder16))
         for key, t in (("a", ta), ("a2", ta2), ("a3", ta3), ("b", tb), ("c", tc[cbest]), ("c16", tc16)):
             best[key] = (min(best[key][0], t[0]), min(best[key][1], t[1]))
-        used = tok._auto_choice["chosen"] if tok._auto_choice else {"count": batch_size}
+        used = tok.batch_plan.choice or {"count": batch_size}
         print(
             f"round {r + 1} (load {os.getloadavg()[0]:.1f}): (a) {total / ta[0]:.1f}  (a') {total / ta2[0]:.1f}  (a'') {total / ta3[0]:.1f}  "
             f"(b) {total / tb[0]:.1f}  (c) "

@@ -83,7 +83,7 @@ def tiny_hubert_rvq():
 def _fit_codebooks(model):
     """k-means-initialise the codebooks on embeddings of speech-like audio, so codes are diverse."""
     clips = [speech_like(3.0, 16000, seed=s) for s in range(2)]
-    embeddings, mask = model.embed(clips)
+    embeddings, mask = model.embed(clips, sampling_rate=16000)
     with torch.no_grad():
         model.quantizer.kmeans_init(model.project_in(embeddings[mask]))
     return model

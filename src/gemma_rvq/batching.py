@@ -54,6 +54,11 @@ class BatchPlanner:
     _next: int = field(default=0, repr=False)
     _chosen: tuple[int, int] | None = field(default=None, repr=False)
 
+    @property
+    def choice(self) -> dict | None:
+        """What ``"auto"`` chose on a CPU (``{"count", "streams"}``), once the timing is done; else None."""
+        return {"count": self._chosen[0], "streams": self._chosen[1]} if self._chosen is not None else None
+
     def plan(self, model: torch.nn.Module) -> tuple[int, float, int, _Trial | None]:
         """(max clips, max padded seconds, concurrent minibatches, timing slot or None) for the next step."""
         on_cpu = next(model.parameters()).device.type == "cpu"

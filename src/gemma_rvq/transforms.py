@@ -344,6 +344,11 @@ class SpeechTokenizer:
         return result
 
     @property
+    def batch_plan(self) -> BatchPlanner:
+        """This process's batch plan (``batch_plan.choice``: what ``"auto"`` chose on a CPU)."""
+        return self._planner
+
+    @property
     def padding_fraction(self) -> float:
         """Share of the encoded (padded) audio that was padding, over every call so far in this process."""
         padded = self.stats["padded_seconds"]
