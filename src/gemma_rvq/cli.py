@@ -12,11 +12,17 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from .commands import add_model_argument, load_model
 from .commands import evaluate as _evaluate
 from .commands import sft as _sft
 from .commands import tokenize as _tokenize
 from .commands import train as _train
-from .commands.tokenize import AUDIO_SUFFIXES  # noqa: F401 - kept for old imports
+from .commands.tokenize import AUDIO_SUFFIXES, audio_files  # noqa: F401 - kept for old imports
+
+# the helpers moved to gemma_rvq.commands; their former names keep working (gemma-rvq stream uses them)
+_load_model = load_model
+_add_model_argument = add_model_argument
+_audio_files = audio_files
 
 # The tasks with an example script build their parser in gemma_rvq.commands (one parser per task).
 cmd_tokenize = _tokenize.main
