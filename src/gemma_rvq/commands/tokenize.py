@@ -53,6 +53,9 @@ def make_parser(subparsers: argparse._SubParsersAction | None = None, prog: str 
         required=True,
         help="output: a folder (save_to_disk), or a .jsonl, .json, .csv or .parquet file (other suffixes are refused)",
     )
+    from ..cluster.launch import add_arguments as add_cluster_arguments  # --executor local|slurm|ray ...
+
+    add_cluster_arguments(parser)
     parser.set_defaults(func=main)
     return parser
 
@@ -126,6 +129,10 @@ def _write_output(ds, output: Path, fmt: str) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Tokenize the files or dataset ``args`` names and write ``args.output``; returns the exit status."""
+    if getattr(args, "executor", None) is not None:  # a datatrove pipeline on local processes, Slurm or Ray
+        from ..cluster.launch import run
+
+        return run(args)
     from ..transforms import SpeechTokenizer
 
     if not args.inputs and not args.dataset:
