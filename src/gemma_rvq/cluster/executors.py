@@ -29,18 +29,21 @@ class LocalExecutor(LocalPipelineExecutor):
 
 
 def default_start_method() -> str:
-    """``"fork"`` on Linux while this process has not initialised CUDA, else datatrove's ``"forkserver"``.
+    """``"fork"`` on a Linux machine without a visible GPU, else datatrove's ``"forkserver"``.
 
-    Forked workers start without re-importing torch and transformers (measured: the 3-task corpus run
-    took half the wall time); they set torch to one thread (the tokenizer's rule for pool workers), which
-    also keeps them clear of the OpenMP pool of a parent that ran torch. CUDA cannot be forked once
-    initialised, hence the fallback.
+    Forked workers start without re-importing torch and transformers (on the 2-core CPU machine the 3-task
+    corpus run took half the wall time of forkserver); they set torch to one thread (the tokenizer's rule
+    for pool workers), which keeps them clear of the OpenMP pool of a parent that ran torch. Where a GPU is
+    visible, forking is unsafe as soon as anything in the parent has touched the CUDA driver, which
+    ``torch.cuda.is_initialized()`` does not report (``torch.cuda.is_available()`` alone initialises the
+    driver); an 8-worker forked run on an H200 machine hung (the cause was not isolated). So GPU machines
+    get fresh worker processes.
     """
     import sys
 
     import torch
 
-    return "fork" if sys.platform.startswith("linux") and not torch.cuda.is_initialized() else "forkserver"
+    return "fork" if sys.platform.startswith("linux") and not torch.cuda.is_available() else "forkserver"
 
 
 def make_executor(kind: str, pipeline: list, *, tasks: int, workers: int = -1, logging_dir: str, **options: Any):
