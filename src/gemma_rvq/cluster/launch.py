@@ -229,8 +229,8 @@ def run(args: argparse.Namespace) -> int:
     if args.tasks < 1:
         raise ValueError(f"--tasks must be >= 1, got {args.tasks}")
     output = os.path.abspath(os.path.expanduser(args.output))
-    if output.endswith(".jsonl"):
-        raise ValueError("with --executor, --output is a folder (Parquet shards), not a .jsonl file")
+    if Path(output).suffix.lower() in (".jsonl", ".json", ".csv", ".parquet"):
+        raise ValueError(f"with --executor, --output is a folder (of Parquet shards), not a {Path(output).suffix} file")
     logging_dir = os.path.abspath(args.logging_dir) if args.logging_dir else os.path.join(output, LOGS_DIR)
     model = args.model
     if model.startswith(("/", ".", "~")) or os.path.exists(os.path.expanduser(model)):
