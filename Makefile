@@ -8,7 +8,7 @@ PIP    := $(PY) -m pip
 TORCH_SPEC ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test lint demo docs bench clean
+.PHONY: install test test-cluster lint demo docs bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,12 @@ lint: $(STAMP)
 # One torch thread per xdist worker: two workers x two threads oversubscribe 2 cores badly.
 test: $(STAMP) lint docs
 	OMP_NUM_THREADS=1 $(PY) -m pytest -n 2 -q tests
+
+# Optional: the cluster tests with Ray (the `ray` extra, ~240 MB installed, a local Ray instance per run);
+# `make test` runs the local and Slurm executor tests and skips the Ray one.
+test-cluster: $(STAMP)
+	$(PIP) install -q -e ".[ray]"
+	GEMMA_RVQ_TEST_RAY=1 OMP_NUM_THREADS=1 $(PY) -m pytest -q tests/test_cluster.py
 
 docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict -q -d site
