@@ -241,6 +241,21 @@ def test_step_reads_relative_paths_and_media_and_checks_the_format_file(tmp_path
         list(other.run(iter([Document(text="x", id="a", metadata={"audio": str(CORPUS / rows[0]["file"])})])))
 
 
+def test_streamed_dataset_reader_shares_files_and_keeps_audio_undecoded(tmp_path, corpus_dataset):
+    """What ``--dataset <Hub id>`` does (streaming), on local Parquet files: each task reads its files."""
+    ds = datasets.load_from_disk(corpus_dataset).select(range(6))
+    files = [str(tmp_path / f"part{i}.parquet") for i in range(2)]
+    for i, path in enumerate(files):
+        ds.select(range(3 * i, 3 * i + 3)).to_parquet(path)
+    seen = []
+    for rank in range(2):
+        reader = AudioDatasetReader("parquet", dataset_options={"data_files": files, "split": "train"}, streaming=True)
+        docs = list(reader.run(rank=rank, world_size=2))
+        assert all(isinstance(d.metadata["audio"]["bytes"], bytes) for d in docs)
+        seen.append([d.id for d in docs])
+    assert seen == [ds["id"][:3], ds["id"][3:]]
+
+
 # ------------------------------------------------------------------------------------------ slurm
 def _fake_slurm_tools(folder: Path) -> None:
     """``sbatch`` that records the job script instead of submitting it, and ``scontrol`` for the node list."""

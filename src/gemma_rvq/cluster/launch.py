@@ -63,7 +63,9 @@ def build_pipeline(reader, tokenizer, output_dir: str, *, batch_size: int = 1000
 
 def dataset_reader(name: str, *, config: str | None = None, split: str = "train", audio_column: str = "audio",
                    **options: Any):
-    """A reader of a Hugging Face dataset (Hub id or ``save_to_disk`` folder) whose audio stays undecoded."""
+    """A reader of a Hugging Face dataset whose audio stays undecoded: a ``save_to_disk`` folder (contiguous
+    row shards), or a Hub id, streamed (each task reads only its share of the data files; a dataset stored
+    as one file is split by rows)."""
     from .readers import AudioDatasetReader
 
     on_disk = os.path.isdir(name) and any(
@@ -73,6 +75,7 @@ def dataset_reader(name: str, *, config: str | None = None, split: str = "train"
         return AudioDatasetReader(str(Path(name).resolve()), load_from_disk=True, split=split,
                                   audio_column=audio_column, **options)
     dataset_options = {"split": split, **({"name": config} if config else {})}
+    options.setdefault("streaming", True)
     return AudioDatasetReader(name, dataset_options=dataset_options, audio_column=audio_column, **options)
 
 

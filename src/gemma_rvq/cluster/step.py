@@ -106,6 +106,7 @@ class SpeechTokenizerStep(PipelineStep):
         self.batch_size = batch_size
         self.audio_root = get_datafolder(audio_root) if audio_root is not None else None
         self.output_folder = get_datafolder(output_folder) if output_folder is not None else None
+        self._format_checked = False
 
     def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
         if data is None:
@@ -123,7 +124,7 @@ class SpeechTokenizerStep(PipelineStep):
     # ------------------------------------------------------------------ internals
     def _tokenize(self, documents: list[Document], device_rank: int) -> Iterator[Document]:
         tok = self.tokenizer
-        if self.output_folder is not None and not getattr(self, "_format_checked", False):
+        if self.output_folder is not None and not self._format_checked:
             self._check_format_file(device_rank)
         columns: dict[str, list] = {tok.audio_column: [self._audio_of(d) for d in documents]}
         if tok.sampling_rate_column is not None:
