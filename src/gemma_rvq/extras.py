@@ -10,6 +10,8 @@ soxr...). The rest comes with an extra:
 | ``sft`` | trl, peft, accelerate | stage 2/3 recipes (``gemma_rvq.recipes``, ``examples/sft.py``, generation) |
 | ``spire`` | scikit-learn | converting SpireLM's pickled k-means (joblib) |
 | ``all`` | every extra above | the demo (``gemma-rvq demo``), the whole pipeline |
+| ``cluster`` | datatrove, orjson | tokenizing on many machines (``gemma_rvq.cluster``, ``tokenize --executor``) |
+| ``ray`` | ``cluster`` and ray | ... with datatrove's Ray executor |
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ EXTRAS: dict[str, str] = {
     "peft": "sft",
     "sklearn": "spire",
     "joblib": "spire",
+    "datatrove": "cluster",
+    "orjson": "cluster",
+    "ray": "ray",
 }
 """Top-level module -> the gemma-rvq extra that installs it."""
 

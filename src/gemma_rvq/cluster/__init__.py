@@ -38,13 +38,11 @@ __all__ = sorted(_EXPORTS)
 def __getattr__(name: str) -> Any:
     if name not in _EXPORTS:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    try:
-        import datatrove  # noqa: F401
-    except ImportError as err:
-        raise ImportError(
-            f"gemma_rvq.cluster.{name} needs datatrove: pip install 'gemma-rvq[cluster]'"
-        ) from err
     import importlib
+
+    from ..extras import require
+
+    require("datatrove", f"gemma_rvq.cluster.{name}")
 
     value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
     globals()[name] = value

@@ -27,12 +27,9 @@ RUN_FILE = "gemma_rvq_run.json"
 
 
 def _require_datatrove() -> None:
-    try:
-        import datatrove  # noqa: F401
-    except ImportError as err:
-        raise ImportError(
-            "--executor needs datatrove: pip install 'gemma-rvq[cluster]' (and 'gemma-rvq[ray]' for Ray)"
-        ) from err
+    from ..extras import require
+
+    require("datatrove", "gemma-rvq tokenize --executor")
 
 
 # ----------------------------------------------------------------------------------------- pipeline
@@ -283,8 +280,9 @@ def run(args: argparse.Namespace) -> int:
     executor = make_executor(args.executor, pipeline, tasks=args.tasks, workers=args.workers,
                              logging_dir=logging_dir, **options)
     if args.executor == "ray":
-        import ray
+        from ..extras import require
 
+        ray = require("ray", "--executor ray")
         if not ray.is_initialized():
             ray.init(address=args.ray_address)
     executor.run()
