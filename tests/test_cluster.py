@@ -256,6 +256,35 @@ def test_streamed_dataset_reader_shares_files_and_keeps_audio_undecoded(tmp_path
     assert seen == [ds["id"][:3], ds["id"][3:]]
 
 
+_WITHOUT_DATATROVE = r"""
+import sys
+sys.modules["datatrove"] = None  # as if the cluster extra were not installed
+from gemma_rvq.cli import main
+argv = ["--traceback", "tokenize", sys.argv[1], "-m", sys.argv[2], "-o", sys.argv[3], "--executor", "local"]
+try:
+    main(argv)
+except ImportError as err:
+    assert "pip install 'gemma-rvq[cluster]'" in str(err), str(err)
+else:
+    raise SystemExit("ran without datatrove")
+try:
+    from gemma_rvq.cluster import SpeechTokenizerStep
+except ImportError as err:
+    assert "pip install 'gemma-rvq[cluster]'" in str(err), str(err)
+else:
+    raise SystemExit("imported without datatrove")
+print("refused without datatrove")
+"""
+
+
+def test_without_the_extra_the_command_names_it(tmp_path, model_dir):
+    proc = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_DATATROVE, str(CORPUS / "clips"), model_dir, str(tmp_path / "out")],
+        env=_script_env(), capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0 and "refused without datatrove" in proc.stdout, proc.stderr[-3000:]
+
+
 # ------------------------------------------------------------------------------------------ slurm
 def _fake_slurm_tools(folder: Path) -> None:
     """``sbatch`` that records the job script instead of submitting it, and ``scontrol`` for the node list."""
