@@ -54,11 +54,17 @@ def test_group_norm_wav2vec2_is_run_per_clip_and_stays_exact(make_speech):
     assert model.get_audio_encoder().config.feat_extract_norm == "group"
     clips = [make_speech(0.5, SR, seed=1), make_speech(9.0, SR, seed=2)]
     # Why the adapter falls back: one padded forward through GroupNorm is NOT padding-invariant.
-    naive, _ = adapter._w2v(clips)
-    alone, _ = adapter._w2v(clips[:1])
+    inputs, mask = adapter.features(clips)
+    with torch.no_grad():
+        naive = adapter.model(inputs, attention_mask=mask).last_hidden_state
+    alone, _ = adapter.forward_batch(clips[:1])
     n = alone.shape[1]
     assert (naive[0, :n] - alone[0]).abs().max() > 1e-3
     _assert_batch_equals_singles(model, clips)
+    # the feature extractor's padded output is run one row at a time too
+    from_features, features_mask, _ = adapter.run(inputs, mask)
+    torch.testing.assert_close(from_features[0, :n], alone[0], atol=1e-4, rtol=1e-4)
+    assert features_mask.sum(-1).tolist() == [n, model.get_encoded_length(len(clips[1]))]
 
 
 def test_padded_tensor_with_padding_mask_equals_list_input(tiny_gemma4_rvq, make_speech):

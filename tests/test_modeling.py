@@ -199,7 +199,7 @@ def test_forward_loss_gradients_and_ema_update(tiny_gemma4_rvq):
     mask = torch.ones(3, 6, dtype=torch.bool)
     mask[2, 4:] = False
     before = model.quantizer.codebooks.clone()
-    out = model(emb, attention_mask=mask)
+    out = model(embeddings=emb, attention_mask=mask)
     cfg = model.config
     expected = (cfg.mse_weight * out.mse_loss + cfg.cosine_weight * out.cosine_loss
                 + cfg.commitment_weight * out.commitment_loss + out.codebook_loss)
@@ -214,16 +214,18 @@ def test_forward_loss_gradients_and_ema_update(tiny_gemma4_rvq):
     assert all(p.grad is None for p in model.encoder.parameters())
     assert not torch.equal(model.quantizer.codebooks, before)  # EMA update in training mode
     # flat [N, D] input: one sequence of N frames
-    flat = model(emb[mask])
+    flat = model(embeddings=emb[mask])
     assert flat.audio_codes.shape == (1, 2, int(mask.sum()))
     with pytest.raises(ValueError, match="no valid frames"):
-        model(emb, attention_mask=torch.zeros(3, 6, dtype=torch.bool))
+        model(embeddings=emb, attention_mask=torch.zeros(3, 6, dtype=torch.bool))
+    with pytest.raises(ValueError, match="pass them as embeddings="):
+        model(emb)  # the first argument is audio, as for the codec models
 
 
 def test_learnable_codebooks_are_parameters_with_codebook_loss(tmp_path):
     model = tiny_rvq_model("hubert", codebook_type="learnable").train()
     assert isinstance(model.quantizer.codebooks, torch.nn.Parameter)
-    out = model(torch.randn(2, 5, 32))
+    out = model(embeddings=torch.randn(2, 5, 32))
     assert out.codebook_loss > 0
     out.loss.backward()
     assert model.quantizer.codebooks.grad is not None

@@ -325,7 +325,7 @@ class GemmaRVQConfig(PreTrainedConfig):
 
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> Any:
-        source = kwargs.get("name_or_path")
+        source = kwargs.pop("_config_source", None) or kwargs.get("name_or_path")  # (AutoConfig passes the latter)
         if not isinstance(config_dict, dict):
             raise ValueError(f"{_describe(source)}: a gemma-rvq config must be a mapping of fields, got a "
                              f"{type(config_dict).__name__}")
@@ -344,8 +344,8 @@ class GemmaRVQConfig(PreTrainedConfig):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args: Any, **kwargs: Any) -> Any:
-        # `from_dict` names the source in its errors (AutoConfig passes `name_or_path` the same way).
-        kwargs.setdefault("name_or_path", str(pretrained_model_name_or_path))
+        # travels through get_config_dict's unused kwargs to `from_dict`, which names the file in its errors
+        kwargs["_config_source"] = str(pretrained_model_name_or_path)
         return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     # ------------------------------------------------------------------ derived properties

@@ -76,12 +76,22 @@ def _classes(family: str) -> tuple[type, type, type]:
     raise ValueError(f"unknown encoder family {family!r}; expected one of {FAMILIES}")
 
 
-def build_encoder(family: str, encoder_config: dict[str, Any]) -> nn.Module:
-    """A randomly initialised encoder of ``family`` from its config dict (weights come from a checkpoint)."""
+def build_encoder(family: str, encoder_config: dict[str, Any], attn_implementation: str | None = None) -> nn.Module:
+    """A randomly initialised encoder of ``family`` from its config dict (weights come from a checkpoint).
+
+    ``attn_implementation`` (``"eager"``, ``"sdpa"``, ...) is the encoder's attention; ``None``: its default.
+    """
     config_cls, model_cls, _ = _classes(family)
     config_dict = {k: v for k, v in encoder_config.items() if k not in ("transformers_version", "architectures")}
     config = config_cls(**config_dict)
+    if attn_implementation is not None:
+        config._attn_implementation = attn_implementation
     return model_cls(config)
+
+
+def supports_sdpa(family: str) -> bool:
+    """Whether the family's encoder runs with ``attn_implementation="sdpa"`` (Gemma 4's audio tower does not)."""
+    return bool(_classes(family)[1]._supports_sdpa)
 
 
 def load_encoder(family: str, name_or_path: str, *, revision: str | None = None, **kwargs: Any) -> nn.Module:
@@ -109,9 +119,12 @@ def build_feature_extractor(
     name_or_path: str | None = None,
     *,
     revision: str | None = None,
+    local_files_only: bool = False,
+    warn: bool = True,
 ) -> Any:
     """The family's feature extractor: from ``feature_extractor_config``, else the one saved with the
-    encoder at ``name_or_path``, else the family's defaults."""
+    encoder at ``name_or_path`` (only from disk or the Hub cache with ``local_files_only``), else the
+    family's defaults."""
     _, _, fe_cls = _classes(family)
     if feature_extractor_config is not None:
         # Only constructor arguments: derived attributes (hop_length, n_samples, ...) are recomputed.
@@ -119,9 +132,9 @@ def build_feature_extractor(
         return fe_cls(**{k: v for k, v in feature_extractor_config.items() if k in accepted})
     if name_or_path is not None:
         try:
-            return fe_cls.from_pretrained(name_or_path, revision=revision)
+            return fe_cls.from_pretrained(name_or_path, revision=revision, local_files_only=local_files_only)
         except (OSError, ValueError) as err:  # no preprocessor_config.json next to the encoder
-            logger.warning(
+            (logger.warning if warn else logger.info)(
                 f"no feature extractor found at {name_or_path!r} ({type(err).__name__}); using the default "
                 f"{fe_cls.__name__}(). Set config.feature_extractor_config if the encoder needs other settings."
             )
@@ -233,54 +246,89 @@ class EncoderAdapter:
     def forward_batch(self, clips: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
         """One padded encoder forward over ``clips`` (each float32 ``[S_i]`` at ``sampling_rate``, at most
         ``window`` samples) -> embeddings ``[B, T, D]`` (encoder dtype/device) and mask ``[B, T]`` bool."""
-        if self.family == "gemma4_audio":
-            return self._gemma4(clips)
-        if self.family == "whisper":
-            return self._whisper(clips)
-        if self.model.config.feat_extract_norm == "group" and len({len(c) for c in clips}) > 1:
+        if self._per_clip([len(c) for c in clips]):
             # GroupNorm over time sees the padding: run clips one at a time (exact), then pad.
-            outs = [self._w2v([c]) for c in clips]
+            outs = [self.forward_batch([c]) for c in clips]
             return _pad_frames([o[0][0, : int(o[1].sum())] for o in outs])
-        return self._w2v(clips)
+        hidden, mask, _ = self.run(*self.features(clips))
+        return hidden, mask
 
-    def _gemma4(self, clips: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
-        feats = self.feature_extractor(
-            clips, truncation=False, padding="longest", return_attention_mask=True, return_tensors="pt"
-        )
-        x = feats["input_features"].to(self.device, self.dtype)
-        mask = feats["input_features_mask"].to(self.device)
-        # Keep only the wanted state (index k of k kept layers; [0] is the input of the first layer) instead
-        # of all of them: transformers >= 5.2x accepts indices; older versions treat the list as `True`.
-        last = len(self.model.layers)
-        out = self.model(x, attention_mask=mask, output_hidden_states=[last])
-        hidden = out.hidden_states[-1]
-        if hidden is None:  # pragma: no cover - depends on the transformers version
-            hidden = self.model(x, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
-        return hidden, out.attention_mask.bool()
+    def _per_clip(self, lengths: list[int]) -> bool:
+        group_norm = getattr(self.model.config, "feat_extract_norm", None) == "group"
+        return group_norm and len(set(lengths)) > 1
 
-    def _w2v(self, clips: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    def features(self, clips: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The feature extractor on ``clips`` -> the encoder's input (``input_features`` for Gemma 4 and
+        Whisper, ``input_values`` for HuBERT / wav2vec2) and its mask (mel frames or samples), as the
+        feature extractor returns them with ``return_attention_mask=True``."""
+        if self.family == "gemma4_audio":
+            feats = self.feature_extractor(
+                clips, truncation=False, padding="longest", return_attention_mask=True, return_tensors="pt"
+            )
+            return feats["input_features"], feats["input_features_mask"]
+        if self.family == "whisper":
+            feats = self.feature_extractor(
+                clips, sampling_rate=self.sampling_rate, padding="max_length", truncation=True,
+                return_attention_mask=True, return_tensors="pt",
+            )
+            return feats["input_features"], feats["attention_mask"]
         feats = self.feature_extractor(
             clips, sampling_rate=self.sampling_rate, padding="longest", return_attention_mask=True,
             return_tensors="pt",
         )
-        x = feats["input_values"].to(self.device, self.dtype)
-        sample_mask = feats["attention_mask"].to(self.device)
-        out = self.model(x, attention_mask=sample_mask)
-        hidden = out.last_hidden_state
-        lengths = self.model._get_feat_extract_output_lengths(sample_mask.sum(-1))
-        mask = torch.arange(hidden.shape[1], device=hidden.device)[None, :] < lengths[:, None]
-        return hidden, mask
+        return feats["input_values"], feats["attention_mask"]
 
-    def _whisper(self, clips: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
-        feats = self.feature_extractor(
-            clips, sampling_rate=self.sampling_rate, padding="max_length", truncation=True,
-            return_attention_mask=True, return_tensors="pt",
-        )
-        x = feats["input_features"].to(self.device, self.dtype)
-        hidden = self.model(x).last_hidden_state
-        mask = feats["attention_mask"][:, ::2].bool().to(hidden.device)  # mel frames -> encoder frames
-        frames = int(mask.sum(-1).max())  # drop the frames of the window's padding
-        return hidden[:, :frames], mask[:, :frames]
+    @torch.no_grad()
+    def run(
+        self, inputs: torch.Tensor, input_mask: torch.Tensor, *, output_hidden_states: bool = False,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.BoolTensor, Any]:
+        """The encoder on prepared inputs (what `features` or the feature extractor returns).
+
+        Args:
+            inputs: ``input_features`` (Gemma 4 ``[B, F, n_mels]``, Whisper ``[B, n_mels, 3000]``) or
+                ``input_values`` (HuBERT / wav2vec2 ``[B, S]``).
+            input_mask: ``[B, F]`` / ``[B, 3000]`` mel-frame mask or ``[B, S]`` sample mask (1 = real).
+            output_hidden_states, output_attentions: also return the encoder's own (kept layers only).
+
+        Returns:
+            ``(embeddings [B, T, D], mask [B, T] bool, encoder output)``; the output carries ``hidden_states``
+            / ``attentions`` when asked.
+        """
+        x = inputs.to(self.device, self.dtype)
+        input_mask = input_mask.to(self.device)
+        extra = {"output_attentions": True} if output_attentions else {}
+        if self.family == "gemma4_audio":
+            # Keep only the wanted state (index k of k kept layers; [0] is the input of the first layer)
+            # unless all are asked for: transformers >= 5.2x accepts indices.
+            last = len(self.model.layers)
+            out = self.model(x, attention_mask=input_mask, output_hidden_states=True if output_hidden_states else [last],
+                             **extra)
+            hidden = out.hidden_states[-1]
+            if hidden is None:  # pragma: no cover - depends on the transformers version
+                hidden = self.model(x, attention_mask=input_mask, output_hidden_states=True).hidden_states[-1]
+            mask = out.attention_mask.bool()
+            # the feature extractor pads to a multiple of 128 samples: drop frames that are padding in every row
+            frames = int(mask.sum(-1).max())
+            return hidden[:, :frames], mask[:, :frames], out
+        if self.family == "whisper":
+            out = self.model(x, output_hidden_states=output_hidden_states, **extra)
+            mask = input_mask[:, ::2].bool()  # mel frames -> encoder frames
+            frames = int(mask.sum(-1).max())  # drop the frames of the window's padding
+            return out.last_hidden_state[:, :frames], mask[:, :frames], out
+        if self._per_clip(input_mask.sum(-1).tolist()):
+            if output_hidden_states or output_attentions:
+                raise ValueError("output_hidden_states / output_attentions need clips of one length with a "
+                                 "GroupNorm feature encoder (it is run one clip at a time)")
+            rows = [self.run(x[i : i + 1, : int(n)], input_mask[i : i + 1, : int(n)])
+                    for i, n in enumerate(input_mask.sum(-1))]
+            hidden, mask = _pad_frames([h[0, : int(m.sum())] for h, m, _ in rows])
+            return hidden, mask, None
+        out = self.model(x, attention_mask=input_mask, output_hidden_states=output_hidden_states, **extra)
+        hidden = out.last_hidden_state
+        lengths = self.model._get_feat_extract_output_lengths(input_mask.sum(-1))
+        mask = torch.arange(hidden.shape[1], device=hidden.device)[None, :] < lengths[:, None]
+        return hidden, mask, out
 
     # ------------------------------------------------------------------ long audio
     def plan(self, num_samples: int) -> list[int]:
@@ -350,4 +398,5 @@ __all__ = [
     "build_feature_extractor",
     "load_encoder",
     "prepare_encoder",
+    "supports_sdpa",
 ]

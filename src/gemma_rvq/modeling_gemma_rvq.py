@@ -9,11 +9,17 @@ siblings, torch, numpy and transformers.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 import os
 from dataclasses import dataclass
 from typing import Any
+
+try:  # Python >= 3.11
+    from typing import Unpack
+except ImportError:  # pragma: no cover - Python 3.10: a transformers dependency
+    from typing_extensions import Unpack
 
 import numpy as np
 import torch
@@ -21,11 +27,18 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
 from transformers.modeling_utils import PreTrainedAudioTokenizerBase
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, TransformersKwargs
 
 from .audio import prepare_batch
 from .configuration_gemma_rvq import EncoderFrames, GemmaRVQConfig
-from .encoders import EncoderAdapter, build_encoder, build_feature_extractor, load_encoder, prepare_encoder
+from .encoders import (
+    EncoderAdapter,
+    build_encoder,
+    build_feature_extractor,
+    load_encoder,
+    prepare_encoder,
+    supports_sdpa,
+)
 from .quantization import ResidualQuantizer
 
 
@@ -89,7 +102,13 @@ class GemmaRVQOutput(ModelOutput):
         codebook_loss (`torch.FloatTensor` scalar): the quantizer's codebook loss (zero for EMA codebooks).
         quantized (`torch.FloatTensor` of shape `[B, T, D]`): straight-through reconstruction.
         audio_codes (`torch.LongTensor` of shape `[B, Q, T]`): codes (0 on padded frames).
-        codes_mask (`torch.BoolTensor` of shape `[B, T]`): True on valid frames.
+        codes_mask (`torch.LongTensor` of shape `[B, T]`): 1 on valid frames, 0 on padding. An integer mask, as
+            transformers' attention masks and the codec feature extractors' `padding_mask`, so outputs compare
+            numerically (`encode` / `quantize` / `decode` return `BoolTensor` masks; `.bool()` converts).
+        hidden_states (`tuple(torch.FloatTensor)`, *optional*): the encoder's hidden states (its kept layers),
+            with `output_hidden_states=True` and audio input.
+        attentions (`tuple(torch.FloatTensor)`, *optional*): the encoder's attention weights, with
+            `output_attentions=True`, audio input and an encoder that returns them (eager attention).
     """
 
     loss: torch.FloatTensor | None = None
@@ -99,7 +118,18 @@ class GemmaRVQOutput(ModelOutput):
     codebook_loss: torch.FloatTensor | None = None
     quantized: torch.FloatTensor | None = None
     audio_codes: torch.LongTensor | None = None
-    codes_mask: torch.BoolTensor | None = None
+    codes_mask: torch.LongTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+def _tracing() -> bool:
+    """True under `torch.compile` / `torch.export`: masks are then applied arithmetically (no data-dependent
+    shapes or branches) and value checks that need a host sync are left out."""
+    compiler = getattr(torch, "compiler", None)
+    if compiler is None:
+        return False
+    return bool(compiler.is_compiling() or getattr(compiler, "is_exporting", lambda: False)())
 
 
 def _gather(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -232,6 +262,9 @@ class GemmaRVQModel(PreTrainedAudioTokenizerBase):
     config: GemmaRVQConfig
     base_model_prefix = "gemma_rvq"
     main_input_name = "input_values"
+    input_modalities = "audio"
+    # The attention lives in the encoder: sdpa wherever the encoder family supports it (not Gemma 4's audio
+    # tower, see `_sdpa_can_dispatch`); `attn_implementation` is passed down to the encoder.
     _supports_sdpa = True
 
     def __init__(self, config: GemmaRVQConfig) -> None:
@@ -256,7 +289,7 @@ class GemmaRVQModel(PreTrainedAudioTokenizerBase):
             search_chunk_size=config.search_chunk_size,
         )
         if config.encoder_config is not None:
-            encoder = build_encoder(config.encoder_family, config.encoder_config)
+            encoder = build_encoder(config.encoder_family, config.encoder_config, config._attn_implementation)
             self.encoder = prepare_encoder(config.encoder_family, encoder, config.encoder_layer)
         else:
             self.encoder = None
@@ -336,6 +369,57 @@ class GemmaRVQModel(PreTrainedAudioTokenizerBase):
         return (f"{name_or_path}: tensors of the wrong shape for its config.json: {', '.join(sorted(wrong)) or '?'}; "
                 "the config does not describe these weights (e.g. codebook_size, num_quantizers, dim)")
 
+    # ------------------------------------------------------------------ attention implementation
+    def _sdpa_can_dispatch(self, is_init_check: bool = False) -> bool:
+        # Our only attention is the encoder's: refuse sdpa where the encoder family does (Gemma 4's audio
+        # tower); transformers then falls back to eager unless sdpa was asked for explicitly.
+        if not supports_sdpa(self.config.encoder_family):
+            raise ValueError(f"the {self.config.encoder_family} encoder does not support attn_implementation='sdpa'; "
+                             "use 'eager'")
+        return super()._sdpa_can_dispatch(is_init_check)
+
+    def set_attn_implementation(self, attn_implementation: str | dict, *args: Any, **kwargs: Any) -> None:
+        """transformers' `set_attn_implementation`, also applied to a lazily loaded encoder."""
+        super().set_attn_implementation(attn_implementation, *args, **kwargs)
+        if self._lazy_encoder is not None:
+            self._lazy_encoder.set_attn_implementation(self.config._attn_implementation)
+
+    # ------------------------------------------------------------------ feature extractor (the processor)
+    @property
+    def feature_extractor(self) -> Any:
+        """The encoder's feature extractor (saved with every checkpoint as `preprocessor_config.json`, so
+        `AutoFeatureExtractor` / `AutoProcessor.from_pretrained(folder)` return it; `encode` takes its output).
+
+        The loaded encoder's when there is one; else from `config.feature_extractor_config`, the encoder's
+        folder or the Hub cache (no download), or the family's default."""
+        if self._adapter is not None:
+            return self._adapter.feature_extractor
+        if self.__dict__.get("_feature_extractor") is None:
+            config = self.config
+            self.__dict__["_feature_extractor"] = build_feature_extractor(
+                config.encoder_family, config.feature_extractor_config, config.encoder_name_or_path,
+                revision=config.encoder_revision, local_files_only=True, warn=False,
+            )
+        return self.__dict__["_feature_extractor"]
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
+        """`PreTrainedModel.save_pretrained`, plus the encoder's feature extractor (`preprocessor_config.json`)."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            self._save_feature_extractor(save_directory)
+
+    def _upload_modified_files(self, working_dir: str | os.PathLike, *args: Any, **kwargs: Any) -> Any:
+        # save_pretrained(push_to_hub=True) uploads before our save_pretrained returns: write the feature
+        # extractor first so it is part of the upload.
+        self._save_feature_extractor(working_dir)
+        return super()._upload_modified_files(working_dir, *args, **kwargs)
+
+    def _save_feature_extractor(self, save_directory: str | os.PathLike) -> None:
+        feature_extractor = copy.deepcopy(self.feature_extractor)
+        # Processor output must carry its mask (encode refuses Whisper features without one).
+        feature_extractor.return_attention_mask = True
+        feature_extractor.save_pretrained(save_directory)
+
     def _freeze_encoder(self) -> None:
         for encoder in (self.encoder, self._lazy_encoder):
             if encoder is not None:
@@ -361,7 +445,7 @@ class GemmaRVQModel(PreTrainedAudioTokenizerBase):
             elif config.encoder_name_or_path:
                 encoder = load_encoder(
                     config.encoder_family, config.encoder_name_or_path, revision=config.encoder_revision,
-                    dtype=self.dtype,
+                    dtype=self.dtype, attn_implementation=config._attn_implementation,
                 )
                 encoder = prepare_encoder(config.encoder_family, encoder, config.encoder_layer)
                 hidden = getattr(encoder.config, "d_model" if config.encoder_family == "whisper" else "hidden_size")
@@ -446,7 +530,14 @@ class GemmaRVQModel(PreTrainedAudioTokenizerBase):
         )  # fmt: skip
 
     def embed(
-        self, input_values: Any, padding_mask: Any = None, *, sampling_rate: int | None = None
+        self,
+        input_values: Any = None,
+        padding_mask: Any = None,
+        *,
+        sampling_rate: int | None = None,
+        input_features: torch.Tensor | None = None,
+        input_features_mask: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Audio -> frozen-encoder frame embeddings.
 
@@ -458,14 +549,88 @@ class GemmaRVQModel(PreTrainedAudioTokenizerBase):
             sampling_rate: rate of the input in Hz; resampled to `self.sampling_rate` when different.
                 `None` takes the input to be at `self.sampling_rate` and warns (pass it). Accepted inputs
                 and the errors for the rest: `gemma_rvq.audio`.
+            input_features, input_features_mask, attention_mask: instead of raw audio, the output of the
+                checkpoint's feature extractor (`AutoProcessor.from_pretrained(folder)`, i.e.
+                `model.feature_extractor`): Gemma 4 `input_features [B, F, 128]` + `input_features_mask [B, F]`,
+                Whisper `input_features [B, n_mels, 3000]` + `attention_mask [B, 3000]`, HuBERT / wav2vec2
+                `input_values [B, S]` + `attention_mask [B, S]`. Run through the encoder as given (one forward,
+                no windowing). For Gemma 4 / Whisper, `attention_mask` beside raw `input_values` is a sample
+                mask, like `padding_mask`.
 
         Returns:
             `(embeddings [B, T, D], mask [B, T])`, on the encoder's device, in its dtype. Audio longer than
             `config.max_chunk_seconds` is encoded in overlapping windows and stitched by frame position.
         """
+        embeddings, mask, _ = self._embed(
+            input_values, padding_mask, sampling_rate=sampling_rate, input_features=input_features,
+            input_features_mask=input_features_mask, attention_mask=attention_mask,
+        )
+        return embeddings, mask
+
+    def _embed(
+        self, input_values: Any, padding_mask: Any, *, sampling_rate: int | None = None,
+        input_features: torch.Tensor | None = None, input_features_mask: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None, output_hidden_states: bool = False,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """`embed`, plus the encoder's own output (hidden states / attentions when asked; `None` otherwise)."""
         adapter = self._encoder_adapter()
+        outputs = {"output_hidden_states": output_hidden_states, "output_attentions": output_attentions}
+        prepared = self._processor_inputs(input_values, padding_mask, input_features, input_features_mask,
+                                          attention_mask)
+        if prepared is not None:
+            return adapter.run(*prepared, **outputs)
+        if attention_mask is not None:
+            padding_mask = attention_mask  # Gemma 4 / Whisper: a sample mask beside raw audio
         clips = self._to_clips(input_values, padding_mask, sampling_rate, adapter)
-        return adapter(clips)
+        if not (output_hidden_states or output_attentions):
+            embeddings, mask = adapter(clips)
+            return embeddings, mask, None
+        too_long = [i for i, clip in enumerate(clips) if len(adapter.plan(len(clip))) > 1]
+        if too_long:
+            raise ValueError(f"output_hidden_states / output_attentions need every clip within one encoder window "
+                             f"({adapter.window / adapter.sampling_rate:g} s); input {too_long[0]} is longer")
+        return adapter.run(*adapter.features(clips), **outputs)
+
+    def _processor_inputs(
+        self, input_values: Any, padding_mask: Any, input_features: Any, input_features_mask: Any,
+        attention_mask: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """`(encoder input, its mask)` when given the feature extractor's output, `None` for raw audio."""
+        family = self.config.encoder_family
+        w2v = family in ("hubert", "wav2vec2")
+        if input_features is None and not (w2v and attention_mask is not None and input_values is not None):
+            if input_features_mask is not None:
+                raise ValueError("input_features_mask needs input_features")
+            return None
+        if input_features is not None and (input_values is not None or w2v):
+            raise ValueError(f"the {family} encoder takes input_values (+ attention_mask), not input_features"
+                             if w2v else "pass either input_values (audio) or input_features, not both")
+        if padding_mask is not None:
+            raise ValueError("padding_mask goes with raw audio; the feature extractor's output carries attention_mask")
+        inputs = input_values if input_features is None else input_features
+        mask = attention_mask if input_features_mask is None else input_features_mask
+        name = "input_values" if input_features is None else "input_features"
+        if not isinstance(inputs, torch.Tensor) or not inputs.is_floating_point():
+            raise ValueError(f"{name} from the feature extractor must be a floating-point tensor "
+                             "(return_tensors='pt')")
+        expected_dims = {"gemma4_audio": 3, "whisper": 3}.get(family, 2)
+        if inputs.dim() != expected_dims:
+            raise ValueError(f"{name} for the {family} encoder must have {expected_dims} dimensions, got shape "
+                             f"{tuple(inputs.shape)}")
+        frames = inputs.shape[-1] if family == "whisper" else inputs.shape[1]
+        if mask is None:
+            if family == "whisper":
+                raise ValueError("Whisper input_features need the feature extractor's attention_mask "
+                                 "(return_attention_mask=True): without it the 30 s window's padding would be encoded")
+            mask = torch.ones(inputs.shape[0], frames, dtype=torch.long, device=inputs.device)
+        mask = torch.as_tensor(mask)
+        hop = getattr(self.feature_extractor, "hop_length", 0)
+        if family == "whisper" and hop and mask.shape[-1] == frames * hop:
+            mask = mask[:, ::hop]  # a sample mask (padding="longest"): one entry per mel frame
+        if tuple(mask.shape) != (inputs.shape[0], frames):
+            raise ValueError(f"the mask of {name} has shape {tuple(mask.shape)}, expected {(inputs.shape[0], frames)}")
+        return inputs, mask
 
     # ------------------------------------------------------------------ projections
     def project_in(self, x: torch.Tensor) -> torch.Tensor:
@@ -535,6 +700,8 @@ class GemmaRVQModel(PreTrainedAudioTokenizerBase):
         self, embeddings: torch.Tensor, mask: torch.Tensor | None, num_quantizers: int | None, reconstruct: bool
     ) -> GemmaRVQQuantizerOutput:
         embeddings, mask = self._check_embeddings(embeddings, mask)
+        if _tracing():
+            return self._quantize_all_frames(embeddings, mask, num_quantizers, reconstruct)
         x = _gather(embeddings, mask).to(self._param_dtype())
         if x.numel() and not bool(torch.isfinite(x).all()):
             raise ValueError("embeddings contain NaN or infinite values on valid frames")
@@ -549,6 +716,25 @@ class GemmaRVQModel(PreTrainedAudioTokenizerBase):
             quantized=quantized,
         )
 
+    def _quantize_all_frames(
+        self, embeddings: torch.Tensor, mask: torch.Tensor, num_quantizers: int | None, reconstruct: bool
+    ) -> GemmaRVQQuantizerOutput:
+        """`_quantize` with masks as arithmetic (for compile / export: static shapes, no branches on values).
+
+        Every frame goes through the quantizer, padded frames as zeros (so NaN padding cannot leak), and padded
+        frames' codes and reconstruction are set to 0 afterwards: the codes of valid frames are the same.
+        """
+        batch, frames, dim = embeddings.shape
+        keep = mask[..., None]
+        x = torch.where(keep, embeddings, 0).reshape(batch * frames, dim).to(self._param_dtype())
+        codes = self.quantizer.encode(self.project_in(x), num_quantizers).reshape(batch, frames, -1)
+        codes = torch.where(keep, codes, 0)
+        quantized = None
+        if reconstruct:
+            flat = self.project_out(self.quantizer.decode(codes.reshape(batch * frames, -1)))
+            quantized = torch.where(keep, flat.reshape(batch, frames, -1), 0)
+        return GemmaRVQQuantizerOutput(audio_codes=codes.permute(0, 2, 1), codes_mask=mask, quantized=quantized)
+
     @torch.no_grad()
     def encode(
         self,
@@ -559,27 +745,40 @@ class GemmaRVQModel(PreTrainedAudioTokenizerBase):
         embeddings: torch.Tensor | None = None,
         embeddings_mask: torch.Tensor | None = None,
         num_quantizers: int | None = None,
-        return_dict: bool = True,
+        return_dict: bool | None = None,
+        input_features: torch.Tensor | None = None,
+        input_features_mask: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
     ) -> GemmaRVQEncoderOutput | tuple:
-        """Audio (or precomputed embeddings) -> codes.
+        """Audio, the feature extractor's output, or precomputed embeddings -> codes.
 
         Args:
             input_values, padding_mask, sampling_rate: audio, as in [`embed`].
+            input_features, input_features_mask, attention_mask: the output of the checkpoint's feature
+                extractor instead (`model.encode(**processor(audio, return_tensors="pt"))`), as in [`embed`].
             embeddings: precomputed encoder embeddings `[B, T, D]` instead of audio.
             embeddings_mask: `[B, T]` bool mask of `embeddings` (default: all valid).
             num_quantizers: use only the first levels.
+            return_dict: a tuple when `False` (default: `config.return_dict`).
 
         Returns:
             [`GemmaRVQEncoderOutput`]: `audio_codes [B, Q', T]` (0 on padded frames), `codes_mask [B, T]`,
             `embeddings [B, T, D]`.
         """
-        if (input_values is None) == (embeddings is None):
-            raise ValueError("pass exactly one of input_values (audio) or embeddings")
+        audio = input_values is not None or input_features is not None
+        if audio == (embeddings is not None):
+            raise ValueError("pass exactly one of input_values / input_features (audio) or embeddings")
         if embeddings is None:
-            embeddings, embeddings_mask = self.embed(input_values, padding_mask, sampling_rate=sampling_rate)
+            embeddings, embeddings_mask = self.embed(
+                input_values, padding_mask, sampling_rate=sampling_rate, input_features=input_features,
+                input_features_mask=input_features_mask, attention_mask=attention_mask,
+            )
         out = self._quantize(embeddings, embeddings_mask, num_quantizers, reconstruct=False)
         result = GemmaRVQEncoderOutput(audio_codes=out.audio_codes, codes_mask=out.codes_mask, embeddings=embeddings)
-        return result if return_dict else result.to_tuple()
+        return result if self._return_dict(return_dict) else result.to_tuple()
+
+    def _return_dict(self, return_dict: bool | None) -> bool:
+        return self.config.return_dict if return_dict is None else return_dict
 
     def stream(
         self,
@@ -629,7 +828,7 @@ class GemmaRVQModel(PreTrainedAudioTokenizerBase):
         audio_codes: torch.Tensor,
         codes_mask: torch.Tensor | None = None,
         num_quantizers: int | None = None,
-        return_dict: bool = True,
+        return_dict: bool | None = None,
     ) -> GemmaRVQDecoderOutput | tuple:
         """Codes `[B, Q', T]` -> reconstructed encoder embeddings `[B, T, D]` from the first levels.
 
@@ -637,6 +836,9 @@ class GemmaRVQModel(PreTrainedAudioTokenizerBase):
             audio_codes: integer codes in `[0, K)` on valid frames; `Q' <= Q`.
             codes_mask: `[B, T]` bool (default: all valid); padded frames are ignored and decode to 0.
             num_quantizers: decode only the first levels (default: all given).
+            return_dict: a tuple when `False` (default: `config.return_dict`).
+
+        Under `torch.compile` / `torch.export` the code values are not range-checked (that needs a host sync).
         """
         if not isinstance(audio_codes, torch.Tensor):
             audio_codes = torch.as_tensor(np.asarray(audio_codes))
@@ -661,40 +863,82 @@ class GemmaRVQModel(PreTrainedAudioTokenizerBase):
                 raise ValueError(f"codes_mask shape {tuple(codes_mask.shape)} does not match audio_codes [B, T] = "
                                  f"{(batch, frames)}")
             codes_mask = codes_mask.to(device=audio_codes.device, dtype=torch.bool)
-        codes = _gather(audio_codes.permute(0, 2, 1), codes_mask)  # [N, Q']
-        if codes.numel():
-            low, high = int(codes.min()), int(codes.max())
-            if low < 0 or high >= self.config.codebook_size:
-                raise ValueError(
-                    f"audio_codes must be in [0, {self.config.codebook_size}) on valid frames, got values in "
-                    f"[{low}, {high}]"
-                )
-        embeddings = self.project_out(self.quantizer.decode(codes))
-        result = GemmaRVQDecoderOutput(embeddings=_scatter(embeddings, codes_mask.to(embeddings.device)),
-                                       codes_mask=codes_mask)
-        return result if return_dict else result.to_tuple()
+        if _tracing():
+            keep = codes_mask[..., None]
+            codes = torch.where(keep, audio_codes.permute(0, 2, 1), 0)  # padded frames may hold anything
+            flat = self.project_out(self.quantizer.decode(codes.reshape(batch * frames, -1)))
+            embeddings = torch.where(keep, flat.reshape(batch, frames, -1), 0)
+        else:
+            codes = _gather(audio_codes.permute(0, 2, 1), codes_mask)  # [N, Q']
+            if codes.numel():
+                low, high = int(codes.min()), int(codes.max())
+                if low < 0 or high >= self.config.codebook_size:
+                    raise ValueError(
+                        f"audio_codes must be in [0, {self.config.codebook_size}) on valid frames, got values in "
+                        f"[{low}, {high}]"
+                    )
+            flat = self.project_out(self.quantizer.decode(codes))
+            embeddings = _scatter(flat, codes_mask.to(flat.device))
+        result = GemmaRVQDecoderOutput(embeddings=embeddings, codes_mask=codes_mask)
+        return result if self._return_dict(return_dict) else result.to_tuple()
 
     # ------------------------------------------------------------------ training
     def forward(
         self,
-        embeddings: torch.Tensor,
+        input_values: Any = None,
+        padding_mask: Any = None,
+        *,
+        embeddings: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        input_features: torch.Tensor | None = None,
+        input_features_mask: torch.Tensor | None = None,
+        sampling_rate: int | None = None,
         num_quantizers: int | None = None,
-        return_dict: bool = True,
+        return_dict: bool | None = None,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> GemmaRVQOutput | tuple:
-        """Reconstruction loss of encoder embeddings through the quantizer (the training path).
+        """Reconstruction loss through the quantizer: of encoder embeddings (the training path) or of audio.
 
         Args:
-            embeddings: `[B, T, D]` (with `attention_mask [B, T]`), or flat valid frames `[N, D]`
-                (treated as one sequence: outputs then have `B = 1, T = N`).
-            attention_mask: `[B, T]` bool, True on valid frames; only valid frames count.
+            input_values, padding_mask, sampling_rate, input_features, input_features_mask: audio or the feature
+                extractor's output, as in [`embed`]; the frozen encoder runs first (without gradient).
+            embeddings: precomputed encoder embeddings instead: `[B, T, D]` (with `attention_mask [B, T]`), or
+                flat valid frames `[N, D]` (treated as one sequence: outputs then have `B = 1, T = N`).
+            attention_mask: with `embeddings`, `[B, T]`, 1/True on valid frames (only they count); with
+                audio, the feature extractor's mask, as in [`embed`].
             num_quantizers: train/evaluate with only the first levels.
+            return_dict: a tuple when `False` (default: `config.return_dict`).
+            kwargs: `output_hidden_states` / `output_attentions` (default: the config's): return the
+                encoder's hidden states / attention weights (audio input within one encoder window).
 
         Returns:
             [`GemmaRVQOutput`] with `loss = mse_weight * MSE + cosine_weight * (1 - cos) +
             commitment_weight * commitment + codebook_loss` over valid frames. In training mode EMA
             codebooks are updated by the quantizer.
         """
+        output_hidden_states = kwargs.pop("output_hidden_states", None)
+        output_attentions = kwargs.pop("output_attentions", None)
+        unknown = set(kwargs) - set(TransformersKwargs.__annotations__)
+        if unknown:
+            raise TypeError(f"forward() got unexpected keyword arguments {sorted(unknown)}")
+        output_hidden_states = bool(self.config.output_hidden_states if output_hidden_states is None
+                                    else output_hidden_states)
+        output_attentions = bool(self.config.output_attentions if output_attentions is None else output_attentions)
+        encoder_out = None
+        if (embeddings is None and isinstance(input_values, torch.Tensor) and input_values.is_floating_point()
+                and input_values.dim() == 3 and input_values.shape[-1] == self.config.dim):
+            raise ValueError(f"forward() takes audio as its first argument (input_values [B, S]); this looks like "
+                             f"encoder embeddings [B, T, D={self.config.dim}]: pass them as embeddings=")
+        if embeddings is None:
+            if input_values is None and input_features is None:
+                raise ValueError("forward() needs audio (input_values / input_features) or embeddings")
+            embeddings, attention_mask, encoder_out = self._embed(
+                input_values, padding_mask, sampling_rate=sampling_rate, input_features=input_features,
+                input_features_mask=input_features_mask, attention_mask=attention_mask,
+                output_hidden_states=output_hidden_states, output_attentions=output_attentions,
+            )
+        elif input_values is not None or input_features is not None:
+            raise ValueError("pass either audio (input_values / input_features) or embeddings, not both")
         embeddings, mask = self._check_embeddings(embeddings, attention_mask, allow_flat=True)
         x = _gather(embeddings, mask).to(self._param_dtype())
         qout = self.quantizer(self.project_in(x), num_quantizers)
@@ -716,10 +960,16 @@ class GemmaRVQModel(PreTrainedAudioTokenizerBase):
             codebook_loss=qout.codebook_loss,
             quantized=_scatter(recon, mask),
             audio_codes=_scatter(qout.codes, mask).permute(0, 2, 1).contiguous(),
-            codes_mask=mask,
+            codes_mask=mask.long(),
+            hidden_states=getattr(encoder_out, "hidden_states", None) if output_hidden_states else None,
+            attentions=getattr(encoder_out, "attentions", None) if output_attentions else None,
         )
-        return result if return_dict else result.to_tuple()
+        return result if self._return_dict(return_dict) else result.to_tuple()
 
+
+# This module's annotations are strings (postponed evaluation); transformers' tooling reads forward's
+# `**kwargs` annotation to know which outputs it can ask for, so give it the evaluated one.
+GemmaRVQModel.forward.__annotations__["kwargs"] = Unpack[TransformersKwargs]
 
 __all__ = [
     "GemmaRVQDecoderOutput",
