@@ -119,6 +119,17 @@ def test_hidden_states_and_attentions_are_the_encoders():
     assert model(embeddings=embeddings, attention_mask=mask).hidden_states is None  # no encoder ran
 
 
+@pytest.mark.parametrize("family", ["gemma4_audio", "hubert"])
+def test_hidden_states_can_be_selected_by_index(family, make_speech):
+    model = tiny_rvq_model(family)
+    wave = torch.from_numpy(make_speech(0.6, SR, seed=3))[None]
+    full = model(wave, output_hidden_states=True).hidden_states
+    some = model(wave, output_hidden_states=[0, -1]).hidden_states
+    assert len(some) == len(full) and all(h is None for h in some[1:-1])
+    torch.testing.assert_close(some[0], full[0])
+    torch.testing.assert_close(some[-1], full[-1])
+
+
 def test_encoder_outputs_need_one_window():
     model = tiny_rvq_model("hubert", max_chunk_seconds=1.0, chunk_overlap_seconds=0.2)
     with pytest.raises(ValueError, match="within one encoder window"):

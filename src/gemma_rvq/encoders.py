@@ -280,7 +280,7 @@ class EncoderAdapter:
 
     @torch.no_grad()
     def run(
-        self, inputs: torch.Tensor, input_mask: torch.Tensor, *, output_hidden_states: bool = False,
+        self, inputs: torch.Tensor, input_mask: torch.Tensor, *, output_hidden_states: bool | list[int] = False,
         output_attentions: bool = False,
     ) -> tuple[torch.Tensor, torch.BoolTensor, Any]:
         """The encoder on prepared inputs (what `features` or the feature extractor returns).
@@ -289,7 +289,8 @@ class EncoderAdapter:
             inputs: ``input_features`` (Gemma 4 ``[B, F, n_mels]``, Whisper ``[B, n_mels, 3000]``) or
                 ``input_values`` (HuBERT / wav2vec2 ``[B, S]``).
             input_mask: ``[B, F]`` / ``[B, 3000]`` mel-frame mask or ``[B, S]`` sample mask (1 = real).
-            output_hidden_states, output_attentions: also return the encoder's own (kept layers only).
+            output_hidden_states, output_attentions: also return the encoder's own (kept layers only);
+                ``output_hidden_states`` may list the indices to keep (the others are ``None``), as transformers.
 
         Returns:
             ``(embeddings [B, T, D], mask [B, T] bool, encoder output)``; the output carries ``hidden_states``
@@ -302,20 +303,24 @@ class EncoderAdapter:
             # Keep only the wanted state (index k of k kept layers; [0] is the input of the first layer)
             # unless all are asked for: transformers >= 5.2x accepts indices.
             last = len(self.model.layers)
-            out = self.model(x, attention_mask=input_mask, output_hidden_states=True if output_hidden_states else [last],
-                             **extra)
+            wanted: bool | list[int] = [last]
+            if isinstance(output_hidden_states, (list, tuple)):
+                wanted = sorted({i % (last + 1) for i in output_hidden_states} | {last})
+            elif output_hidden_states:
+                wanted = True
+            out = self.model(x, attention_mask=input_mask, output_hidden_states=wanted, **extra)
             hidden = out.hidden_states[-1]
             if hidden is None:  # pragma: no cover - depends on the transformers version
                 hidden = self.model(x, attention_mask=input_mask, output_hidden_states=True).hidden_states[-1]
             mask = out.attention_mask.bool()
             # the feature extractor pads to a multiple of 128 samples: drop frames that are padding in every row
             frames = int(mask.sum(-1).max())
-            return hidden[:, :frames], mask[:, :frames], out
+            return hidden[:, :frames], mask[:, :frames], _select_hidden_states(out, output_hidden_states)
         if self.family == "whisper":
-            out = self.model(x, output_hidden_states=output_hidden_states, **extra)
+            out = self.model(x, output_hidden_states=bool(output_hidden_states), **extra)
             mask = input_mask[:, ::2].bool()  # mel frames -> encoder frames
             frames = int(mask.sum(-1).max())  # drop the frames of the window's padding
-            return out.last_hidden_state[:, :frames], mask[:, :frames], out
+            return out.last_hidden_state[:, :frames], mask[:, :frames], _select_hidden_states(out, output_hidden_states)
         if self._per_clip(input_mask.sum(-1).tolist()):
             if output_hidden_states or output_attentions:
                 raise ValueError("output_hidden_states / output_attentions need clips of one length with a "
@@ -324,11 +329,11 @@ class EncoderAdapter:
                     for i, n in enumerate(input_mask.sum(-1))]
             hidden, mask = _pad_frames([h[0, : int(m.sum())] for h, m, _ in rows])
             return hidden, mask, None
-        out = self.model(x, attention_mask=input_mask, output_hidden_states=output_hidden_states, **extra)
+        out = self.model(x, attention_mask=input_mask, output_hidden_states=bool(output_hidden_states), **extra)
         hidden = out.last_hidden_state
         lengths = self.model._get_feat_extract_output_lengths(input_mask.sum(-1))
         mask = torch.arange(hidden.shape[1], device=hidden.device)[None, :] < lengths[:, None]
-        return hidden, mask, out
+        return hidden, mask, _select_hidden_states(out, output_hidden_states)
 
     # ------------------------------------------------------------------ long audio
     def plan(self, num_samples: int) -> list[int]:
@@ -381,6 +386,15 @@ class EncoderAdapter:
                 kept_until[i] = hi
             del hidden, mask
         return _pad_frames([torch.cat(p) if len(p) > 1 else p[0] for p in parts])
+
+
+def _select_hidden_states(out: Any, wanted: bool | list[int]) -> Any:
+    """``out`` with only the hidden states listed in ``wanted`` (the others ``None``) when it is a list."""
+    states = getattr(out, "hidden_states", None)
+    if isinstance(wanted, (list, tuple)) and states is not None:
+        keep = {i % len(states) for i in wanted}
+        out.hidden_states = tuple(h if i in keep else None for i, h in enumerate(states))
+    return out
 
 
 def _pad_frames(frames: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -570,7 +570,7 @@ class GemmaRVQModel(PreTrainedAudioTokenizerBase):
     def _embed(
         self, input_values: Any, padding_mask: Any, *, sampling_rate: int | None = None,
         input_features: torch.Tensor | None = None, input_features_mask: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None, output_hidden_states: bool = False,
+        attention_mask: torch.Tensor | None = None, output_hidden_states: bool | list[int] = False,
         output_attentions: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor, Any]:
         """`embed`, plus the encoder's own output (hidden states / attentions when asked; `None` otherwise)."""
@@ -909,7 +909,8 @@ class GemmaRVQModel(PreTrainedAudioTokenizerBase):
             num_quantizers: train/evaluate with only the first levels.
             return_dict: a tuple when `False` (default: `config.return_dict`).
             kwargs: `output_hidden_states` / `output_attentions` (default: the config's): return the
-                encoder's hidden states / attention weights (audio input within one encoder window).
+                encoder's hidden states / attention weights (audio input within one encoder window);
+                `output_hidden_states` may list the indices to return (the others are `None`).
 
         Returns:
             [`GemmaRVQOutput`] with `loss = mse_weight * MSE + cosine_weight * (1 - cos) +
@@ -921,8 +922,10 @@ class GemmaRVQModel(PreTrainedAudioTokenizerBase):
         unknown = set(kwargs) - set(TransformersKwargs.__annotations__)
         if unknown:
             raise TypeError(f"forward() got unexpected keyword arguments {sorted(unknown)}")
-        output_hidden_states = bool(self.config.output_hidden_states if output_hidden_states is None
-                                    else output_hidden_states)
+        if output_hidden_states is None:
+            output_hidden_states = bool(self.config.output_hidden_states)
+        elif not isinstance(output_hidden_states, (list, tuple)):  # a list of indices selects hidden states
+            output_hidden_states = bool(output_hidden_states)
         output_attentions = bool(self.config.output_attentions if output_attentions is None else output_attentions)
         encoder_out = None
         if (embeddings is None and isinstance(input_values, torch.Tensor) and input_values.is_floating_point()
