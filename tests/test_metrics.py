@@ -306,6 +306,149 @@ def test_evaluate_options_at_load_or_compute(tmp_path):
         grm.module_path("bleu")
 
 
+# Every documented option of every evaluate module, through evaluate.load, at load and at compute (compute
+# overrides load). Frames: predictions (1, 0), (0, 1); references (1, 0), (1, 1).
+_P, _R = [[[1.0, 0.0], [0.0, 1.0]]], [[[1.0, 0.0], [1.0, 1.0]]]
+_RAW = (1 + 2**-0.5) / 2  # cosines 1 and 1/sqrt(2)
+_CENTRED = (1 + 5**-0.5) / 2  # centred by the reference mean (1, 0.5): cosines 1 and 1/sqrt(5)
+_CENTRED_55 = (1 + 36 / math.sqrt(41 * 32)) / 2  # centred by (5, 5): (-4,-5).(-4,-5) -> 1; (-5,-4).(-4,-4) = 36
+# eps = 10 clamps each norm to 10 (torch's cosine_similarity): raw dots 1 and 1 -> 1/100 each; centred dots
+# 0.25 and 0.25 -> 0.0025 each
+_RAW_EPS10, _CENTRED_EPS10 = 0.01, 0.0025
+_CODES = [[[0, 1, 1, 2]]]  # Q = 1, counts (1, 2, 1, 0): utilization 3/4; perplexity exp(1.5 ln 2) = 2^1.5
+# batch_frames = 2: batches (0, 1) and (1, 2) use 2 of 4 codes each -> 0.5
+
+
+def _load(name, **options):
+    return evaluate.load(grm.module_path(name), keep_in_memory=True, **options)
+
+
+def test_reconstruction_mse_takes_no_option_and_says_so():
+    out = _load("reconstruction_mse").compute(predictions=_P, references=_R)
+    assert out == pytest.approx({"mse": 0.25, "nmse": 1 / 3, "fvu": 2.0, "num_frames": 2})
+    with pytest.raises(ValueError, match="no options"):
+        _load("reconstruction_mse", mean=[0.0, 0.0])
+    with pytest.raises(ValueError, match=r"unknown option.*'mean'.*none"):
+        _load("reconstruction_mse").compute(predictions=_P, references=_R, mean=[0.0, 0.0])
+
+
+@pytest.mark.parametrize("where", ["load", "compute"])
+def test_cosine_similarity_mean_and_eps_options(where):
+    def run(**options):
+        if where == "load":
+            return _load("cosine_similarity", **options).compute(predictions=_P, references=_R)
+        return _load("cosine_similarity").compute(predictions=_P, references=_R, **options)
+
+    assert run() == pytest.approx({"cosine_similarity": _RAW, "centred_cosine_similarity": _CENTRED, "num_frames": 2})
+    assert run(mean=[5.0, 5.0])["centred_cosine_similarity"] == pytest.approx(_CENTRED_55)
+    assert run(mean=[0.0, 0.0])["centred_cosine_similarity"] == pytest.approx(_RAW)  # no centring
+    out = run(eps=10.0)
+    assert out["cosine_similarity"] == pytest.approx(_RAW_EPS10)
+    assert out["centred_cosine_similarity"] == pytest.approx(_CENTRED_EPS10)
+    with pytest.raises(ValueError, match="mean must have 2 elements"):
+        run(mean=[5.0])
+
+
+def test_cosine_similarity_compute_option_overrides_the_loaded_one():
+    metric = _load("cosine_similarity", mean=[0.0, 0.0], eps=10.0)
+    metric.add_batch(predictions=_P, references=_R)
+    out = metric.compute(mean=[5.0, 5.0], eps=1e-8)
+    assert out["centred_cosine_similarity"] == pytest.approx(_CENTRED_55)
+    assert out["cosine_similarity"] == pytest.approx(_RAW)
+    with pytest.raises(ValueError, match=r"unknown option.*'means'"):
+        _load("cosine_similarity").compute(predictions=_P, references=_R, means=[5.0, 5.0])
+
+
+@pytest.mark.parametrize("where", ["load", "compute"])
+def test_codebook_utilization_options(where):
+    def run(**options):
+        if where == "load":
+            return _load("codebook_utilization", **options).compute(codes=_CODES)
+        return _load("codebook_utilization").compute(codes=_CODES, **options)
+
+    assert run(codebook_size=4) == {"codebook_utilization": 0.75, "codebook_utilization_per_level": [0.75],
+                                    "num_frames": 4}
+    assert run(codebook_size=8)["codebook_utilization"] == 3 / 8
+    assert run(codebook_size=4, batch_frames=2)["batch_utilization"] == 0.5
+    assert run(codebook_size=4, batch_frames=4)["batch_utilization"] == 0.75
+    with pytest.raises(ValueError, match="codebook_size"):
+        run()
+    with pytest.raises(ValueError, match="out of range"):
+        run(codebook_size=2)
+    with pytest.raises(ValueError, match="batch_frames"):
+        run(codebook_size=4, batch_frames=0)
+
+
+@pytest.mark.parametrize("where", ["load", "compute"])
+def test_codebook_perplexity_options(where):
+    def run(**options):
+        if where == "load":
+            return _load("codebook_perplexity", **options).compute(codes=_CODES)
+        return _load("codebook_perplexity").compute(codes=_CODES, **options)
+
+    out = run(codebook_size=4)
+    assert out["codebook_perplexity"] == pytest.approx(2**1.5)
+    assert out["codebook_perplexity_per_level"] == pytest.approx([2**1.5])
+    assert out["pooled_perplexity"] == pytest.approx(2**1.5) and out["num_frames"] == 4
+    assert run(codebook_size=3)["codebook_perplexity"] == pytest.approx(2**1.5)  # K only bounds the codes
+    with pytest.raises(ValueError, match="codebook_size"):
+        run()
+    with pytest.raises(ValueError, match="out of range"):
+        run(codebook_size=2)
+
+
+@pytest.mark.parametrize("where", ["load", "compute"])
+def test_rvq_quality_options(where):
+    codes = [[[0, 1]]]
+
+    def run(**options):
+        if where == "load":
+            return _load("rvq_quality", **options).compute(predictions=_P, references=_R, codes=codes)
+        return _load("rvq_quality").compute(predictions=_P, references=_R, codes=codes, **options)
+
+    out = run(codebook_size=2)
+    assert out["mse"] == pytest.approx(0.25) and out["fvu"] == pytest.approx(2.0)
+    assert out["cosine_similarity"] == pytest.approx(_RAW)
+    assert out["centred_cosine_similarity"] == pytest.approx(_CENTRED)
+    assert out["codebook_utilization"] == 1.0 and out["codebook_perplexity"] == pytest.approx(2.0)
+    assert "batch_utilization" not in out
+    assert run(codebook_size=4)["codebook_utilization"] == 0.5
+    assert run(codebook_size=2, batch_frames=1)["batch_utilization"] == 0.5  # one code of 2 per batch
+    assert run(codebook_size=2, mean=[5.0, 5.0])["centred_cosine_similarity"] == pytest.approx(_CENTRED_55)
+    out = run(codebook_size=2, eps=10.0)
+    assert out["cosine_similarity"] == pytest.approx(_RAW_EPS10)
+    assert out["centred_cosine_similarity"] == pytest.approx(_CENTRED_EPS10)
+    with pytest.raises(ValueError, match="codebook_size"):
+        run()
+
+
+def test_unknown_options_are_refused_at_load_and_at_compute():
+    for name in grm.METRICS:
+        with pytest.raises(ValueError, match="batch_frame"):
+            _load(name, batch_frame=2)
+    with pytest.raises(ValueError, match=r"unknown option.*'codebook_sise'"):
+        _load("codebook_utilization").compute(codes=_CODES, codebook_sise=4)
+    with pytest.raises(ValueError, match=r"unknown option.*'batch_frame'"):
+        _load("rvq_quality", codebook_size=2).compute(predictions=_P, references=_R, codes=[[[0, 1]]],
+                                                      batch_frame=1)
+
+
+@pytest.mark.parametrize("name", ["codebook_utilization", "codebook_perplexity"])
+def test_codebook_modules_take_codes_under_one_name(name):
+    expected = _load(name, codebook_size=4).compute(predictions=_CODES)  # evaluate's name keeps working
+    assert _load(name, codebook_size=4).compute(codes=_CODES) == expected
+    metric = _load(name, codebook_size=4)
+    metric.add_batch(codes=_CODES)
+    assert metric.compute() == expected
+    metric = _load(name, codebook_size=4)
+    metric.add(codes=_CODES[0])
+    assert metric.compute() == expected
+    with pytest.raises(ValueError, match="once"):
+        _load(name, codebook_size=4).compute(codes=_CODES, predictions=_CODES)
+    with pytest.raises(ValueError, match="without references"):
+        _load(name, codebook_size=4).compute(codes=_CODES, references=_CODES)
+
+
 def test_evaluate_add_batch_pools_counts_over_the_whole_set(tmp_path):
     batches = [[[[0, 0]]], [[[1, 1]]], [[[2, 3]]]]  # one example per batch, Q = 1, K = 4
     util = grm.load("codebook_utilization", codebook_size=4, cache_dir=str(tmp_path), experiment_id="u")

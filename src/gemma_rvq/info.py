@@ -41,6 +41,32 @@ def _files(folder: Path) -> dict[str, int]:
     return {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file()}
 
 
+def remote_code_files(folder: str | os.PathLike, auto_map: dict[str, Any] | None) -> tuple[list[str], list[str]]:
+    """The ``.py`` files ``trust_remote_code=True`` needs in ``folder``: the modules named in ``auto_map`` and,
+    recursively, their relative imports (found as transformers finds them). Returns ``(present, missing)``.
+
+    References to another repository (``"repo--module.Class"``) are not local files and are skipped.
+    """
+    from transformers.dynamic_module_utils import get_relative_imports
+
+    folder = Path(folder)
+    refs = [r for v in (auto_map or {}).values() for r in (v if isinstance(v, (list, tuple)) else [v])]
+    todo = sorted({f"{r.rsplit('.', 1)[0]}.py" for r in refs if isinstance(r, str) and "--" not in r})
+    present: list[str] = []
+    missing: list[str] = []
+    while todo:
+        name = todo.pop(0)
+        if name in present or name in missing:
+            continue
+        path = folder / name
+        if not path.is_file():
+            missing.append(name)
+            continue
+        present.append(name)
+        todo.extend(f"{module.replace('.', '/')}.py" for module in get_relative_imports(path))
+    return sorted(present), sorted(missing)
+
+
 def _describe_gemma_rvq(folder: Path) -> dict[str, Any]:
     config = GemmaRVQConfig.from_pretrained(str(folder))
     info: dict[str, Any] = {
@@ -62,9 +88,14 @@ def _describe_gemma_rvq(folder: Path) -> dict[str, Any]:
             "use_projection": config.use_projection,
             "codebook_type": config.codebook_type,
         },
-        "loads_without_gemma_rvq": bool(getattr(config, "auto_map", None)),
+        # with trust_remote_code=True where gemma-rvq is not installed: auto_map AND every file it needs
+        "loads_without_gemma_rvq": False,
         "files": _files(folder),
     }
+    auto_map = getattr(config, "auto_map", None)
+    present, missing = remote_code_files(folder, auto_map)
+    info["loads_without_gemma_rvq"] = bool(auto_map) and bool(present) and not missing
+    info["remote_code"] = {"auto_map": auto_map, "files": present, "missing_files": missing}
     weights = folder / "model.safetensors"
     if weights.is_file():
         info["weights"] = _safetensors_summary(weights)

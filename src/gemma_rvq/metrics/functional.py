@@ -42,6 +42,7 @@ __all__ = [
     "code_metrics_from_counts",
     "codebook_perplexity",
     "codebook_utilization",
+    "codes_input",
     "cosine_similarity",
     "expected_batch_utilization",
     "flatten_valid",
@@ -52,6 +53,7 @@ __all__ = [
     "perplexity_from_counts",
     "pooled_perplexity",
     "reconstruction_metrics",
+    "reject_unknown_options",
     "stack_codes",
     "stack_frames",
     "utilization_from_counts",
@@ -185,6 +187,23 @@ def stack_codes(examples: Sequence[Any], *, name: str = "predictions") -> Tensor
     if not parts:
         raise ValueError(f"{name}: no examples")
     return torch.cat(parts, dim=1).unsqueeze(0)
+
+
+def codes_input(metric: str, predictions: Any, references: Any, codes: Any) -> Any:
+    """The codes given to a codes-only evaluate module under either name (``codes=`` or evaluate's
+    ``predictions=``); refuses both at once and ``references`` (which such a module does not take)."""
+    if references is not None:
+        raise ValueError(f"{metric} scores codes only: pass them as codes= (or predictions=), without references")
+    if predictions is not None and codes is not None:
+        raise ValueError(f"{metric}: pass the codes once, as codes= or as predictions=, not both")
+    return codes if codes is not None else predictions
+
+
+def reject_unknown_options(metric: str, unknown: Mapping[str, Any], known: Sequence[str]) -> None:
+    """A clear error for a misspelt ``compute`` option (evaluate forwards any extra keyword to ``_compute``)."""
+    if unknown:
+        allowed = ", ".join(f"`{k}`" for k in known) or "none"
+        raise ValueError(f"{metric}: unknown option(s) {sorted(unknown)}; its options are {allowed}")
 
 
 def check_pairs(predictions: Sequence[Any], references: Sequence[Any]) -> None:

@@ -5,7 +5,14 @@ import inspect
 import datasets
 import evaluate
 
-from gemma_rvq.metrics.functional import code_counts, perplexity_from_counts, pooled_perplexity, stack_codes
+from gemma_rvq.metrics.functional import (
+    code_counts,
+    codes_input,
+    perplexity_from_counts,
+    pooled_perplexity,
+    reject_unknown_options,
+    stack_codes,
+)
 
 _DESCRIPTION = """\
 Per codebook (RVQ level), exp(entropy) (natural log) of its code histogram over all the codes added
@@ -15,7 +22,8 @@ Also `pooled_perplexity`: exp(entropy) of the histogram summed over all levels.
 
 _KWARGS_DESCRIPTION = """
 Args:
-    predictions: per example, the codes [Q, T] (levels x valid frames; lengths may differ between examples).
+    codes (or predictions): per example, the codes [Q, T] (levels x valid frames; lengths may differ
+        between examples). Give them under one name; references are not taken.
     codebook_size (int, load or compute keyword, required): entries per codebook, K.
 Returns:
     codebook_perplexity: mean over levels of exp(-sum_k p_k ln p_k), in [1, K].
@@ -24,7 +32,7 @@ Returns:
     num_frames: frames counted.
 Examples:
     >>> metric = evaluate.load("codebook_perplexity", codebook_size=4)
-    >>> metric.compute(predictions=[[[0, 1, 2, 3], [0, 0, 0, 0]]])
+    >>> metric.compute(codes=[[[0, 1, 2, 3], [0, 0, 0, 0]]])
     {'codebook_perplexity': 2.5, 'codebook_perplexity_per_level': [4.0, 1.0], 'pooled_perplexity': 2.9257265599673192, 'num_frames': 4}
 """
 
@@ -53,7 +61,28 @@ class CodebookPerplexity(evaluate.Metric):
             codebase_urls=["https://github.com/gemma-rvq/gemma-rvq"],
         )
 
-    def _compute(self, predictions, codebook_size=None):
+    # `codes=` is accepted wherever evaluate takes `predictions=` (the stored column stays `predictions`)
+    def add(self, *, predictions=None, references=None, codes=None, **kwargs):
+        """Add one example's codes [Q, T], as ``codes=`` or ``predictions=``."""
+        return super().add(predictions=codes_input("codebook_perplexity", predictions, references, codes), **kwargs)
+
+    def add_batch(self, *, predictions=None, references=None, codes=None, **kwargs):
+        """Add a batch of examples' codes, as ``codes=`` or ``predictions=``."""
+        return super().add_batch(
+            predictions=codes_input("codebook_perplexity", predictions, references, codes), **kwargs
+        )
+
+    def compute(self, *, predictions=None, references=None, codes=None, **kwargs):
+        """Compute the metric over everything added (plus these codes: ``codes=`` or ``predictions=``).
+
+        Options: see below.
+        """
+        return super().compute(
+            predictions=codes_input("codebook_perplexity", predictions, references, codes), **kwargs
+        )
+
+    def _compute(self, predictions, codebook_size=None, **unknown):
+        reject_unknown_options("codebook_perplexity", unknown, ("codebook_size",))
         codebook_size = self.codebook_size if codebook_size is None else codebook_size
         if codebook_size is None:
             raise ValueError("codebook_perplexity needs codebook_size= (at load or compute)")

@@ -5,7 +5,14 @@ import inspect
 import datasets
 import evaluate
 
-from gemma_rvq.metrics.functional import batch_utilization, code_counts, stack_codes, utilization_from_counts
+from gemma_rvq.metrics.functional import (
+    batch_utilization,
+    code_counts,
+    codes_input,
+    reject_unknown_options,
+    stack_codes,
+    utilization_from_counts,
+)
 
 _DESCRIPTION = """\
 Per codebook (RVQ level), the fraction of its codebook_size entries used at least once over all the
@@ -15,7 +22,8 @@ utilization counted per consecutive batch of that many frames (the "per training
 
 _KWARGS_DESCRIPTION = """
 Args:
-    predictions: per example, the codes [Q, T] (levels x valid frames; lengths may differ between examples).
+    codes (or predictions): per example, the codes [Q, T] (levels x valid frames; lengths may differ
+        between examples). Give them under one name; references are not taken.
     codebook_size (int, load or compute keyword, required): entries per codebook, K.
     batch_frames (int, optional, load or compute keyword): also report `batch_utilization`.
 Returns:
@@ -25,7 +33,7 @@ Returns:
     num_frames: frames counted.
 Examples:
     >>> metric = evaluate.load("codebook_utilization", codebook_size=4)
-    >>> metric.compute(predictions=[[[0, 1, 1], [2, 2, 2]]])
+    >>> metric.compute(codes=[[[0, 1, 1], [2, 2, 2]]])
     {'codebook_utilization': 0.375, 'codebook_utilization_per_level': [0.5, 0.25], 'num_frames': 3}
 """
 
@@ -56,7 +64,28 @@ class CodebookUtilization(evaluate.Metric):
             codebase_urls=["https://github.com/gemma-rvq/gemma-rvq"],
         )
 
-    def _compute(self, predictions, codebook_size=None, batch_frames=None):
+    # `codes=` is accepted wherever evaluate takes `predictions=` (the stored column stays `predictions`)
+    def add(self, *, predictions=None, references=None, codes=None, **kwargs):
+        """Add one example's codes [Q, T], as ``codes=`` or ``predictions=``."""
+        return super().add(predictions=codes_input("codebook_utilization", predictions, references, codes), **kwargs)
+
+    def add_batch(self, *, predictions=None, references=None, codes=None, **kwargs):
+        """Add a batch of examples' codes, as ``codes=`` or ``predictions=``."""
+        return super().add_batch(
+            predictions=codes_input("codebook_utilization", predictions, references, codes), **kwargs
+        )
+
+    def compute(self, *, predictions=None, references=None, codes=None, **kwargs):
+        """Compute the metric over everything added (plus these codes: ``codes=`` or ``predictions=``).
+
+        Options: see below.
+        """
+        return super().compute(
+            predictions=codes_input("codebook_utilization", predictions, references, codes), **kwargs
+        )
+
+    def _compute(self, predictions, codebook_size=None, batch_frames=None, **unknown):
+        reject_unknown_options("codebook_utilization", unknown, ("codebook_size", "batch_frames"))
         codebook_size = self.codebook_size if codebook_size is None else codebook_size
         batch_frames = self.batch_frames if batch_frames is None else batch_frames
         if codebook_size is None:

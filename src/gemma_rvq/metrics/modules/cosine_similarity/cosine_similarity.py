@@ -5,7 +5,12 @@ import inspect
 import datasets
 import evaluate
 
-from gemma_rvq.metrics.functional import check_pairs, reconstruction_metrics, stack_frames
+from gemma_rvq.metrics.functional import (
+    check_pairs,
+    reconstruction_metrics,
+    reject_unknown_options,
+    stack_frames,
+)
 
 _DESCRIPTION = """\
 Mean over every frame added of cos(x_hat, x) and of the centred cosine cos(x_hat - mu, x - mu), where mu
@@ -53,7 +58,8 @@ class CosineSimilarity(evaluate.Metric):
             codebase_urls=["https://github.com/gemma-rvq/gemma-rvq"],
         )
 
-    def _compute(self, predictions, references, mean=None, eps=None):
+    def _compute(self, predictions, references, mean=None, eps=None, **unknown):
+        reject_unknown_options("cosine_similarity", unknown, ("mean", "eps"))
         mean = self.mean if mean is None else mean
         eps = self.eps if eps is None else eps
         pred = stack_frames(predictions, name="predictions")

@@ -5,7 +5,12 @@ import inspect
 import datasets
 import evaluate
 
-from gemma_rvq.metrics.functional import check_pairs, reconstruction_metrics, stack_frames
+from gemma_rvq.metrics.functional import (
+    check_pairs,
+    reconstruction_metrics,
+    reject_unknown_options,
+    stack_frames,
+)
 
 _DESCRIPTION = """\
 Reconstruction error of frame embeddings [T, D] after vector quantization, over every frame added.
@@ -51,7 +56,8 @@ class ReconstructionMse(evaluate.Metric):
             codebase_urls=["https://github.com/gemma-rvq/gemma-rvq"],
         )
 
-    def _compute(self, predictions, references):
+    def _compute(self, predictions, references, **unknown):
+        reject_unknown_options("reconstruction_mse", unknown, ())
         pred = stack_frames(predictions, name="predictions")
         ref = stack_frames(references, name="references")
         check_pairs(predictions, references)

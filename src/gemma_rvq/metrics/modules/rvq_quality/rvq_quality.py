@@ -12,13 +12,15 @@ from gemma_rvq.metrics.functional import (
     code_counts,
     code_metrics_from_counts,
     reconstruction_metrics,
+    reject_unknown_options,
     stack_codes,
     stack_frames,
 )
 
 _DESCRIPTION = """\
 Reconstruction quality and codebook use of an RVQ speech tokenizer over everything added:
-mse, nmse, fvu, cosine_similarity, centred_cosine_similarity (centred by the mean of the references),
+mse, nmse, fvu, cosine_similarity, centred_cosine_similarity (centred by the mean of the references, or
+the `mean` option),
 and per codebook utilization and perplexity (exp of the natural-log entropy) from the code counts of all
 frames, averaged over codebooks, plus per-level lists and the pooled perplexity.
 """
@@ -29,7 +31,11 @@ Args:
     references: per example, the original frames [T, D], same shapes as predictions.
     codes: per example, the codes [Q, T] of the same frames.
     codebook_size (int, load or compute keyword, required): entries per codebook, K.
-    batch_frames (int, optional): also report `batch_utilization` per batch of that many frames.
+    batch_frames (int, optional, load or compute keyword): also report `batch_utilization` per batch of that
+        many frames.
+    mean (optional, load or compute keyword): centring vector [D] of the centred cosine; default the mean
+        of the references.
+    eps (optional, load or compute keyword): cosine epsilon, default 1e-8.
 Returns:
     mse, nmse, fvu, cosine_similarity, centred_cosine_similarity, num_frames, codebook_utilization,
     codebook_perplexity, codebook_utilization_per_level, codebook_perplexity_per_level,
@@ -46,11 +52,14 @@ _BASE_ARGS = set(inspect.signature(evaluate.EvaluationModule.__init__).parameter
 
 
 class RvqQuality(evaluate.Metric):
-    def __init__(self, codebook_size=None, batch_frames=None, **kwargs):
+    def __init__(self, codebook_size=None, batch_frames=None, mean=None, eps=1e-8, **kwargs):
         unknown = sorted(set(kwargs) - _BASE_ARGS)
         if unknown:
-            raise ValueError(f"rvq_quality options are `codebook_size` and `batch_frames`, got {unknown}")
+            raise ValueError(
+                f"rvq_quality options are `codebook_size`, `batch_frames`, `mean` and `eps`, got {unknown}"
+            )
         self.codebook_size, self.batch_frames = codebook_size, batch_frames
+        self.mean, self.eps = mean, eps
         super().__init__(**kwargs)
         # Read the stored rows back as numpy arrays, not nested Python lists (~20x faster for [T, D] frames).
         # MetricInfo(format=...) rejects nested features at construction, so it is set afterwards.
@@ -72,9 +81,14 @@ class RvqQuality(evaluate.Metric):
             codebase_urls=["https://github.com/gemma-rvq/gemma-rvq"],
         )
 
-    def _compute(self, predictions, references, codes, codebook_size=None, batch_frames=None):
+    def _compute(
+        self, predictions, references, codes, codebook_size=None, batch_frames=None, mean=None, eps=None, **unknown
+    ):
+        reject_unknown_options("rvq_quality", unknown, ("codebook_size", "batch_frames", "mean", "eps"))
         codebook_size = self.codebook_size if codebook_size is None else codebook_size
         batch_frames = self.batch_frames if batch_frames is None else batch_frames
+        mean = self.mean if mean is None else mean
+        eps = self.eps if eps is None else eps
         if codebook_size is None:
             raise ValueError("rvq_quality needs codebook_size= (at load or compute)")
         pred = stack_frames(predictions, name="predictions")
@@ -84,7 +98,7 @@ class RvqQuality(evaluate.Metric):
         for i, (c, r) in enumerate(zip(codes, references)):
             if np.shape(c)[-1] != len(r):
                 raise ValueError(f"row {i}: codes cover {np.shape(c)[-1]} frames, references {len(r)}")
-        out = reconstruction_metrics(pred, ref)
+        out = reconstruction_metrics(pred, ref, mean=mean, eps=eps)
         out.update(code_metrics_from_counts(code_counts(flat_codes, codebook_size=codebook_size)))
         if batch_frames is not None:
             out["batch_utilization"] = batch_utilization(
