@@ -83,7 +83,7 @@ TEST_SENTENCES: dict[str, list[str]] = {
 }
 
 # The baseline's tuning space on dev: one coordinate at a time, in this order, from "kmeans+dead".
-VQTORCH_START = {"decay": 0.8, "threshold_ema_dead_code": 2, "kmeans_iters": 10, "learnable_lr": 0.0}
+VQTORCH_START = {"decay": 0.8, "threshold_ema_dead_code": 2.0, "kmeans_iters": 10, "learnable_lr": 0.0}
 VQTORCH_GRID = {
     "decay": [0.8, 0.9, 0.95, 0.98, 0.99],
     "threshold_ema_dead_code": [0, 1, 2, 4, 6],
@@ -316,7 +316,8 @@ def vqtorch_kwargs(dim: int, levels: int, codes: int, config: dict) -> dict:
 
 
 def train_vqtorch(config: dict, train_cache, args: argparse.Namespace, budget_s: float, seed: int) -> dict:
-    """Train ``ResidualVQ`` on the training stream until ``budget_s`` seconds of CPU time are spent."""
+    """Train ``ResidualVQ`` on the training stream until ``budget_s`` seconds of CPU time are spent (or for
+    exactly ``--baseline-steps`` steps, for smoke tests)."""
     from vector_quantize_pytorch import ResidualVQ
 
     from gemma_rvq.training import FrameStream
@@ -327,7 +328,7 @@ def train_vqtorch(config: dict, train_cache, args: argparse.Namespace, budget_s:
     learnable = config.get("learnable_lr", 0) > 0
     stream = iter(FrameStream(train_cache, args.batch_size, seed=seed))
     c0, t0, steps = time.process_time(), time.perf_counter(), 0
-    while time.process_time() - c0 < budget_s:
+    while (steps < args.baseline_steps if args.baseline_steps else time.process_time() - c0 < budget_s):
         batch = next(stream)[None]
         if learnable:  # the in-place optimiser needs gradients
             rvq(batch)
@@ -449,7 +450,8 @@ class Bench:
             return {"steps": out["steps"], "cpu_seconds": out["cpu_seconds"], "seconds": out["seconds"],
                     "scores": scores}
 
-        return self.runs.get("vqtorch", seed, {"config": config, "budget": round(budget, 3)}, run)
+        budget_key = {"steps": self.args.baseline_steps} if self.args.baseline_steps else {"budget": round(budget, 3)}
+        return self.runs.get("vqtorch", seed, {"config": config, **budget_key}, run)
 
 
 @torch.no_grad()
@@ -503,9 +505,14 @@ def tune_vqtorch(bench: Bench) -> tuple[dict, list[dict]]:
     best = dict(VQTORCH_START)
     grid = args.tune_grid
     for key, values in grid.items():
-        candidates = [{**best, key: v} for v in values]
+        candidates = [_normalize({**best, key: v}) for v in values]
         best = min(candidates, key=lambda c: evaluate(c)["dev_fvu"])
     return best, list(seen.values())
+
+
+def _normalize(config: dict) -> dict:
+    """One spelling per configuration (``0`` and ``0.0`` are the same learning rate)."""
+    return {k: int(v) if k == "kmeans_iters" else float(v) for k, v in config.items()}
 
 
 def _config_name(config: dict) -> str:
@@ -708,6 +715,8 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--voice-attribution", action="store_true",
                         help="print which training voices the level-1 codes unused on dev were fitted to")
     parser.add_argument("--skip-ram", action="store_true", help="skip the cache-memory measurement")
+    parser.add_argument("--baseline-steps", type=int, default=0,
+                        help="train each baseline for this many steps instead of gemma-rvq's time (smoke tests)")
     parser.add_argument("--workdir", default=None, help="speech, caches and run scores (reused: resumable)")
     parser.add_argument("--json", default=None, help="write the numbers here")
     return parser
