@@ -157,3 +157,40 @@ def test_trainer_keeps_the_old_import_path():
     assert gemma_rvq.training.trainer.evaluate_frames is gemma_rvq.evaluation.evaluate_frames
     assert gemma_rvq.training.evaluate_frames is gemma_rvq.evaluation.evaluate_frames
     assert gemma_rvq.training.trainer.metric_plots is gemma_rvq.evaluation.metric_plots
+
+
+def test_audio_files_are_decoded_and_encoded_a_bounded_batch_at_a_time(tiny_gemma4_rvq, make_speech, tmp_path,
+                                                                       monkeypatch):
+    import soundfile
+
+    import gemma_rvq.evaluation as ev
+
+    files = []
+    for i, seconds in enumerate((3.0, 0.5, 2.0, 1.0, 2.5)):
+        path = tmp_path / f"clip{i}.wav"
+        soundfile.write(path, make_speech(seconds, 22050, seed=i), 22050)
+        files.append(path)
+    calls = []
+    real_embed = tiny_gemma4_rvq.embed
+
+    def spy(waves, **kwargs):
+        calls.append([round(len(w) / tiny_gemma4_rvq.sampling_rate, 2) for w in waves])
+        return real_embed(waves, **kwargs)
+
+    decoded = []
+    real_load = ev._load_waveform
+    monkeypatch.setattr(ev, "_load_waveform", lambda m, p: decoded.append(p) or real_load(m, p))
+    monkeypatch.setattr(tiny_gemma4_rvq, "embed", spy)
+    chunks = list(ev.iter_audio_frames(tiny_gemma4_rvq, files, batch_size=2, batch_seconds=3.5))
+    # sorted by length, at most 2 files and 3.5 s per encoder call; a file longer than the budget goes alone
+    assert calls == [[0.5, 1.0], [2.0], [2.5], [3.0]]
+    assert len(chunks) == 4 and len(decoded) == 5
+    monkeypatch.undo()
+    # the same numbers whatever the batching
+    whole = ev.evaluate_audio_files(tiny_gemma4_rvq, files, batch_size=16, batch_seconds=1000)
+    small = ev.evaluate_audio_files(tiny_gemma4_rvq, files, batch_size=1)
+    assert small["num_frames"] == whole["num_frames"] == sum(c.shape[0] for c in chunks)
+    assert small["fvu"] == pytest.approx(whole["fvu"], rel=1e-4)
+    assert whole["seconds_of_audio"] == pytest.approx(9.0, abs=0.3)
+    with pytest.raises(ValueError, match="no audio files"):
+        list(ev.iter_audio_frames(tiny_gemma4_rvq, []))

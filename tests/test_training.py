@@ -271,3 +271,84 @@ def test_tiny_encoder_option_builds_the_same_model_as_the_test_fixture(tmp_path)
     before = torch.random.get_rng_state()
     build_model(cfg)
     assert torch.equal(before, torch.random.get_rng_state())  # seeded weights, global RNG untouched
+
+
+# ------------------------------------------------------------------------------------------ output folder
+
+
+def _short(tmp: Path, **overrides) -> RVQTrainingConfig:
+    return _config(tmp, **{**dict(max_steps=4, batch_size=128, eval_steps=4, save_steps=2, average_last_n=2,
+                                  kmeans_init_frames=256, kmeans_iters=1), **overrides})
+
+
+def test_a_finished_run_folder_is_refused_unless_overwrite_or_resume(caches, tmp_path):
+    _, train, dev = caches
+    cfg = _short(tmp_path)
+    RVQTrainer(build_model(cfg), cfg, train, dev).train()
+    best = (tmp_path / "best" / "model.safetensors").read_bytes()
+    # a fresh run in the folder of the finished one: refused before anything is written
+    with pytest.raises(ValueError, match=r"already exists and is not empty.*resume_from_checkpoint.*overwrite_output_dir"):
+        RVQTrainer(build_model(cfg), cfg, train, dev).train()
+    assert (tmp_path / "best" / "model.safetensors").read_bytes() == best
+    assert not (tmp_path / ".gemma-rvq.lock").exists()  # released on the error too
+    # asked to overwrite: the old run's outputs go (an unrelated file stays), the new run writes its own
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "checkpoints" / "checkpoint-999").mkdir()
+    over = _short(tmp_path, overwrite_output_dir=True, seed=1, max_steps=2)
+    result = RVQTrainer(build_model(over), over, train, dev).train()
+    assert result.steps == 2 and (tmp_path / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["checkpoint-2"]
+    assert json.loads((tmp_path / "results.json").read_text())["steps"] == 2
+    # a resume is allowed into a non-empty folder (bit-exactness: test_resume_after_kill_matches_uninterrupted_run)
+    resumed = _short(tmp_path, seed=1, max_steps=2, resume_from_checkpoint="latest")
+    assert RVQTrainer(build_model(resumed), resumed, train, dev).train().steps == 2
+    # an embedding cache inside output_dir alone (an earlier invocation that stopped while caching) is fine
+    fresh = tmp_path / "fresh"
+    (fresh / "embedding-cache" / "train").mkdir(parents=True)
+    from gemma_rvq.training import check_output_dir
+
+    check_output_dir(fresh, cache_dir=fresh / "embedding-cache")
+    with pytest.raises(ValueError, match="not empty"):
+        check_output_dir(fresh)  # the cache lives elsewhere: the folder is someone else's
+
+
+def test_a_second_run_on_a_locked_folder_fails_at_once_naming_the_holder(caches, tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    from gemma_rvq.training import OutputDirInUseError, run_lock
+
+    _, train, dev = caches
+    cfg = _short(tmp_path)
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        (tmp_path / ".gemma-rvq.lock").write_text(json.dumps(
+            {"pid": holder.pid, "host": __import__("socket").gethostname(), "started": time.time(),
+             "command": "python examples/train_rvq.py --config other.yaml"}))
+        t0 = time.perf_counter()
+        with pytest.raises(OutputDirInUseError, match=rf"pid {holder.pid} on .*other\.yaml"):
+            RVQTrainer(build_model(cfg), cfg, train, dev).train()
+        assert time.perf_counter() - t0 < 5  # at once: before k-means, caching or training
+        assert not (tmp_path / "checkpoints").exists()
+        assert json.loads((tmp_path / ".gemma-rvq.lock").read_text())["pid"] == holder.pid  # left alone
+        # the whole pipeline refuses too, before it builds any embedding cache
+        from gemma_rvq.training import train_rvq
+
+        with pytest.raises(OutputDirInUseError, match=f"pid {holder.pid}"):
+            train_rvq(_short(tmp_path, cache_dir=str(tmp_path / "cache")))
+        assert not (tmp_path / "cache").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    # the holder is gone: its stale lock is taken over, the run proceeds and releases the lock at the end
+    result = RVQTrainer(build_model(cfg), cfg, train, dev).train()
+    assert result.completed and not (tmp_path / ".gemma-rvq.lock").exists()
+    # while a run holds the lock, the file names it; nested claims in one process (train_rvq around the
+    # trainer) do not conflict
+    with run_lock(tmp_path / "x") as path:
+        assert json.loads(path.read_text())["pid"] == os.getpid()
+        with run_lock(tmp_path / "x"):
+            pass
+        assert path.exists()
+    assert not path.exists()

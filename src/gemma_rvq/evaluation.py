@@ -31,6 +31,7 @@ __all__ = [
     "embed_audio_files",
     "evaluate_audio_files",
     "evaluate_frames",
+    "iter_audio_frames",
     "metric_plots",
 ]
 
@@ -175,35 +176,73 @@ def metric_plots(folder: str | os.PathLike, metrics: dict[str, Any]) -> list[str
 # ---------------------------------------------------------------------------------------------- audio
 
 
-@torch.no_grad()
-def embed_audio_files(model: Any, files: Sequence[str | os.PathLike], *, batch_size: int = 16) -> torch.Tensor:
-    """Valid encoder frames of every file, concatenated: ``FloatTensor [N, D]`` (float32, CPU).
+def _load_waveform(model: Any, path: str | os.PathLike) -> Any:
+    """One file as a float32 mono waveform at the model's rate (the audio module's checks and messages)."""
+    return load_waveform(path, model.sampling_rate, min_samples=int(model.config.min_samples), name=str(path))
 
-    Files are sorted by length into batches so little compute goes to padding; long files are chunked
-    by the model (never cut).
+
+def _duration(path: str | os.PathLike) -> float:
+    """Seconds of audio in ``path`` from its header (0 when the header cannot tell: decoded later)."""
+    try:
+        import soundfile
+
+        info = soundfile.info(str(path))
+        return info.frames / info.samplerate
+    except Exception:  # any format soundfile cannot read is measured by decoding it
+        return 0.0
+
+
+@torch.no_grad()
+def iter_audio_frames(model: Any, files: Sequence[str | os.PathLike], *, batch_size: int = 16,
+                      batch_seconds: float = 120.0) -> Iterable[torch.Tensor]:
+    """Valid encoder frames of ``files``, one ``FloatTensor [n, D]`` (float32, CPU) per encoder batch.
+
+    Files are decoded batch by batch (never all at once), sorted by length so that little compute goes to
+    padding, and grouped into batches of at most ``batch_size`` files and ``batch_seconds`` of audio (a
+    longer file goes alone). Long files are cut into windows by the model itself, never truncated.
     """
     if not files:
         raise ValueError("no audio files to evaluate")
-    min_samples = int(model.config.min_samples)
-    waves = [load_waveform(path, model.sampling_rate, min_samples=min_samples, name=str(path)) for path in files]
-    order = sorted(range(len(waves)), key=lambda i: len(waves[i]))
-    frames = []
+    if batch_size < 1 or batch_seconds <= 0:
+        raise ValueError(f"batch_size must be >= 1 and batch_seconds > 0, got {batch_size}, {batch_seconds}")
     from tqdm.auto import tqdm
 
-    for start in tqdm(range(0, len(order), batch_size), desc="Encoding audio", unit="batch"):
-        batch = [waves[i] for i in order[start : start + batch_size]]
-        embeddings, mask = model.embed(batch, sampling_rate=model.sampling_rate)
-        frames.append(embeddings[mask].float().cpu())
-    return torch.cat(frames)
+    durations = [_duration(f) for f in files]
+    order = sorted(range(len(files)), key=lambda i: durations[i])
+    batches: list[list[int]] = [[]]
+    for i in order:
+        batch = batches[-1]
+        if batch and (len(batch) >= batch_size or sum(durations[j] for j in batch) + durations[i] > batch_seconds):
+            batches.append([i])
+        else:
+            batch.append(i)
+    for batch in tqdm(batches, desc="Encoding audio", unit="batch", disable=len(batches) < 2):
+        waves = [_load_waveform(model, files[i]) for i in batch]
+        embeddings, mask = model.embed(waves, sampling_rate=model.sampling_rate)
+        yield embeddings[mask].float().cpu()
+        del waves, embeddings, mask
+
+
+def embed_audio_files(model: Any, files: Sequence[str | os.PathLike], *, batch_size: int = 16,
+                      batch_seconds: float = 120.0) -> torch.Tensor:
+    """Valid encoder frames of every file, concatenated: ``FloatTensor [N, D]`` (float32, CPU); see
+    :func:`iter_audio_frames`."""
+    return torch.cat(list(iter_audio_frames(model, files, batch_size=batch_size, batch_seconds=batch_seconds)))
 
 
 def evaluate_audio_files(
-    model: Any, files: Sequence[str | os.PathLike], *, batch_size: int = 16
+    model: Any, files: Sequence[str | os.PathLike], *, batch_size: int = 16, batch_seconds: float = 120.0
 ) -> dict[str, Any]:
     """RVQ quality of ``model`` on ``files``: :func:`evaluate_frames` of their encoder frames (MSE, NMSE,
     FVU, cosine raw and centred, utilization and perplexity overall and per level, and the error after
-    each number of levels), as a JSON-ready dict."""
-    frames = embed_audio_files(model, files, batch_size=batch_size)
+    each number of levels), as a JSON-ready dict.
+
+    Memory: one encoder batch (at most ``batch_size`` files and ``batch_seconds`` of audio; the model
+    runs a long file's windows a batch at a time) plus the frames themselves, ``N x D`` float32 (kept for
+    the centred cosine, which needs their mean before the first frame is scored): 95 s of audio at 25
+    frames/s and D = 1024 is 10 MB.
+    """
+    frames = embed_audio_files(model, files, batch_size=batch_size, batch_seconds=batch_seconds)
     results = evaluate_frames(model, frames)
     results.pop("code_counts", None)
     results["num_files"] = len(files)

@@ -4,6 +4,7 @@
 * :mod:`.cache`     the embedding cache: sharded fp16 frames on disk, resumable writing, shuffled streaming
 * :mod:`.trainer`   ``RVQTrainer`` (accelerate), data-driven init, checkpoints, plots (scores come from
                     :func:`gemma_rvq.evaluation.evaluate_frames`)
+* :mod:`.run_folder` the output folder: refused when it holds another run, locked while a run writes
 * :mod:`.averaging` element-wise checkpoint averaging
 * :mod:`.pipeline`  ``train_rvq(config)``: everything behind ``examples/train_rvq.py``
 """
@@ -26,6 +27,7 @@ from .pipeline import (
     tiny_encoder_model_config,
     train_rvq,
 )
+from .run_folder import OutputDirInUseError, check_output_dir, run_lock
 from .trainer import RVQTrainer, TrainResult, evaluate_frames, find_latest_checkpoint, initialize_from_sample
 
 __all__ = [
@@ -33,6 +35,7 @@ __all__ = [
     "EmbeddingCache",
     "EmbeddingCacheWriter",
     "FrameStream",
+    "OutputDirInUseError",
     "RVQTrainer",
     "RVQTrainingConfig",
     "TrainResult",
@@ -40,6 +43,7 @@ __all__ = [
     "average_state_dicts",
     "build_embedding_cache",
     "build_model",
+    "check_output_dir",
     "evaluate_frames",
     "example_waveform",
     "finalize_cache",
@@ -48,6 +52,7 @@ __all__ = [
     "load_audio_splits",
     "parse_args",
     "prepare_cache",
+    "run_lock",
     "tiny_encoder_model_config",
     "train_rvq",
 ]

@@ -27,6 +27,12 @@ class RVQTrainingConfig:
 
     # ---------------------------------------------------------------- model
     output_dir: str = field(default="rvq-output", metadata={"help": "Run folder: checkpoints, best/final/averaged, plots."})
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Replace the run already in a non-empty output_dir (its checkpoints, exports, logs and "
+                          "results are removed; the embedding cache is kept). Without it (or a resume) such a "
+                          "folder is refused."},
+    )
     model_name_or_path: str | None = field(
         default=None,
         metadata={"help": "Start from an existing gemma-rvq checkpoint (folder or Hub id) instead of a fresh config."},

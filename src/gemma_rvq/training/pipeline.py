@@ -11,6 +11,7 @@ import torch
 
 from .cache import EmbeddingCache, build_embedding_cache, finalize_cache
 from .config import RVQTrainingConfig
+from .run_folder import claim_output_dir
 from .trainer import RVQTrainer, TrainResult, make_accelerator
 
 logger = logging.getLogger(__name__)
@@ -159,6 +160,11 @@ def prepare_cache(model: Any, source: Any, path: str, config: RVQTrainingConfig,
 def train_rvq(config: RVQTrainingConfig, *, stop_after_step: int | None = None) -> TrainResult:
     """Cache the embeddings of ``config``'s audio, train, export best/final/averaged (+ model cards, push)."""
     accelerator = make_accelerator(config)
+    with claim_output_dir(config, accelerator):  # before the caches: they may live in output_dir
+        return _train_rvq(config, accelerator, stop_after_step)
+
+
+def _train_rvq(config: RVQTrainingConfig, accelerator: Any, stop_after_step: int | None) -> TrainResult:
     model = build_model(config)
     train_src, dev_src = load_audio_splits(config)
     root = config.resolved_cache_dir

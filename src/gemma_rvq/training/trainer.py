@@ -43,6 +43,7 @@ from ..evaluation import evaluate_frames, metric_plots
 from .averaging import average_checkpoints
 from .cache import EmbeddingCache, FrameStream
 from .config import RVQTrainingConfig
+from .run_folder import claim_output_dir
 
 STATE_NAME = "trainer_state.json"
 QUANTIZER_STATE_DIR = "quantizer_state"
@@ -318,7 +319,16 @@ class RVQTrainer:
 
         ``stop_after_step`` ends the run right after that step, as if the job were killed there (for
         resume tests; nothing is exported).
+
+        Raises:
+            ValueError: ``output_dir`` holds another run and neither ``overwrite_output_dir`` nor
+                ``resume_from_checkpoint`` is set.
+            OutputDirInUseError: another process is training into ``output_dir`` (it holds the lock).
         """
+        with claim_output_dir(self.config, self.accelerator):
+            return self._train(stop_after_step)
+
+    def _train(self, stop_after_step: int | None) -> TrainResult:
         from tqdm.auto import tqdm
         from transformers import get_scheduler
 
