@@ -715,6 +715,8 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--voice-attribution", action="store_true",
                         help="print which training voices the level-1 codes unused on dev were fitted to")
     parser.add_argument("--skip-ram", action="store_true", help="skip the cache-memory measurement")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads (default: all CPUs; 1 wastes less CPU time on a busy shared machine)")
     parser.add_argument("--baseline-steps", type=int, default=0,
                         help="train each baseline for this many steps instead of gemma-rvq's time (smoke tests)")
     parser.add_argument("--workdir", default=None, help="speech, caches and run scores (reused: resumable)")
@@ -727,10 +729,11 @@ def main(argv: list[str] | None = None) -> dict:
     if args.quick:
         args.per_language, args.dev_variations, args.test_variations, args.steps = 40, 12, 12, 150
         args.seeds = args.seeds[:1]
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    torch.set_num_threads(args.threads or max(1, os.cpu_count() or 1))
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_train_"))
     work.mkdir(parents=True, exist_ok=True)
-    print(f"workdir {work}; load average {' '.join(f'{v:.1f}' for v in os.getloadavg())}", flush=True)
+    print(f"workdir {work}; torch threads {torch.get_num_threads()}; load average "
+          f"{' '.join(f'{v:.1f}' for v in os.getloadavg())}", flush=True)
     out: dict[str, Any] = {"args": {k: v for k, v in vars(args).items()}}
     if not args.skip_ram:
         ram = out["ram"] = measure_stream_ram(work)

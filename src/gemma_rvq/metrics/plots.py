@@ -50,6 +50,7 @@ def plot_code_usage(
 ) -> str:
     """Sorted code-usage histograms, one panel per RVQ level.
 
+    Levels are numbered 1..Q, as on the model card and in the report (codes ``[B, Q, T]`` index them 0..Q-1).
     Each panel shows the level's code counts sorted from most to least used (a flat curve = even use, a
     long tail at zero = dead codes); its title gives the level's utilization and perplexity.
 
@@ -81,7 +82,7 @@ def plot_code_usage(
             ax.set_yscale("symlog", linthresh=1.0)
         ax.set_xlim(1, k)
         ax.set_title(
-            f"level {level}: util {utilization[level]:.1%}, ppl {perplexity[level]:.0f}/{k}", fontsize=9
+            f"level {level + 1}: util {utilization[level]:.1%}, ppl {perplexity[level]:.0f}/{k}", fontsize=9
         )
         ax.set_xlabel("code rank")
         ax.set_ylabel("count")

@@ -125,6 +125,8 @@ class EmbeddingCacheWriter:
         shard_frames: a shard is written once it holds at least this many frames.
         metadata: identity of the encoder and source (JSON-serialisable); must match on resume.
         rank: process index (shard names carry it, so processes never collide).
+        dtype: storage type of the frames, ``"float16"`` (default) or ``"float32"`` (exact: e.g. a dev split
+            whose scores should equal re-encoding its audio).
     """
 
     def __init__(
@@ -135,7 +137,11 @@ class EmbeddingCacheWriter:
         shard_frames: int = 65536,
         metadata: dict[str, Any] | None = None,
         rank: int = 0,
+        dtype: str = "float16",
     ) -> None:
+        if dtype not in ("float16", "float32"):
+            raise ValueError(f"dtype must be 'float16' or 'float32', got {dtype!r}")
+        self.dtype = np.dtype(dtype)
         if shard_frames < 1:
             raise ValueError(f"shard_frames must be >= 1, got {shard_frames}")
         self.path = os.fspath(path)
@@ -143,7 +149,7 @@ class EmbeddingCacheWriter:
         self.shard_frames = int(shard_frames)
         self.rank = int(rank)
         os.makedirs(self.path, exist_ok=True)
-        meta = {"format": CACHE_FORMAT, "version": CACHE_VERSION, "dim": self.dim, "dtype": "float16",
+        meta = {"format": CACHE_FORMAT, "version": CACHE_VERSION, "dim": self.dim, "dtype": dtype,
                 "source": metadata or {}}
         meta_path = os.path.join(self.path, "meta.json")
         if os.path.exists(meta_path):
@@ -225,7 +231,7 @@ class EmbeddingCacheWriter:
         if extra:
             utt.update(extra)
         self._utts.append(utt)
-        self._buffer.append(emb.astype(np.float16))
+        self._buffer.append(emb.astype(self.dtype))
         self._buffer_frames += emb.shape[0]
         self.next_row = int(row) + 1
         if self._buffer_frames >= self.shard_frames:
@@ -236,7 +242,7 @@ class EmbeddingCacheWriter:
         if not self._utts:
             return
         name = f"shard-{self.rank:03d}-{self._shard_index:05d}"
-        data = np.concatenate(self._buffer, axis=0) if self._buffer_frames else np.zeros((0, self.dim), np.float16)
+        data = np.concatenate(self._buffer, axis=0) if self._buffer_frames else np.zeros((0, self.dim), self.dtype)
         npy = os.path.join(self.path, name + ".npy")
         _atomic_write_npy(npy, data)
         info = {"file": name + ".npy", "rank": self.rank, "shard": self._shard_index, "num_frames": int(data.shape[0]),
@@ -504,6 +510,7 @@ def build_embedding_cache(
     progress: bool = True,
     finalize: bool = True,
     pcm_dtype: str | None = None,
+    dtype: str = "float16",
 ) -> EmbeddingCache | None:
     """Run the frozen encoder (``model.embed``) over ``source`` once and write the frames to ``path``.
 
@@ -519,6 +526,7 @@ def build_embedding_cache(
             (see :mod:`gemma_rvq.audio`).
         finalize: with ``world_size == 1``, write ``index.json`` and return the :class:`EmbeddingCache`.
             With several processes, call :func:`finalize_cache` on one process after all finished.
+        dtype: storage type of the frames (``"float16"`` or ``"float32"``, see :class:`EmbeddingCacheWriter`).
 
     Returns:
         the cache, or None when another process has to finalize.
@@ -532,7 +540,8 @@ def build_embedding_cache(
     meta = {"num_rows": num_rows, "world_size": world_size, "model": _model_identity(model)}
     if not is_list and getattr(source, "_fingerprint", None):
         meta["fingerprint"] = source._fingerprint
-    writer = EmbeddingCacheWriter(path, int(model.config.dim), shard_frames=shard_frames, metadata=meta, rank=rank)
+    writer = EmbeddingCacheWriter(path, int(model.config.dim), shard_frames=shard_frames, metadata=meta, rank=rank,
+                                  dtype=dtype)
     if not is_list:
         columns = set(source.column_names)
         if audio_column not in columns:

@@ -141,14 +141,15 @@ def _cap_and_hold_out(train: Any, dev: Any | None, config: RVQTrainingConfig) ->
     return train, dev
 
 
-def prepare_cache(model: Any, source: Any, path: str, config: RVQTrainingConfig, accelerator: Any) -> EmbeddingCache:
+def prepare_cache(model: Any, source: Any, path: str, config: RVQTrainingConfig, accelerator: Any, *,
+                  dtype: str = "float16") -> EmbeddingCache:
     """Build (or reuse / resume) one split's cache with every process, then finalize on the main one."""
     model = model.to(accelerator.device)
     build_embedding_cache(
         model, source, path, audio_column=config.audio_column, id_column=config.id_column,
         batch_size=config.embed_batch_size, shard_frames=config.shard_frames,
         rank=accelerator.process_index, world_size=accelerator.num_processes,
-        progress=accelerator.is_local_main_process and not config.disable_tqdm, finalize=False,
+        progress=accelerator.is_local_main_process and not config.disable_tqdm, finalize=False, dtype=dtype,
     )
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -169,7 +170,10 @@ def _train_rvq(config: RVQTrainingConfig, accelerator: Any, stop_after_step: int
     train_src, dev_src = load_audio_splits(config)
     root = config.resolved_cache_dir
     train_cache = prepare_cache(model, train_src, os.path.join(root, "train"), config, accelerator)
-    dev_cache = prepare_cache(model, dev_src, os.path.join(root, "dev"), config, accelerator) if dev_src else None
+    # dev frames in float32: the reported scores (model cards, results.json) are then those of re-encoding the
+    # dev audio (`gemma-rvq evaluate`), not of fp16-rounded frames
+    dev_cache = (prepare_cache(model, dev_src, os.path.join(root, "dev"), config, accelerator, dtype="float32")
+                 if dev_src else None)
     accelerator.print(f"train: {train_cache}\ndev:   {dev_cache}")
     trainer = RVQTrainer(model, config, train_cache, dev_cache, accelerator=accelerator)
     result = trainer.train(stop_after_step=stop_after_step)

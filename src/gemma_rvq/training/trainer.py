@@ -187,6 +187,7 @@ class TrainResult:
     metrics: dict[str, dict[str, Any]]
     init_metrics: dict[str, float]
     completed: bool = True
+    best_step: int | None = None  # the step whose weights `best` holds (the evaluation with the lowest dev MSE)
 
 
 class RVQTrainer:
@@ -269,7 +270,7 @@ class RVQTrainer:
         split = "dev" if "dev" in metrics else "train" if "train" in metrics else None
         if split is not None and self.config.make_plots:
             metric_plots(folder, metrics[split])
-        extra["metrics"] = _jsonable(metrics)
+        extra["metrics"] = _jsonable(metrics, counts=True)  # the card and the report plot these counts
         info = {"train_data": summarize_cache(self.train_cache),
                 "dev_data": summarize_cache(self.dev_cache) if self.dev_cache else None, **extra}
         with open(os.path.join(folder, "training_info.json"), "w", encoding="utf-8") as f:
@@ -492,7 +493,8 @@ class RVQTrainer:
                 if os.path.exists(os.path.join(folders["best"], plot)):
                     shutil.copy(os.path.join(folders["best"], plot), self.output_dir)
         acc.wait_for_everyone()
-        return TrainResult(self.output_dir, state.step, folders, metrics, state.init_metrics)
+        return TrainResult(self.output_dir, state.step, folders, metrics, state.init_metrics,
+                           best_step=state.best_step if state.best_step >= 0 else state.step)
 
 
 # ---------------------------------------------------------------------------------------------- utilities
@@ -562,10 +564,11 @@ def summarize_cache(cache: EmbeddingCache | None) -> dict[str, Any] | None:
             "languages": cache.languages}
 
 
-def _jsonable(metrics: Any) -> Any:
-    """Metrics without tensors (code counts), for JSON logs."""
+def _jsonable(metrics: Any, counts: bool = False) -> Any:
+    """Metrics for JSON: tensors (the ``[Q, K]`` code counts) dropped, or as nested lists with ``counts``."""
     if isinstance(metrics, dict):
-        return {k: _jsonable(v) for k, v in metrics.items() if not isinstance(v, torch.Tensor)}
+        return {k: v.tolist() if isinstance(v, torch.Tensor) else _jsonable(v, counts) for k, v in metrics.items()
+                if counts or not isinstance(v, torch.Tensor)}
     return metrics
 
 
