@@ -22,10 +22,12 @@ Systems (Q levels x K codes on D = 256, same frame stream, same batch size):
   training + evaluation + export) is the budget of every baseline run of the same seed.
 * ``vqtorch default``: ``ResidualVQ(dim, num_quantizers, codebook_size)`` (EMA, decay 0.8).
 * ``vqtorch kmeans+dead``: ``ResidualVQ(..., kmeans_init=True, kmeans_iters=10, threshold_ema_dead_code=2)``.
-* ``vqtorch tuned``: the best ``ResidualVQ`` configuration on dev found by ``--tune`` (coordinate search
-  over EMA decay, dead-code threshold, k-means iterations and EMA vs learnable codebooks with an in-place
-  Adam optimiser and its learning rate; each candidate trained on the tuning seeds with gemma-rvq's budget;
-  selected by mean dev FVU).
+* ``vqtorch tuned``: the best ``ResidualVQ`` configuration on dev found by ``--tune``: a coordinate search
+  (:data:`VQTORCH_GRID`, one setting at a time from ``kmeans+dead``: EMA decay, dead-code threshold, k-means
+  iterations, then EMA vs learnable codebooks with vqtorch's in-place Adam optimiser at a few learning
+  rates), each candidate trained on the tuning seed(s) with the CPU time of a gemma-rvq run of
+  ``--tune-steps`` steps, selected by dev FVU. The same kind of budget gemma-rvq's own settings had: one
+  setting at a time on dev, mostly in 150-step single-seed runs (docs/benchmarks.md).
 * with ``--ablate-balance``, also gemma-rvq with ``balance_weight 0`` (reported, not a budget).
 
 Every system is scored by :func:`gemma_rvq.evaluation.evaluate_frames` (one path; ``ResidualVQ`` through
@@ -38,7 +40,8 @@ Every run's scores are stored under ``<workdir>/results`` keyed by its settings:
 ``--workdir`` reuses them (and the speech and caches), so an interrupted benchmark resumes where it stopped.
 
     # the full benchmark (docs/benchmarks.md): tuning on dev, then 5 seeds scored on dev and test
-    python benchmarks/bench_train.py --workdir runs/bench_train --tune --seeds 0 1 2 3 4 --ablate-balance
+    python benchmarks/bench_train.py --workdir runs/bench_train --threads 1 --tune --seeds 0 1 2 3 4 \
+        --baselines kmeans+dead --voice-attribution
     # a sweep of one gemma-rvq setting on dev (the tuning seeds), e.g. the EMA decay
     python benchmarks/bench_train.py --workdir runs/bench_train --sweep ema_decay=0.8,0.9,0.95,0.98
     python benchmarks/bench_train.py --quick        # one seed, smaller corpus and budget, no tuning
@@ -85,10 +88,10 @@ TEST_SENTENCES: dict[str, list[str]] = {
 # The baseline's tuning space on dev: one coordinate at a time, in this order, from "kmeans+dead".
 VQTORCH_START = {"decay": 0.8, "threshold_ema_dead_code": 2.0, "kmeans_iters": 10, "learnable_lr": 0.0}
 VQTORCH_GRID = {
-    "decay": [0.8, 0.9, 0.95, 0.98, 0.99],
-    "threshold_ema_dead_code": [0, 1, 2, 4, 6],
-    "kmeans_iters": [0, 2, 10, 30],  # 0 = no k-means init (vqtorch's random init)
-    "learnable_lr": [0.0, 1e-3, 3e-3, 1e-2],  # 0 = EMA codebooks; else learnable, in-place Adam at this lr
+    "decay": [0.8, 0.9, 0.95, 0.99],
+    "threshold_ema_dead_code": [0, 1, 2, 4],
+    "kmeans_iters": [0, 10, 30],  # 0 = no k-means init (vqtorch's random init)
+    "learnable_lr": [0.0, 1e-3, 1e-2],  # 0 = EMA codebooks; else learnable, in-place Adam at this lr
 }
 GEMMA_SWEEPABLE = ("ema_decay", "dead_code_threshold", "balance_weight", "kmeans_iters", "kmeans_frames",
                    "kmeans_seeding", "restart_steps", "lr")
@@ -358,11 +361,11 @@ def train_gemma_rvq(train_cache, dev_cache, out: Path, args: argparse.Namespace,
                                          balance_weight=s["balance_weight"]))
     shutil.rmtree(out, ignore_errors=True)
     cfg = RVQTrainingConfig(
-        output_dir=str(out), seed=seed, batch_size=args.batch_size, max_steps=args.steps,
+        output_dir=str(out), seed=seed, batch_size=args.batch_size, max_steps=s["steps"],
         learning_rate=s["lr"], kmeans_init_frames=s["kmeans_frames"], kmeans_iters=s["kmeans_iters"],
         kmeans_seeding=s["kmeans_seeding"],
         dead_code_restart_steps=s["restart_steps"], dead_code_restart_until=1.0, restart_in_averaging_window=True,
-        eval_steps=args.steps, save_steps=max(args.steps // 5, 1),
+        eval_steps=s["steps"], save_steps=max(s["steps"] // 5, 1),
         average_last_n=3, log_with=None, disable_tqdm=True, make_plots=False, eval_max_frames=10**9,
     )
     c0, t0 = time.process_time(), time.perf_counter()
@@ -377,7 +380,7 @@ def gemma_settings(args: argparse.Namespace) -> dict:
     return {"ema_decay": args.ema_decay, "dead_code_threshold": args.dead_code_threshold,
             "balance_weight": args.balance_weight, "kmeans_iters": args.kmeans_iters,
             "kmeans_frames": args.kmeans_frames, "kmeans_seeding": args.kmeans_seeding,
-            "restart_steps": args.restart_steps, "lr": args.lr}
+            "restart_steps": args.restart_steps, "lr": args.lr, "steps": args.steps}
 
 
 # ---------------------------------------------------------------------------------------------- runs
@@ -418,7 +421,7 @@ class Bench:
         self.work, self.caches, self.args = work, caches, args
         self.frames = {"train": caches["train"].sample_frames(args.train_eval_frames, seed=123),
                        "dev": caches["dev"].sample_frames(None), "test": caches["test"].sample_frames(None)}
-        common = {"levels": args.levels, "codes": args.codes, "batch_size": args.batch_size, "steps": args.steps,
+        common = {"levels": args.levels, "codes": args.codes, "batch_size": args.batch_size,
                   "data": {s: [caches[s].num_frames, caches[s].num_utterances] for s in SPLITS},
                   "train_eval_frames": args.train_eval_frames}
         self.runs = Runs(work / "results", common)
@@ -486,7 +489,7 @@ def tune_vqtorch(bench: Bench) -> tuple[dict, list[dict]]:
     """Coordinate search of ``ResidualVQ`` settings on dev (tuning seeds; each run gets gemma-rvq's budget
     of the same seed). Returns (best configuration, every evaluated configuration with its dev means)."""
     args = bench.args
-    budgets = {s: bench.gemma(s)["cpu_seconds"] for s in args.tune_seeds}
+    budgets = {s: bench.gemma(s, {"steps": args.tune_steps or args.steps})["cpu_seconds"] for s in args.tune_seeds}
     seen: dict[str, dict] = {}
 
     def evaluate(config: dict) -> dict:
@@ -527,7 +530,8 @@ def sweep_gemma(bench: Bench, key: str, values: list[Any]) -> list[dict]:
     """gemma-rvq on dev for each value of one setting (tuning seeds): the sweeps behind its settings."""
     rows = []
     for value in values:
-        runs = [bench.gemma(s, {key: value}) for s in bench.args.tune_seeds]
+        runs = [bench.gemma(s, {key: value, "steps": bench.args.tune_steps or bench.args.steps})
+                for s in bench.args.tune_seeds]
         dev = [r["scores"]["best"]["dev"] for r in runs]
         rows.append({key: value, "dev_fvu": float(np.mean([d["fvu"] for d in dev])),
                      "dev_utilization": float(np.mean([d["codebook_utilization"] for d in dev])),
@@ -585,8 +589,9 @@ def final_runs(bench: Bench, tuned: dict | None) -> dict[str, list[dict]]:
     def add(name: str, steps: int, scores: dict) -> None:
         systems.setdefault(name, []).append({"steps": steps, **scores})
 
-    baselines = {"vqtorch default": {"default": True}, "vqtorch kmeans+dead": dict(VQTORCH_START)}
-    if tuned is not None and tuned != VQTORCH_START:
+    fixed = {"default": ("vqtorch default", {"default": True}), "kmeans+dead": ("vqtorch kmeans+dead", VQTORCH_START)}
+    baselines = {fixed[b][0]: dict(fixed[b][1]) for b in args.baselines}
+    if tuned is not None and tuned not in baselines.values():
         baselines["vqtorch tuned"] = tuned
     for seed in args.seeds:
         ours = bench.gemma(seed)
@@ -706,8 +711,14 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4],
                         help="final seeds: one full comparison each, scored on train, dev and test")
     parser.add_argument("--tune", action="store_true", help="tune ResidualVQ on dev first (see VQTORCH_GRID)")
-    parser.add_argument("--tune-seeds", type=int, nargs="+", default=[100, 101],
+    parser.add_argument("--tune-seeds", type=int, nargs="+", default=[100],
                         help="seeds of the tuning runs (distinct from the final seeds)")
+    parser.add_argument("--tune-steps", type=int, default=150,
+                        help="gemma-rvq steps of the tuning runs, whose CPU time is each candidate's budget "
+                             "(default: --steps); also the steps of --sweep runs")
+    parser.add_argument("--baselines", nargs="*", default=["default", "kmeans+dead"],
+                        choices=["default", "kmeans+dead"],
+                        help="fixed ResidualVQ configurations run beside the tuned one on the final seeds")
     parser.add_argument("--tune-grid", type=json.loads, default=VQTORCH_GRID,
                         help="JSON {setting: [values]} searched one coordinate at a time (default: VQTORCH_GRID)")
     parser.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2",
@@ -772,7 +783,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.seeds:
         systems = final_runs(bench, tuned)
         tuned_name = None if tuned is None else ("vqtorch tuned" if "vqtorch tuned" in systems else
-                                                 "vqtorch kmeans+dead")
+                                                 "vqtorch kmeans+dead")  # the search kept its start
         out.update(report(bench, systems, tuned_name))
         out["runs"] = systems
         if args.voice_attribution:

@@ -27,7 +27,7 @@ def _bench():
 
 TINY = ["--languages", "en", "sw", "--per-language", "3", "--dev-variations", "2", "--test-variations", "2",
         "--levels", "2", "--codes", "8", "--batch-size", "64", "--steps", "3", "--kmeans-frames", "256",
-        "--kmeans-iters", "2", "--train-eval-frames", "300", "--seeds", "0", "--tune", "--tune-seeds", "100",
+        "--kmeans-iters", "2", "--train-eval-frames", "300", "--seeds", "0", "--tune", "--tune-seeds", "100", "--tune-steps", "3",
         "--tune-grid", '{"decay": [0.8, 0.9], "learnable_lr": [0, 0.01]}', "--baseline-steps", "3",
         "--skip-ram", "--voice-attribution"]
 

@@ -75,6 +75,22 @@ def test_report_has_every_section_and_the_seed_card_table(demo):
     assert re.search(r"\| total \| \d+\.\d \|", text)
 
 
+def test_report_and_model_card_show_one_evaluation(demo):
+    text = demo.report.read_text(encoding="utf-8")
+    card = (demo.hub_folders["rvq-model"] / "README.md").read_text(encoding="utf-8")
+    m = demo.metrics
+    for row in (f"| Reconstruction MSE | {m['mse']:.4f} |", f"| Cosine Similarity | {m['cosine_similarity']:.4f} |",
+                f"| Codebook Utilization | {m['codebook_utilization']:.1%} |"):
+        assert row in text and row in card, row
+    info = json.loads((demo.hub_folders["rvq-model"] / "training_info.json").read_text())
+    step = info["step"]  # the step whose weights `best` holds, stated as such in the report
+    assert f"The exported `best` weights (step {step} of " in text
+    assert f"| Weights | `best`: the checkpoint with the lowest dev MSE (step {step}) |" in card
+    # the evaluate modules, re-evaluating the exported folder from the dev audio, agree
+    agree = float(re.search(r"every number agrees within (\S+?)\.\s", text).group(1))
+    assert agree < 1e-3
+
+
 def test_plots_are_linked_and_valid_pngs(demo):
     text = demo.report.read_text(encoding="utf-8")
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)

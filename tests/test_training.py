@@ -46,7 +46,7 @@ def caches(tmp_path_factory):
     train = build_embedding_cache(model, train_src, root / "cache" / "train", audio_column="file",
                                   batch_size=8, shard_frames=cfg.shard_frames, progress=False)
     dev = build_embedding_cache(model, dev_src, root / "cache" / "dev", audio_column="file", batch_size=8,
-                                shard_frames=cfg.shard_frames, progress=False)
+                                shard_frames=cfg.shard_frames, progress=False, dtype="float32")  # as train_rvq
     return root / "cache", train, dev
 
 
@@ -188,6 +188,15 @@ def test_model_card_and_dry_run_push(caches, tmp_path):
         assert row in body
     assert f"{mse:.4f}" in body and "0.02 | 25 |" in body  # data summary: hours, utterances
     assert 'AutoModel.from_pretrained("someone/rvq-tiny")' in body and "![Code usage per level]" in body
+    # the card's numbers are those of re-evaluating the exported weights from the dev audio
+    from gemma_rvq.evaluation import evaluate_audio_files
+
+    _, dev_src = load_audio_splits(cfg)
+    again = evaluate_audio_files(AutoModel.from_pretrained(folder), dev_src["file"])
+    for key in ("mse", "fvu", "cosine_similarity", "codebook_utilization", "codebook_perplexity"):
+        assert again[key] == pytest.approx(result.metrics["best"]["dev"][key], rel=1e-4), key
+    assert again["num_frames"] == result.metrics["best"]["dev"]["num_frames"]
+    assert "\n| 1 | " in body and "\n| 0 | " not in body  # level rows numbered 1..Q, as in the plots
     files = push_model(folder, "someone/rvq-tiny", dry_run=True)
     assert {"README.md", "config.json", "model.safetensors", "code_usage.png"} <= set(files)
     with pytest.raises(ValueError, match="invalid Hub repo id"):

@@ -158,7 +158,8 @@ class EmbeddingCacheWriter:
             if old != json.loads(json.dumps(meta)):
                 raise ValueError(
                     f"the embedding cache at {self.path} was built from a different encoder or source "
-                    f"(stored {old['source']!r}, dim {old.get('dim')}; now {meta['source']!r}, dim {self.dim}). "
+                    f"or dtype (stored {old['source']!r}, dim {old.get('dim')}, {old.get('dtype')}; now "
+                    f"{meta['source']!r}, dim {self.dim}, {dtype}). "
                     "Use another cache_dir or delete this one."
                 )
         else:
