@@ -37,7 +37,7 @@ import numbers
 import os
 import struct
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -494,11 +494,6 @@ def undecoded(dataset: Any, column: str) -> Any:
     if features is not None and isinstance(features.get(column), Audio) and features[column].decode:
         return dataset.cast_column(column, Audio(decode=False))
     return dataset
-
-
-def is_sequence_of_audio(value: Any) -> bool:
-    """True when ``value`` is a list/tuple of audio values rather than one waveform of numbers."""
-    return isinstance(value, Sequence) and not isinstance(value, (str, bytes)) and not _is_number_sequence(value)
 
 
 __all__ = [

@@ -312,6 +312,7 @@ class ModelHandle:
         else:
             before = self._identity
             changed = not same_identity(before, self.identity())
+            self._identity = before  # stays stale until a new fingerprint (identity()) is taken
         if changed:
             raise ValueError(
                 f"the weights of {self!r} changed after this SpeechTokenizer computed its cache identity "
