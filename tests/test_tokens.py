@@ -219,7 +219,7 @@ def test_render_accepts_lists_tensors_and_1d():
         (get_format("ichigo"), "<|sound_start|><|sound_2048|><|sound_end|>", "outside [0, 2048)", 15),
         (
             get_format("ichigo"),
-            "<|sound_start|><|duration_50|><|sound_0001|><|sound_end|>",
+            "<|sound_start|><|duration_01|><|sound_0001|><|sound_end|>",
             "malformed duration",
             15,
         ),
@@ -395,3 +395,121 @@ def test_format_for_model_fits_presets_and_keeps_explicit_formats():
     assert (ichigo.num_levels, ichigo.codebook_size) == (1, 64)
     explicit = get_format("gemma_rvq", num_levels=3)
     assert format_for_model(explicit, codebook_size=16, num_quantizers=2) == explicit
+
+
+# ----------------------------------------------------------------------------- formats that cannot round-trip
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: SemanticTokenFormat.from_template("{code}"), r"\[1, 23\] would read back as \[123\]"),
+        (lambda: SemanticTokenFormat.from_template("{code}", separator="0"), "separator '0' starts with a digit"),
+        (lambda: SemanticTokenFormat.from_template("<{code}7>"), "followed by the digit '7'"),
+        (lambda: SemanticTokenFormat.from_template("<u{code}>", end_token="9"), None),  # an end marker is fine
+        (lambda: SemanticTokenFormat.from_template("u{code}", end_token="9e"), "the end marker can follow"),
+        (lambda: SemanticTokenFormat.from_template("{code}>", dedup=True, duration_template="<d{duration}"),
+         "duration_template '<d{duration}' ends with {duration} and a code token can follow"),
+        (lambda: get_format("spire", codepoint_offset=0x80, codebook_size=100), r"U\+0080.*category Cc"),
+        (lambda: get_format("spire", codepoint_offset=0x2000, codebook_size=10), r"U\+2000 \(EN QUAD\)"),
+        (lambda: get_format("spire", codepoint_offset=0x3000, codebook_size=10), "IDEOGRAPHIC SPACE"),
+        (lambda: get_format("spire", codepoint_offset=0x300, codebook_size=10), "category Mn"),  # combining
+        (lambda: get_format("spire", codepoint_offset=0xFF01, codebook_size=10), "normalisation"),  # fullwidth
+        (lambda: get_format("spire", codebook_size=None), "needs codebook_size"),
+        (lambda: get_format("ichigo", start_token="<|sound_"), "cannot parse its own output"),
+        (lambda: SemanticTokenFormat.from_template("<a{code}>", start_token="<a"), "cannot parse its own output"),
+    ],
+)
+def test_formats_that_cannot_round_trip_are_refused(make, message):
+    if message is None:
+        fmt = make()
+        assert fmt.parse(fmt.render([1, 23, 9])).codes.tolist() == [[1, 23, 9]]
+        return
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def test_ichigo_reads_the_long_durations_ichigo_writes():
+    """Ichigo's own run-length code writes <|duration_50|> and up for runs longer than 49 frames."""
+    fmt = get_format("ichigo")
+    text = "<|sound_start|><|duration_50|><|sound_0001|><|duration_120|><|sound_0002|><|sound_0003|><|sound_end|>"
+    parsed = fmt.parse(text)
+    assert parsed.codes.tolist() == [[1, 2, 3]] and parsed.durations.tolist() == [50, 120, 1]
+    assert parsed.expand().shape == (1, 171)
+    # rendering those frames again splits the runs at max_duration, as the Ichigo vocabulary needs
+    assert "<|duration_50|>" not in fmt.render(parsed.expand())
+    assert np.array_equal(fmt.parse(fmt.render(parsed.expand())).expand(), parsed.expand())
+    with pytest.raises(ValueError, match="malformed duration"):
+        fmt.parse("<|sound_start|><|duration_050|><|sound_0001|><|sound_end|>")  # not canonical
+
+
+# ----------------------------------------------------------------------------- property test (hypothesis)
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_PIECES = st.text(alphabet="<>|_:-[]()xq0123456789 ,.", min_size=0, max_size=4)
+_MARKERS = st.none() | st.text(alphabet="<>|_sx0123456789 ", min_size=1, max_size=5)
+
+
+@st.composite
+def template_formats(draw):
+    levels_field = draw(st.booleans())
+    a, b, c = draw(_PIECES), draw(_PIECES), draw(_PIECES)
+    template = f"{a}{{level}}{b}{{code}}{c}" if levels_field else f"{a}{{code}}{b}"
+    durations = draw(st.booleans())
+    return dict(
+        code_template=template,
+        code_width=draw(st.integers(0, 4)),
+        codebook_size=draw(st.sampled_from([1, 2, 10, 11, 100, 1000, None])),
+        num_levels=draw(st.sampled_from([1, 2, 3, None])) if levels_field else 1,
+        start_token=draw(_MARKERS),
+        end_token=draw(_MARKERS),
+        dedup=draw(st.booleans()),
+        duration_template=f"{draw(_PIECES)}{{duration}}{draw(_PIECES)}" if durations else None,
+        duration_width=draw(st.integers(0, 3)),
+        max_duration=draw(st.integers(2, 60)),
+        separator=draw(st.sampled_from(["", " ", ",", ", ", "|", "0", "\n", "x", " 1"])),
+    )
+
+
+@st.composite
+def codepoint_formats(draw):
+    size = draw(st.integers(1, 600))
+    levels = draw(st.integers(1, 2))
+    offset = draw(st.sampled_from([0x80, 0x100, 0x300, 0x2000, 0x3000, 0x4E00, 0xE000, 0xFF00, 0xF0000])
+                  | st.integers(0x80, 0x10FFFF - size * levels))
+    return dict(codepoint_offset=offset, codebook_size=size, num_levels=levels, dedup=draw(st.booleans()),
+                start_token=draw(_MARKERS), end_token=draw(_MARKERS), separator=draw(st.sampled_from(["", " ", "|"])))
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(fields=template_formats() | codepoint_formats(), data=st.data())
+def test_every_accepted_format_round_trips(fields, data):
+    """For every format the constructor accepts, parse(render(codes)) gives the codes back."""
+    try:
+        fmt = SemanticTokenFormat(**fields)
+    except ValueError:
+        return  # refused at construction: fine, that is the point
+    levels = fmt.num_levels or data.draw(st.integers(1, 3))
+    size = fmt.codebook_size or 1200
+    frames = data.draw(st.integers(0, 40))
+    runs = data.draw(st.lists(st.integers(1, 70), min_size=1, max_size=6))
+    values = data.draw(st.lists(st.lists(st.integers(0, size - 1), min_size=levels, max_size=levels),
+                                min_size=len(runs), max_size=len(runs)))
+    codes = np.repeat(np.array(values, dtype=np.int64).T, runs, axis=1)[:, :frames]
+    text = fmt.render(codes)
+    if fmt.codepoint_offset is not None:  # nothing that str.split or NFKC would remove or change
+        import unicodedata
+
+        assert unicodedata.normalize("NFKC", text) == text
+        body = text if fmt.separator.strip() or not fmt.separator else text.replace(fmt.separator, "")
+        assert "".join(body.split()) == body or fmt.start_token or fmt.end_token
+    if codes.shape[1] == 0 and fmt.num_levels is None:
+        return
+    parsed = fmt.parse(text)
+    if fmt.dedup and not fmt.uses_durations and codes.shape[1]:
+        keep = np.ones(codes.shape[1], dtype=bool)
+        keep[1:] = (codes[:, 1:] != codes[:, :-1]).any(axis=0)
+        expected = codes[:, keep]
+        assert parsed.codes.shape == expected.shape and np.array_equal(parsed.codes, expected), text
+    else:
+        got = parsed.expand()
+        assert got.shape == codes.shape and np.array_equal(got, codes), (fields, text)

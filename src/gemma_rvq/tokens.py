@@ -143,7 +143,8 @@ class SemanticTokenFormat:
             (``{duration}`` zero padded to ``duration_width``); longer runs are split. ``None``: runs are
             collapsed without durations (the information is lost).
         duration_width: digits of ``{duration}``.
-        max_duration: the longest run one duration token covers.
+        max_duration: the longest run one duration token covers when rendering (longer runs are split).
+            Parsing also reads longer durations (``<|duration_50|>`` and up), which Ichigo's own code writes.
         separator: written between consecutive tokens (markers included). Whitespace between tokens is
             always tolerated when parsing.
     """
@@ -198,16 +199,18 @@ class SemanticTokenFormat:
             if not isinstance(self.codepoint_offset, int) or self.codepoint_offset < 0x80:
                 raise ValueError(f"codepoint_offset must be an int >= 0x80, got {self.codepoint_offset!r}")
             if self.codebook_size is None:
-                single_level = True
-                last = 0x10FFFF
-            else:
-                last = self.codepoint_offset + (self.num_levels or 1) * self.codebook_size - 1
+                raise ValueError(
+                    f"format {self.name!r}: a code point format needs codebook_size (every code point of its "
+                    "range is checked to survive str.split and tokenizer normalisation)"
+                )
+            if self.num_levels is None:
+                raise ValueError(f"format {self.name!r}: a code point format needs num_levels (its code point range)")
+            last = self.codepoint_offset + (self.num_levels or 1) * self.codebook_size - 1
             if last > 0x10FFFF:
                 raise ValueError(f"codepoint_offset + levels * codebook_size exceeds U+10FFFF ({last:#x})")
             if self.codepoint_offset <= _SURROGATES[1] and last >= _SURROGATES[0]:
                 raise ValueError("the code point range overlaps the UTF-16 surrogates (U+D800..U+DFFF)")
-            if self.codebook_size is None and self.num_levels not in (None, 1):
-                raise ValueError("a code point format with several levels needs codebook_size")
+            _check_code_points(self.name, self.codepoint_offset, last)
         else:
             _, fields, specs = _template_parts(self.code_template, ("code", "level"), "code")
             if "code" not in fields:
@@ -241,8 +244,12 @@ class SemanticTokenFormat:
                 raise ValueError(f"duration_template {self.duration_template!r} must contain {{duration}}")
             if specs.get("duration"):
                 raise ValueError("give the duration padding as duration_width, not a format spec")
+        if self.codepoint_offset is None or self.duration_template is not None:
+            _check_number_ends(self)
         # all token kinds must be distinguishable; checked on the rendered strings of the lookup tables
         _compiled(self)
+        # and the parser must read back what the renderer writes (probe strings of every adjacency)
+        _check_round_trip(self)
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> SemanticTokenFormat:
@@ -726,8 +733,8 @@ class _Parser:
                     raise self.fail(f"two duration tokens in a row ({token!r})", token_pos)
                 if value is None:
                     raise self.fail(
-                        f"malformed duration token {token!r} (expected 2..{fmt.max_duration}, "
-                        f"{fmt.duration_width} digits)",
+                        f"malformed duration token {token!r} (expected a run length >= 2 written with "
+                        f"{fmt.duration_width} digits or more, without extra zeros)",
                         token_pos,
                     )
                 self.pending = (value, token_pos)
@@ -765,6 +772,147 @@ class _Parser:
         codes = np.array(self.frames, dtype=np.int64).reshape(len(self.frames), q).T.copy()
         durations = np.array(self.durations, dtype=np.int64) if fmt.uses_durations else None
         return ParsedTokens(codes, durations)
+
+
+_DIGITS = frozenset("0123456789")
+# Unicode categories a code point token may have: letters, numbers, punctuation, symbols, private use.
+# Refused: whitespace and separators (Z*), controls and format characters (Cc, Cf: invisible, often
+# stripped), combining marks (M*: they merge with the character before them), surrogates and unassigned
+# code points (Cs, Cn).
+_CODE_POINT_CATEGORIES = frozenset(
+    ["Lu", "Ll", "Lt", "Lm", "Lo", "Nd", "Nl", "No", "Pc", "Pd", "Ps", "Pe", "Pi", "Pf", "Po", "Sm", "Sc", "Sk",
+     "So", "Co"]
+)
+
+
+@functools.lru_cache(maxsize=64)
+def _check_code_points(name: str, first: int, last: int) -> None:
+    """Every code point in ``[first, last]`` must survive ``str.split`` and Unicode normalisation unchanged.
+
+    A character that is whitespace, invisible, combining, or changed by NFKC/NFD (the normalisers that
+    tokenizers apply) would be lost or merged before the string is parsed again.
+    """
+    import unicodedata
+
+    for point in range(first, last + 1):
+        char = chr(point)
+        category = unicodedata.category(char)
+        reason = None
+        if char.isspace() or category not in _CODE_POINT_CATEGORIES:
+            reason = f"Unicode category {category}" + (" (whitespace)" if char.isspace() else "")
+        elif unicodedata.normalize("NFKC", char) != char or unicodedata.normalize("NFD", char) != char:
+            reason = "Unicode normalisation (NFKC/NFD) changes it"
+        if reason is not None:
+            raise ValueError(
+                f"format {name!r}: code {point - first} would be rendered as U+{point:04X} "
+                f"({unicodedata.name(char, 'unnamed')}), which str.split or a tokenizer's normaliser would drop "
+                f"or change ({reason}). Choose a codepoint_offset whose range holds only letters, symbols or "
+                "private-use characters, e.g. 0xF0000 (Spire) or 0xE000 (6400 codes)"
+            )
+
+
+def _check_number_ends(fmt: SemanticTokenFormat) -> None:
+    """A number inside a token must end where the token says: never directly before a digit.
+
+    Numbers are read greedily, so ``{code}`` followed by a digit (a literal, a separator or the next token)
+    would swallow it: ``from_template("{code}")`` renders ``[1, 23]`` as ``"123"``.
+    """
+    code_first = None  # first character of a code token, "0" standing for any digit
+    templates = []
+    if fmt.codepoint_offset is None:
+        literals, fields, _ = _template_parts(fmt.code_template, ("code", "level"), "code")
+        code_first = literals[0][:1] or "0"
+        templates.append(("code_template", fmt.code_template, literals, fields))
+    if fmt.duration_template is not None:
+        literals, fields, _ = _template_parts(fmt.duration_template, ("duration",), "duration")
+        templates.append(("duration_template", fmt.duration_template, literals, fields))
+    followers = {}  # which token kinds can follow a token of each template, with their first character
+    if code_first is not None:
+        followers["code_template"] = [("a code token", code_first)]
+        if fmt.end_token is not None:
+            followers["code_template"].append(("the end marker", fmt.end_token[0]))
+        if fmt.uses_durations:
+            duration_first = _template_parts(fmt.duration_template, ("duration",), "duration")[0][0][:1] or "0"
+            followers["code_template"].append(("a duration token", duration_first))
+        followers["duration_template"] = [("a code token", code_first)]
+    separator = fmt.separator.strip()
+    for option, template, literals, fields in templates:
+        for field, after in zip(fields, literals[1:]):
+            if after:
+                if after[0] in _DIGITS:
+                    raise ValueError(
+                        f"{option} {template!r}: {{{field}}} is followed by the digit {after[0]!r}; numbers are "
+                        "read greedily, so put a non-digit right after it"
+                    )
+                continue
+            if fmt.separator and not separator:
+                continue  # whitespace ends the number
+            if separator:
+                if separator[0] in _DIGITS:
+                    raise ValueError(
+                        f"{option} {template!r} ends with {{{field}}} and the separator {fmt.separator!r} starts "
+                        "with a digit: the number would swallow it"
+                    )
+                continue
+            for what, first in followers.get(option, []):
+                if first in _DIGITS:
+                    raise ValueError(
+                        f"{option} {template!r} ends with {{{field}}} and {what} can follow it starting with a "
+                        f"digit, without a separator: e.g. codes [1, 23] would read back as [123]. End the "
+                        "template with a non-digit (\"<unit_{code}>\") or set a separator (separator=\" \")"
+                    )
+
+
+def _probe_codes(fmt: SemanticTokenFormat, levels: int) -> list[np.ndarray]:
+    """Code sequences ``[levels, T]`` that put every kind of token next to every other one.
+
+    Codes of 1, 2 and 3+ digits (and the largest code), runs of every interesting length when the format
+    collapses runs (1, 2, 9, 10, max_duration, max_duration + 1), and the empty sequence.
+    """
+    size = fmt.codebook_size or 1024
+    values = sorted({v for v in (0, 1, 9, 10, 11, 99, 100, 101, size // 2, size - 1) if 0 <= v < size})
+    count = len(values)
+    frames = np.array([[values[(t + 3 * level) % count] for t in range(count + 1)] for level in range(levels)])
+    out = [frames, np.zeros((levels, 0), dtype=np.int64)]
+    if fmt.dedup:
+        runs = [1, 2, 9, 10, fmt.max_duration, fmt.max_duration + 1, 1, 3]
+        n = min(len(runs), frames.shape[1])
+        out.append(np.repeat(frames[:, :n], runs[:n], axis=1))
+    return out
+
+
+@functools.lru_cache(maxsize=256)
+def _check_round_trip(fmt: SemanticTokenFormat) -> None:
+    """Render probe codes and parse them back (strict parser and :meth:`parse`); refuse the format otherwise."""
+    level_counts = [fmt.num_levels] if fmt.num_levels is not None else [1, 3]
+    for levels in level_counts:
+        for codes in _probe_codes(fmt, levels):
+            if codes.shape[1] == 0 and fmt.num_levels is None:
+                continue  # no frame tells the number of levels
+            text = fmt.render(codes)
+            expected = codes
+            if fmt.dedup and not fmt.uses_durations and codes.shape[1]:
+                keep = np.ones(codes.shape[1], dtype=bool)
+                keep[1:] = (codes[:, 1:] != codes[:, :-1]).any(axis=0)
+                expected = codes[:, keep]
+            try:
+                results = [_Parser(fmt, text).run(), fmt.parse(text)]
+            except ValueError as error:
+                raise ValueError(
+                    f"format {fmt.name!r} cannot parse its own output {_short(text)!r}: {error}"
+                ) from None
+            for parsed in results:
+                got = parsed.expand() if fmt.uses_durations else parsed.codes
+                if got.shape != expected.shape or not np.array_equal(got, expected):
+                    raise ValueError(
+                        f"format {fmt.name!r} is ambiguous: {_short(text)!r} (rendered from codes "
+                        f"{expected.tolist()[:3]}...) parses back as {got.tolist()[:3]}...; make the tokens "
+                        "self-delimiting (a non-digit after each number, distinct markers) or add a separator"
+                    )
+
+
+def _short(text: str, limit: int = 120) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _round_up(size: int) -> int:
@@ -866,7 +1014,9 @@ class _Scanner:
         if kind == "duration":
             digits = match.group("dvalue")
             value = int(digits)
-            ok = digits == str(value).zfill(fmt.duration_width) and 2 <= value <= fmt.max_duration
+            # durations above max_duration are read too (never written): Ichigo's own run-length code
+            # writes <|duration_50|> and up for runs longer than 49 frames
+            ok = digits == str(value).zfill(fmt.duration_width) and value >= 2
             return "duration", None, value if ok else None, match.end()
         if kind == "char":
             offset = ord(match.group("char")) - fmt.codepoint_offset
