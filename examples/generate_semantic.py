@@ -8,10 +8,11 @@ Across GPUs (rows are split between processes and gathered; the main process wri
     accelerate launch --num_processes 8 examples/generate_semantic.py --model_name_or_path ... (same arguments)
 
 The model is what ``examples/sft.py --recipe speechless`` saved (a full model or a LoRA adapter; the token
-format and prompt template are read from its ``gemma_rvq_recipe.json`` unless given). Generation is
-constrained to the format's tokens; every row gets ``semantic_tokens`` (``None`` when the output does not
-parse) and ``generation_error`` (``None`` when it does). Train stage 3 on the result with
-``--drop_missing_tokens true``.
+format is read from its ``semantic_format.json`` and the prompt template from its ``gemma_rvq_recipe.json``;
+a ``--token_format`` given must agree). Generation follows the format's grammar
+(``gemma_rvq.grammar.SemanticGrammarLogitsProcessor``), so every row's ``semantic_tokens`` parses;
+``generation_error`` stays ``None`` unless ``--grammar false``. The output dataset carries the format (its
+info and ``semantic_format.json``), so stage 3 (``examples/sft.py --recipe speech_instruct``) reads it.
 """
 
 from __future__ import annotations
@@ -35,9 +36,11 @@ class GenerateSemanticArguments:
     error_column: str = "generation_error"
     language: str | None = field(default=None, metadata={"help": "Language tag for every row (as in training)."})
     language_column: str | None = None
-    token_format: str | None = field(default=None, metadata={"help": "Default: the model's gemma_rvq_recipe.json."})
+    token_format: str | None = field(default=None, metadata={"help": "Default: the model's semantic_format.json."})
     codebook_size: int | None = None
     num_levels: int | None = None
+    grammar: bool = field(default=True, metadata={"help": "Constrain generation to the format's grammar."})
+    num_beams: int = 1
     prompt_template: str | None = field(default=None, metadata={"help": "Default: the model's recipe file."})
     batch_size: int = 32
     max_new_tokens: int = 512
@@ -57,6 +60,7 @@ def main(args: GenerateSemanticArguments):
     from accelerate.utils import set_seed
     from datasets import DatasetDict
 
+    from gemma_rvq.formats import save_format
     from gemma_rvq.recipes import (
         RECIPE_FILE,
         generate_semantic_dataset,
@@ -72,15 +76,13 @@ def main(args: GenerateSemanticArguments):
     if os.path.isfile(recipe_path):
         with open(recipe_path, encoding="utf-8") as handle:
             recipe = json.load(handle)
-    token_format = args.token_format or recipe.get("token_format")
-    if token_format is None:
-        raise ValueError(f"no --token_format given and no {RECIPE_FILE} in {args.model_name_or_path}")
-    fmt = resolve_token_format(token_format, args.codebook_size, args.num_levels)
     template = args.prompt_template or recipe.get("prompt_template") or "speechless"
 
     dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
     model, tokenizer = load_sft_model(args.model_name_or_path, dtype=dtype)
     model.to(accelerator.device)
+    # the model's own format (semantic_format.json); a --token_format given must agree with it
+    fmt = resolve_token_format(args.token_format, args.codebook_size, args.num_levels, model=model)
 
     dataset = load_raw_dataset(args.dataset_name, dataset_config=args.dataset_config)
     if isinstance(dataset, DatasetDict):
@@ -94,14 +96,17 @@ def main(args: GenerateSemanticArguments):
         model, tokenizer, dataset, fmt, text_column=args.text_column, output_column=args.output_column,
         error_column=args.error_column, language=args.language, language_column=args.language_column,
         accelerator=accelerator, template=template, batch_size=args.batch_size,
-        max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
+        max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, grammar=args.grammar,
         **({"temperature": args.temperature, "top_p": args.top_p} if args.do_sample else {}),
+        **({"num_beams": args.num_beams} if args.num_beams > 1 else {}),
     )
     if accelerator.is_main_process:
         failed = sum(error is not None for error in result[args.error_column])
         accelerator.print(f"{len(result) - failed} of {len(result)} rows parsed; {failed} reported in "
                           f"{args.error_column!r}")
         result.save_to_disk(args.output_dir)
+        record = getattr(model, "gemma_rvq_format", None)
+        save_format(args.output_dir, fmt, speech_tokenizer=record.speech_tokenizer if record else None)
         if args.push_to_hub:
             result.push_to_hub(args.push_to_hub)
     accelerator.wait_for_everyone()

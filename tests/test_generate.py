@@ -78,25 +78,48 @@ def test_constrained_generation_parses_back_to_codes(stage2):
     out = generate_semantic_tokens(trainer.model, trainer.processing_class, pairs["text"], FORMAT,
                                    batch_size=8, max_new_tokens=24, show_progress=False)
     tokens, errors = out["semantic_tokens"], out["generation_error"]
-    assert len(tokens) == len(errors) == len(pairs)
-    assert all((t is None) != (e is None) for t, e in zip(tokens, errors))
-    parsed = [FORMAT.parse(t) for t in tokens if t is not None]
-    assert len(parsed) >= 15  # the model learned the frame structure (q0 q1 q0 q1 ... end)
-    for result in parsed:
+    assert len(tokens) == len(pairs) and errors == [None] * len(pairs)  # the grammar: every string parses
+    for result in (FORMAT.parse(t) for t in tokens):
         assert result.codes.shape[0] == 2 and result.codes.shape[1] >= 1
         assert int(result.codes.max()) < 8
 
 
+def test_the_saved_model_carries_its_format(stage2):
+    """The docs example: no format argument on a folder saved by examples/sft.py (semantic_format.json)."""
+    from gemma_rvq.formats import load_format
+    from gemma_rvq.recipes import load_sft_model
+
+    _, pairs, root = stage2
+    assert load_format(root / "out") == FORMAT
+    model, tokenizer = load_sft_model(str(root / "out"))
+    texts = pairs["text"][:4]
+    plain = generate_semantic_tokens(model, tokenizer, texts, max_new_tokens=24, show_progress=False)
+    assert plain["generation_error"] == [None] * 4
+    # a preset name means "that preset, as the model carries it" (here 2 levels x 8 codes, not 8 x 2048)
+    named = generate_semantic_tokens(model, tokenizer, texts, "gemma_rvq", max_new_tokens=24, show_progress=False)
+    assert named == plain
+    with pytest.raises(ValueError, match="token_format='ichigo', but the model"):
+        generate_semantic_tokens(model, tokenizer, texts, "ichigo", show_progress=False)
+    with pytest.raises(ValueError, match="codebook_size: 16 vs 8"):
+        generate_semantic_tokens(model, tokenizer, texts, get_format(FORMAT, codebook_size=16), show_progress=False)
+
+
 def test_rows_that_do_not_finish_are_reported_not_kept(stage2):
     trainer, pairs, _ = stage2
+    # without the grammar, a row that does not close its string in time is reported, not kept
     out = generate_semantic_tokens(trainer.model, trainer.processing_class, pairs["text"][:3], FORMAT,
-                                   max_new_tokens=2, show_progress=False)
+                                   max_new_tokens=2, grammar=False, show_progress=False)
     assert out["semantic_tokens"] == [None] * 3
     assert all("max_new_tokens=2" in error for error in out["generation_error"])
+    # under the grammar, a budget that cannot hold one frame is refused up front
+    with pytest.raises(ValueError, match="max_new_tokens=2 cannot hold one frame"):
+        generate_semantic_tokens(trainer.model, trainer.processing_class, pairs["text"][:3], FORMAT,
+                                 max_new_tokens=2, show_progress=False)
 
 
 @pytest.mark.parametrize("preset", ["gemma_rvq", "ichigo", "spire"])  # spire: no end marker, stops at eos
 def test_untrained_model_generates_only_semantic_tokens_or_reports(preset):
+    """grammar=False (vocabulary only): what does not parse is reported (the grammar: tests/test_grammar.py)."""
     fmt = get_format(preset, codebook_size=8, **({"num_levels": 2} if preset == "gemma_rvq" else {}))
     tokenizer = byte_level_bpe_tokenizer()
     model = tiny_llama(tokenizer, hidden_size=32)
@@ -106,7 +129,7 @@ def test_untrained_model_generates_only_semantic_tokens_or_reports(preset):
     texts = ["Habari za asubuhi?", "Hello, how are you today?", "Mji mkuu wa Kenya ni Nairobi."] * 4
     torch.manual_seed(0)
     out = generate_semantic_tokens(model, tokenizer, texts, fmt, max_new_tokens=10, show_progress=False,
-                                   do_sample=True, top_k=0)
+                                   do_sample=True, top_k=0, grammar=False)
     vocabulary = set(fmt.vocabulary())
     for tokens, error in zip(out["semantic_tokens"], out["generation_error"]):
         if tokens is None:
@@ -161,4 +184,7 @@ def test_generate_semantic_script_writes_a_dataset(stage2, tmp_path):
         assert (tokens is None) != (error is None)
         if tokens is not None:
             FORMAT.parse(tokens)
-    assert sum(t is not None for t in generated["semantic_tokens"]) >= 4
+    assert generated["generation_error"] == [None] * 6
+    from gemma_rvq.formats import dataset_format, load_format
+
+    assert dataset_format(generated) == FORMAT and load_format(tmp_path / "generated") == FORMAT

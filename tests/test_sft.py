@@ -14,11 +14,12 @@ import pytest
 import torch
 from datasets import Dataset
 
+from gemma_rvq.formats import dataset_format, save_format
 from gemma_rvq.recipes import (
     RECIPE_FILE,
     build_sft_trainer,
     load_sft_model,
-    resolve_token_format,
+    run_sft,
 )
 from gemma_rvq.testing import (
     byte_level_bpe_tokenizer,
@@ -86,6 +87,7 @@ def data_dir(tmp_path_factory) -> dict[str, Path]:
     pairs = toy_semantic_pairs(get_format("gemma_rvq", codebook_size=8, num_levels=2),
                                num_rows=8, seed=1)
     pairs.save_to_disk(root / "pairs")
+    save_format(root, dataset_format(pairs))  # semantic_format.json beside instructions.jsonl
     instructions = pairs.map(lambda row: {"response": "Answer: " + row["text"].lower()}).rename_column(
         "text", "instruction")
     instructions.to_json(root / "instructions.jsonl")
@@ -262,7 +264,8 @@ def test_real_recipes_parse(config):
     """Every field of the hardware YAMLs exists (TrlParser refuses unknown keys); bf16 off only for this CPU."""
     script_args, training_args, model_args = parse(config, bf16="false")
     assert training_args.gradient_checkpointing and training_args.learning_rate > 0
-    assert resolve_token_format(script_args.token_format, script_args.codebook_size, script_args.num_levels)
+    # the format is not restated: it travels with the data (gemma_rvq.formats)
+    assert (script_args.token_format, script_args.codebook_size, script_args.num_levels) == (None, None, None)
     if script_args.recipe == "speechless":  # Ichigo's Speechless hyperparameters
         assert (training_args.learning_rate, training_args.num_train_epochs, training_args.warmup_steps,
                 training_args.max_length, model_args.use_peft) == (1.5e-4, 3, 200, 512, False)
@@ -270,11 +273,20 @@ def test_real_recipes_parse(config):
         assert model_args.use_peft and "language_model" in model_args.lora_target_modules
 
 
-def test_stage2_and_stage3_recipes_share_the_token_format():
-    """Stage 3 reads what stage 2 generates: the formats must agree."""
-    formats = {config: resolve_token_format(*(lambda s: (s.token_format, s.codebook_size, s.num_levels))(
-        parse(config, bf16="false")[0])) for config in REAL_RECIPES}
-    assert len(set(formats.values())) == 1, formats
+def test_stage3_refuses_data_in_another_format_than_its_stage2_model(tmp_path, llama_dir, data_dir):
+    """Stage 3 from a stage-2 checkpoint reads the checkpoint's format: data in another one is an error."""
+    stage2 = tmp_path / "stage2"
+    script_args, training_args, model_args = parse("tiny_speechless.yaml", model_name_or_path=str(llama_dir),
+                                                   dataset_name=str(data_dir["pairs"]), output_dir=str(stage2))
+    run_sft(script_args, training_args, model_args)
+    other = toy_semantic_pairs(get_format("ichigo", codebook_size=8), num_rows=4)
+    other = other.map(lambda row: {"response": "ok"})
+    other.save_to_disk(tmp_path / "other")
+    script_args, training_args, model_args = parse("tiny_speech_instruct.yaml", model_name_or_path=str(stage2),
+                                                   dataset_name=str(tmp_path / "other"),
+                                                   output_dir=str(tmp_path / "out"))
+    with pytest.raises(ValueError, match="the dataset was made with token format 'ichigo' and the model"):
+        build_sft_trainer(script_args, training_args, model_args)
 
 
 @pytest.mark.parametrize("config", sorted(p.name for p in RECIPES_DIR.glob("accelerate_*.yaml")))

@@ -330,6 +330,10 @@ def _run(output_dir, corpus_dir, encoder: str | None, seed: int, quick: bool, se
     best = Path(result.folders["best"])
     rvq_folder = hub / "rvq-model"
     shutil.copytree(best, rvq_folder)
+    if not (rvq_folder / "semantic_format.json").is_file():
+        from .formats import save_rvq_format
+
+        save_rvq_format(rvq_folder)
     card_note = _ensure_model_card(rvq_folder, state)
     from transformers import AutoModel
 
@@ -350,12 +354,14 @@ def _run(output_dir, corpus_dir, encoder: str | None, seed: int, quick: bool, se
 
     # ------------------------------------------------------------------ 3. tokens
     progress.step(3, "Tokenizing the corpus: dataset.map(SpeechTokenizer(model), batched=True)")
-    from .tokens import get_format
+    from .formats import attach_format, format_for_rvq_model, save_format
 
-    fmt = get_format("gemma_rvq", codebook_size=settings.codebook_size, num_levels=settings.num_quantizers)
+    fmt = format_for_rvq_model(None, rvq_model)  # the stage-1 folder's semantic_format.json
     tokens = _tokenize_corpus(rvq_model, fmt, corpus, utterances, instructions)
+    tokens = attach_format(tokens, fmt, speech_tokenizer=str(rvq_folder))  # the format travels with the data
     token_folder = hub / "semantic-tokens"
     tokens.save_to_disk(str(token_folder))
+    save_format(token_folder, fmt, speech_tokenizer=str(rvq_folder))
     _write_dataset_card(token_folder, tokens, fmt, state)
     state["tokens"] = {"format": fmt.to_dict(), "rows": {k: len(v) for k, v in tokens.items()},
                        "examples": _token_examples(tokens["train"], fmt)}
@@ -641,8 +647,7 @@ def _build_base_lm(settings: DemoSettings, folder: Path, utterances: list[dict],
 
 def _common_sft(settings: DemoSettings, fmt, seed: int) -> dict[str, Any]:
     return {
-        "token_format": "gemma_rvq", "codebook_size": fmt.codebook_size, "num_levels": fmt.num_levels,
-        "embedding_pad_to_multiple_of": 8, "per_device_train_batch_size": settings.batch_size,
+        "embedding_pad_to_multiple_of": 8,  # no token_format: read from the data (gemma_rvq.formats) "per_device_train_batch_size": settings.batch_size,
         "gradient_accumulation_steps": 1, "learning_rate": settings.learning_rate,
         "lr_scheduler_type": "cosine", "warmup_steps": 0, "max_length": 1024, "bf16": "false",
         "gradient_checkpointing": "false", "use_cpu": "true", "report_to": "none", "save_strategy": "no",
@@ -686,7 +691,7 @@ def _generate_for_text_only(folder: Path, fmt, instructions: list[dict], max_new
         {"id": row.get("id"), "instruction": row["instruction"], "response": row["response"],
          "language": row["language"], "language_name": LANGUAGE_NAMES.get(row["language"], row["language"])}
         for row in text_only])
-    generated = generate_semantic_dataset(model, tokenizer, dataset, fmt, text_column="instruction",
+    generated = generate_semantic_dataset(model, tokenizer, dataset, text_column="instruction",  # model's format
                                           language_column="language_name", max_new_tokens=max_new_tokens,
                                           batch_size=16)
     ok = [row for row in generated if row["semantic_tokens"]]
@@ -751,8 +756,12 @@ def _run_stage3(settings: DemoSettings, fmt, tokens, generated_rows: list[dict],
             for r in spoken]
     rows += [{"semantic_tokens": r["semantic_tokens"], "response": r["response"], "source": "speechless"}
              for r in generated_rows]
+    from .formats import attach_format, dataset_format_record
+
     data = work / "stage3-data"
-    datasets.Dataset.from_list(rows).save_to_disk(str(data))
+    record = dataset_format_record(tokens["train"])
+    attach_format(datasets.Dataset.from_list(rows), fmt, speech_tokenizer=record.speech_tokenizer).save_to_disk(
+        str(data))
     steps = settings.stage3_steps
     (script_args, training_args, model_args), command = _sft_args(
         recipe="speech_instruct", model_name_or_path=base_lm, dataset_name=data, output_dir=out,

@@ -342,7 +342,8 @@ def toy_semantic_pairs(token_format="gemma_rvq", num_rows: int = 20, *, min_fram
 
     Each text of :data:`TINY_CORPUS` (cycled) gets random codes ``[Q, T]`` (``Q`` = the format's
     ``num_levels``, ``T`` in ``[min_frames, max_frames]``, codes below ``codebook_size``) rendered with
-    ``token_format``: what ``tokenize_speech`` would emit, without audio. For recipe tests and demos.
+    ``token_format``: what ``tokenize_speech`` would emit, without audio; the dataset carries the format
+    (``gemma_rvq.formats.attach_format``). For recipe tests and demos.
     """
     import numpy as np
     from datasets import Dataset
@@ -358,7 +359,9 @@ def toy_semantic_pairs(token_format="gemma_rvq", num_rows: int = 20, *, min_fram
         codes = rng.integers(0, fmt.codebook_size, size=(fmt.num_levels or 1, frames))
         rows_text.append(source[index % len(source)] if index < len(source) else f"{source[index % len(source)]} ({index})")
         rows_tokens.append(fmt.render(codes))
-    return Dataset.from_dict({"text": rows_text, "semantic_tokens": rows_tokens})
+    from .formats import attach_format
+
+    return attach_format(Dataset.from_dict({"text": rows_text, "semantic_tokens": rows_tokens}), fmt)
 
 
 def tiny_gemma4_multimodal(tokenizer=None, hidden_size: int = 64, num_hidden_layers: int = 2, *,

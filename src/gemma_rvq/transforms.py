@@ -150,7 +150,10 @@ class SpeechTokenizer:
         config = self._handle.config_dict() if model is not None else None
         if config is not None and config.get("codebook_size") and config.get("num_quantizers"):
             # a format that cannot render this model's codes fails here, not after encoding every row
-            self._format = self._fit_format(int(config["codebook_size"]), int(config["num_quantizers"]))
+            from .formats import model_format
+
+            self._format = self._fit_format(int(config["codebook_size"]), int(config["num_quantizers"]),
+                                            stored=model_format(model))
 
     # ------------------------------------------------------------------ pickling / fingerprint
     def _init_runtime(self) -> None:
@@ -210,19 +213,24 @@ class SpeechTokenizer:
 
     def _format_for(self, model: torch.nn.Module):
         if self._format is None:
+            from .formats import model_format
+
             config = model.config
-            self._format = self._fit_format(int(config.codebook_size), int(config.num_quantizers))
+            self._format = self._fit_format(int(config.codebook_size), int(config.num_quantizers),
+                                            stored=model_format(model))
         return self._format
 
-    def _fit_format(self, codebook_size: int, num_quantizers: int):
-        """The format for a model with ``num_quantizers`` levels of ``codebook_size`` codes, or a
-        ``ValueError`` when it cannot render every code the model (with ``num_quantizers=``) produces."""
-        from .tokens import format_for_model
+    def _fit_format(self, codebook_size: int, num_quantizers: int, stored=None):
+        """The format for a model with ``num_quantizers`` levels of ``codebook_size`` codes (``stored``: the
+        format its folder records, see ``gemma_rvq.formats.fit_format``), or a ``ValueError`` when it cannot
+        render every code the model (with ``num_quantizers=``) produces."""
+        from .formats import fit_format
 
         if self.num_quantizers is not None and self.num_quantizers > num_quantizers:
             raise ValueError(f"num_quantizers={self.num_quantizers}, but the model has {num_quantizers} levels")
         levels = int(self.num_quantizers or num_quantizers)
-        fmt = format_for_model(self._format_spec, codebook_size=codebook_size, num_quantizers=levels)
+        fmt = fit_format(self._format_spec, codebook_size=codebook_size, num_quantizers=levels,
+                         stored=stored if self.num_quantizers is None else None)
         where = f"token format {getattr(fmt, 'name', fmt)!r} does not fit the model ({levels} levels of {codebook_size} codes)"
         if fmt.num_levels is not None and fmt.num_levels > levels:
             raise ValueError(f"{where}: it renders {fmt.num_levels} levels")

@@ -153,7 +153,11 @@ def main(args: argparse.Namespace) -> int:
     )
     out = ds.map(tokenizer, batched=True, batch_size=args.batch_size, with_indices=True, desc="Tokenizing speech")
     out = out.remove_columns([c for c in [args.audio_column] if c in out.column_names])
+    from ..formats import attach_format, save_format
+
+    out = attach_format(out, tokenizer.format, speech_tokenizer=args.model)  # the format travels with the data
     _write_output(out, output, output_format)
+    save_format(output if output_format == "" else output.parent, tokenizer.format, speech_tokenizer=args.model)
     print(f"wrote {len(out)} rows to {output}")
     return 0
 

@@ -102,12 +102,21 @@ def _check_tokens(value: Any, column: str, index: int, token_format: Any) -> str
     return value
 
 
-def _resolve_format(token_format: Any):
-    if token_format is None:
-        return None
-    from ..tokens import get_format
+def _resolve_format(token_format: Any, part: Dataset | IterableDataset):
+    """The format to check rows with: the given one (checked against the dataset's), else the dataset's."""
+    from ..formats import resolve_format
 
-    return get_format(token_format)
+    return resolve_format(token_format, dataset=part, required=False)
+
+
+def _carry_format(built: Dataset | IterableDataset, fmt: Any, part: Dataset | IterableDataset):
+    """The built dataset carries the format (and speech tokenizer) of its source."""
+    from ..formats import attach_format, dataset_format_record
+
+    if fmt is None:
+        return built
+    record = dataset_format_record(part)
+    return attach_format(built, fmt, speech_tokenizer=record.speech_tokenizer if record else None)
 
 
 def _map_kwargs(dataset: Dataset | IterableDataset, num_proc: int | None, desc: str) -> dict:
@@ -142,32 +151,36 @@ def build_speechless_dataset(
         language / language_column: a fixed language name for every row, or a column holding it; the
             ``speechless`` template then prefixes the prompt with ``[<language>] ``.
         template: a preset of :data:`gemma_rvq.recipes.TEMPLATES` or a :class:`PromptTemplate`.
-        token_format: a format (name, dict or ``SemanticTokenFormat``): when given, every token string is
-            parsed, and a row that does not parse raises ``ValueError`` naming the row.
+        token_format: a format (name, dict or ``SemanticTokenFormat``); default: the one the dataset carries
+            (``gemma_rvq.formats.attach_format``; a different given one is an error). The output carries the
+            format. When one is given, every token string is also parsed, and a row that does not parse
+            raises ``ValueError`` naming the row.
         drop_missing: drop rows whose token string is ``None``/empty instead of raising.
         keep_columns: input columns to carry over (default: only ``prompt`` and ``completion``).
     """
     template = get_template(template)
-    fmt = _resolve_format(token_format)
 
     def convert(part: Dataset | IterableDataset):
         _require_columns(part, {"text_column": text_column, "tokens_column": tokens_column,
                                 "language_column": language_column}, "build_speechless_dataset")
+        fmt = _resolve_format(token_format, part)
+        check = fmt if token_format is not None else None  # parse every row only when asked
         part = _drop_missing(part, tokens_column, drop_missing, num_proc)
 
         def fn(batch: dict, indices: list[int]) -> dict:
             prompts, completions = [], []
             for row, index in enumerate(indices):
                 text = _check_string(batch[text_column][row], text_column, index)
-                tokens = _check_tokens(batch[tokens_column][row], tokens_column, index, fmt)
+                tokens = _check_tokens(batch[tokens_column][row], tokens_column, index, check)
                 lang = batch[language_column][row] if language_column else language
                 prompt, completion = template.render(text=text, speech=tokens, language=lang)
                 prompts.append(prompt)
                 completions.append(completion)
             return {"prompt": prompts, "completion": completions}
 
-        return part.map(fn, batched=True, with_indices=True, remove_columns=_removed(part, keep_columns),
-                        **_map_kwargs(part, num_proc, "Building the Speechless (stage 2) dataset"))
+        built = part.map(fn, batched=True, with_indices=True, remove_columns=_removed(part, keep_columns),
+                         **_map_kwargs(part, num_proc, "Building the Speechless (stage 2) dataset"))
+        return _carry_format(built, fmt, part)
 
     return _per_split(dataset, convert)
 
@@ -196,7 +209,6 @@ def build_asr_dataset(
     translation row.
     """
     template = get_template(template)
-    fmt = _resolve_format(token_format)
     if translation_column is not None and not target_language:
         raise ValueError("build_asr_dataset: translation_column needs target_language (e.g. 'English')")
     if not include_asr and translation_column is None:
@@ -206,12 +218,14 @@ def build_asr_dataset(
         _require_columns(part, {"tokens_column": tokens_column, "text_column": text_column,
                                 "language_column": language_column, "translation_column": translation_column},
                          "build_asr_dataset")
+        fmt = _resolve_format(token_format, part)
+        check = fmt if token_format is not None else None  # parse every row only when asked
         part = _drop_missing(part, tokens_column, drop_missing, num_proc)
 
         def fn(batch: dict, indices: list[int]) -> dict:
             out: dict[str, list] = {"prompt": [], "completion": [], "task": []}
             for row, index in enumerate(indices):
-                tokens = _check_tokens(batch[tokens_column][row], tokens_column, index, fmt)
+                tokens = _check_tokens(batch[tokens_column][row], tokens_column, index, check)
                 if include_asr:
                     text = _check_string(batch[text_column][row], text_column, index)
                     lang = batch[language_column][row] if language_column else language
@@ -228,8 +242,9 @@ def build_asr_dataset(
                     out["task"].append("translation")
             return out
 
-        return part.map(fn, batched=True, with_indices=True, remove_columns=_column_names(part),
-                        **_map_kwargs(part, num_proc, "Building the ASR dataset"))
+        built = part.map(fn, batched=True, with_indices=True, remove_columns=_column_names(part),
+                         **_map_kwargs(part, num_proc, "Building the ASR dataset"))
+        return _carry_format(built, fmt, part)
 
     return _per_split(dataset, convert)
 
@@ -265,17 +280,18 @@ def build_speech_instruct_dataset(
         raise ValueError(f"output must be 'prompt_completion' or 'messages', got {output!r}")
     if "{speech}" not in user_template:
         raise ValueError(f"user_template {user_template!r} must contain {{speech}}")
-    fmt = _resolve_format(token_format)
 
     def convert(part: Dataset | IterableDataset):
         _require_columns(part, {"tokens_column": tokens_column, "response_column": response_column},
                          "build_speech_instruct_dataset")
+        fmt = _resolve_format(token_format, part)
+        check = fmt if token_format is not None else None  # parse every row only when asked
         part = _drop_missing(part, tokens_column, drop_missing, num_proc)
 
         def fn(batch: dict, indices: list[int]) -> dict:
             prompts, completions = [], []
             for row, index in enumerate(indices):
-                tokens = _check_tokens(batch[tokens_column][row], tokens_column, index, fmt)
+                tokens = _check_tokens(batch[tokens_column][row], tokens_column, index, check)
                 response = _check_string(batch[response_column][row], response_column, index)
                 prompt = [{"role": "system", "content": system_prompt}] if system_prompt else []
                 prompt.append({"role": "user", "content": user_template.format(speech=tokens)})
@@ -285,8 +301,9 @@ def build_speech_instruct_dataset(
                 return {"messages": [p + c for p, c in zip(prompts, completions)]}
             return {"prompt": prompts, "completion": completions}
 
-        return part.map(fn, batched=True, with_indices=True, remove_columns=_removed(part, keep_columns),
-                        **_map_kwargs(part, num_proc, "Building the speech-instruction (stage 3) dataset"))
+        built = part.map(fn, batched=True, with_indices=True, remove_columns=_removed(part, keep_columns),
+                         **_map_kwargs(part, num_proc, "Building the speech-instruction (stage 3) dataset"))
+        return _carry_format(built, fmt, part)
 
     return _per_split(dataset, convert)
 

@@ -1,10 +1,12 @@
 """Turning text into semantic tokens with a stage-2 (Speechless) model.
 
-:func:`generate_semantic_tokens` runs batched, left-padded greedy (or sampled) generation constrained to
-the format's vocabulary plus the stop tokens (:class:`SemanticVocabularyLogitsProcessor` masks every other
-id), and parses each output back with the format: a string that does not parse is reported in an error
-column and not kept as tokens. :func:`generate_semantic_dataset` does this over a ``datasets.Dataset``,
-sharded across processes with ``accelerate`` and gathered again.
+:func:`generate_semantic_tokens` runs batched, left-padded greedy (or sampled, or beam) generation under
+:class:`~gemma_rvq.grammar.SemanticGrammarLogitsProcessor`, which lets the model write only strings the
+token format parses (markers, level order, durations, separator, closing within ``max_new_tokens``), and
+parses each output back with the format. (``grammar=False`` falls back to
+:class:`SemanticVocabularyLogitsProcessor`, which only keeps the format's tokens; a string that does not
+parse is then reported in an error column and not kept.) :func:`generate_semantic_dataset` does this over
+a ``datasets.Dataset``, sharded across processes with ``accelerate`` and gathered again.
 """
 
 from __future__ import annotations
@@ -15,9 +17,11 @@ from typing import Any
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from ..grammar import SemanticGrammarLogitsProcessor, semantic_token_ids
 from .templates import PromptTemplate, get_template
 
 __all__ = [
+    "SemanticGrammarLogitsProcessor",
     "SemanticVocabularyLogitsProcessor",
     "generate_semantic_dataset",
     "generate_semantic_tokens",
@@ -46,23 +50,6 @@ class SemanticVocabularyLogitsProcessor(LogitsProcessor):
         return scores + mask
 
 
-def semantic_token_ids(tokenizer, token_format: Any) -> list[int]:
-    """Ids of ``token_format.vocabulary()`` in ``tokenizer``; ``ValueError`` if any token is missing."""
-    from ..tokens import get_format
-
-    fmt = get_format(token_format)
-    vocab = fmt.vocabulary()
-    known = tokenizer.get_vocab()
-    missing = [t for t in vocab if t not in known]
-    if missing:
-        raise ValueError(
-            f"the tokenizer lacks {len(missing)} of the {len(vocab)} tokens of format {fmt.name!r} "
-            f"(e.g. {missing[:3]}); add them with gemma_rvq.llm.add_semantic_tokens (a stage-2 model "
-            "trained with examples/sft.py has them)"
-        )
-    return [known[t] for t in vocab]
-
-
 def _stop_ids(tokenizer, model, fmt) -> list[int]:
     stops = set()
     if fmt.end_token is not None:
@@ -81,12 +68,13 @@ def generate_semantic_tokens(
     model,
     tokenizer,
     texts: Sequence[str],
-    token_format: Any,
+    token_format: Any = None,
     *,
     template: str | PromptTemplate = "speechless",
     languages: str | Sequence[str | None] | None = None,
     batch_size: int = 16,
     max_new_tokens: int = 512,
+    grammar: bool = True,
     show_progress: bool = True,
     **generate_kwargs: Any,
 ) -> dict[str, list]:
@@ -95,11 +83,17 @@ def generate_semantic_tokens(
     Args:
         model: a causal LM trained with the ``speechless`` recipe (its tokenizer has the format's tokens).
         texts: the input texts (rendered with ``template``, as in training).
-        token_format: the format the model was trained on (name, dict or ``SemanticTokenFormat``).
+        token_format: ``None`` (default): the format the model carries (``semantic_format.json`` in the
+            folder ``examples/sft.py`` saved, read by :func:`gemma_rvq.formats.resolve_format`). A preset
+            name, dict or ``SemanticTokenFormat`` must agree with it (a mismatch is a ``ValueError``).
         languages: one language for all texts, or one per text (``None`` = no tag).
         batch_size: prompts per ``generate`` call; prompts are sorted by length to limit padding.
-        max_new_tokens: a row that reaches it without a stop token is reported as an error.
-        generate_kwargs: passed to ``model.generate`` (e.g. ``do_sample=True, temperature=0.7``).
+        max_new_tokens: the longest output in LM tokens. Under the grammar every row closes its string
+            within it; without, a row that reaches it without a stop token is reported as an error.
+        grammar: constrain generation with :class:`~gemma_rvq.grammar.SemanticGrammarLogitsProcessor`
+            (every output parses); ``False`` only keeps the format's tokens.
+        generate_kwargs: passed to ``model.generate`` (e.g. ``do_sample=True, temperature=0.7`` or
+            ``num_beams=4``).
 
     Returns:
         ``{"semantic_tokens": [str | None], "generation_error": [str | None]}`` in the order of ``texts``:
@@ -107,9 +101,9 @@ def generate_semantic_tokens(
     """
     from tqdm.auto import tqdm
 
-    from ..tokens import get_format
+    from ..formats import resolve_format
 
-    fmt = get_format(token_format)
+    fmt = resolve_format(token_format, model=model)
     template = get_template(template)
     texts = list(texts)
     for index, text in enumerate(texts):
@@ -124,7 +118,13 @@ def generate_semantic_tokens(
 
     vocab_ids = semantic_token_ids(tokenizer, fmt)
     stops = _stop_ids(tokenizer, model, fmt)
-    processor = SemanticVocabularyLogitsProcessor([*vocab_ids, *stops])
+    if grammar:
+        processor = SemanticGrammarLogitsProcessor(tokenizer, fmt, eos_token_id=stops,
+                                                   max_new_tokens=max_new_tokens)
+        separator_ids = processor.separator_ids
+    else:
+        processor = SemanticVocabularyLogitsProcessor([*vocab_ids, *stops])
+        separator_ids = []
     id_to_token = {i: t for t, i in zip(fmt.vocabulary(), vocab_ids)}
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
 
@@ -152,7 +152,8 @@ def generate_semantic_tokens(
             )
             new_tokens = output[:, encoded["input_ids"].shape[1]:].tolist()
             for row, ids in zip(rows, new_tokens):
-                tokens_out[row], errors[row] = _to_string(ids, stops, fmt, id_to_token, max_new_tokens)
+                tokens_out[row], errors[row] = _to_string(ids, stops, fmt, id_to_token, max_new_tokens,
+                                                          separator_ids)
     finally:
         tokenizer.padding_side = padding_side
         model.train(was_training)
@@ -160,7 +161,7 @@ def generate_semantic_tokens(
 
 
 def _to_string(ids: list[int], stops: list[int], fmt, id_to_token: dict[int, str],
-               max_new_tokens: int) -> tuple[str | None, str | None]:
+               max_new_tokens: int, separator_ids: Sequence[int] = ()) -> tuple[str | None, str | None]:
     """Cut at the first stop token (keeping the end marker), join, parse. Returns ``(tokens, error)``."""
     end_id = None
     kept: list[int] = []
@@ -171,9 +172,11 @@ def _to_string(ids: list[int], stops: list[int], fmt, id_to_token: dict[int, str
                 kept.append(token_id)
             break
         kept.append(token_id)
-    outside = [i for i in kept if i not in id_to_token]
-    if outside:  # cannot happen under SemanticVocabularyLogitsProcessor; guards custom logits processors
+    separators = set(separator_ids)
+    outside = [i for i in kept if i not in id_to_token and i not in separators]
+    if outside:  # cannot happen under the grammar; guards custom logits processors
         return None, f"generated ids outside the format's vocabulary: {outside[:5]}"
+    kept = [i for i in kept if i in id_to_token]
     if end_id is None:
         return None, f"no stop token within max_new_tokens={max_new_tokens}"
     if fmt.end_token is not None and (not kept or id_to_token.get(kept[-1]) != fmt.end_token):
@@ -192,7 +195,7 @@ def generate_semantic_dataset(
     model,
     tokenizer,
     dataset,
-    token_format: Any,
+    token_format: Any = None,
     *,
     text_column: str = "text",
     output_column: str = "semantic_tokens",
@@ -207,9 +210,12 @@ def generate_semantic_dataset(
     With an ``accelerate.Accelerator`` of several processes, the rows are split between processes
     (``accelerator.split_between_processes``), each process generates its shard on its device, and the
     results are gathered: every process returns the full dataset (save it on the main process).
-    ``kwargs`` go to :func:`generate_semantic_tokens`.
+    ``kwargs`` go to :func:`generate_semantic_tokens`. The result carries the format
+    (:func:`gemma_rvq.formats.attach_format`), so the stage-3 recipe reads it from there.
     """
     from datasets import Dataset
+
+    from ..formats import attach_format, model_format_record, resolve_format
 
     if not isinstance(dataset, Dataset):
         raise ValueError(f"generate_semantic_dataset takes a datasets.Dataset, got {type(dataset).__name__}")
@@ -220,6 +226,7 @@ def generate_semantic_dataset(
         if column in dataset.column_names:
             raise ValueError(f"the dataset already has a {column!r} column; remove it or pick another name")
 
+    token_format = resolve_format(token_format, model=model)
     indices = list(range(len(dataset)))
     if accelerator is not None and accelerator.num_processes > 1:
         from accelerate.utils import gather_object
@@ -234,7 +241,9 @@ def generate_semantic_dataset(
     if [r[0] for r in rows] != indices:
         raise RuntimeError("gathered generation results do not cover the dataset exactly once")
     dataset = dataset.add_column(output_column, [r[1] for r in rows])
-    return dataset.add_column(error_column, [r[2] for r in rows])
+    dataset = dataset.add_column(error_column, [r[2] for r in rows])
+    record = model_format_record(model)
+    return attach_format(dataset, token_format, speech_tokenizer=record.speech_tokenizer if record else None)
 
 
 def _generate_rows(model, tokenizer, dataset, indices, token_format, text_column, language, language_column,

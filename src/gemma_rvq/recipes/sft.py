@@ -5,7 +5,8 @@ semantic tokens (``gemma_rvq.llm.add_semantic_tokens``, which resizes the embedd
 exists: ``SFTTrainer`` never resizes), builds the recipe's dataset, configures LoRA so that the new
 token rows are trainable (``trainable_token_indices``; the output rows too when the head is untied),
 builds ``trl.SFTTrainer``, trains, and saves the model (or adapter), the tokenizer and a
-``gemma_rvq_recipe.json`` that :func:`load_sft_model` reads back.
+``gemma_rvq_recipe.json`` that :func:`load_sft_model` reads back, plus ``semantic_format.json`` (the token
+format and the speech tokenizer it came from, :mod:`gemma_rvq.formats`).
 """
 
 from __future__ import annotations
@@ -50,13 +51,14 @@ class SemanticSFTArguments(ScriptArguments):
     """Script arguments of ``examples/sft.py`` (TRL's ``ScriptArguments`` plus the recipe's own)."""
 
     recipe: str = field(default="speechless", metadata={"help": f"One of {list(RECIPES)}."})
-    token_format: str = field(
-        default="gemma_rvq",
-        metadata={"help": "Semantic token format: a preset (gemma_rvq, ichigo, spire) or a JSON file written "
-                          "from SemanticTokenFormat.to_dict()."},
+    token_format: str | None = field(
+        default=None,
+        metadata={"help": "Semantic token format: default the one the dataset carries (recorded by gemma-rvq "
+                          "tokenize / generate_semantic) or the model folder's semantic_format.json; or a preset "
+                          "(gemma_rvq, ichigo, spire) or a JSON file, which must agree with the recorded one."},
     )
-    codebook_size: int | None = field(default=None, metadata={"help": "Override the format's codebook size."})
-    num_levels: int | None = field(default=None, metadata={"help": "Override the format's number of levels."})
+    codebook_size: int | None = field(default=None, metadata={"help": "Override a preset's codebook size."})
+    num_levels: int | None = field(default=None, metadata={"help": "Override a preset's number of levels."})
     token_init: str = field(default="mean", metadata={"help": "Init of the new embedding rows (add_semantic_tokens)."})
     embedding_pad_to_multiple_of: int | None = field(
         default=64, metadata={"help": "Pad the resized embedding matrix to a multiple of this (None: no padding)."}
@@ -105,17 +107,14 @@ class SemanticSFTArguments(ScriptArguments):
 
 
 # ---------------------------------------------------------------------------------------------- tokens
-def resolve_token_format(token_format: Any, codebook_size: int | None = None, num_levels: int | None = None):
-    """A ``SemanticTokenFormat`` from a preset name, a JSON file path, a dict or a format, with overrides."""
-    from ..tokens import get_format
+def resolve_token_format(token_format: Any = None, codebook_size: int | None = None, num_levels: int | None = None,
+                         *, dataset: Any = None, model: Any = None):
+    """The ``SemanticTokenFormat`` to train with: :func:`gemma_rvq.formats.resolve_format` (explicit spec or
+    JSON file, checked against what ``dataset`` and ``model`` carry; read from them when ``None``)."""
+    from ..formats import resolve_format
 
-    if isinstance(token_format, str) and token_format.endswith(".json"):
-        if not os.path.isfile(token_format):
-            raise ValueError(f"token format file {token_format!r} does not exist")
-        with open(token_format, encoding="utf-8") as handle:
-            token_format = json.load(handle)
-    overrides = {k: v for k, v in (("codebook_size", codebook_size), ("num_levels", num_levels)) if v is not None}
-    return get_format(token_format, **overrides)
+    return resolve_format(token_format, dataset=dataset, model=model, codebook_size=codebook_size,
+                          num_levels=num_levels)
 
 
 def prepare_semantic_tokens(model, tokenizer, token_format: Any, *, init: str = "mean",
@@ -202,22 +201,33 @@ def patch_trainable_tokens_head(trainer) -> None:
 # ---------------------------------------------------------------------------------------------- data
 def load_raw_dataset(name: str | None, *, dataset_config: str | None = None, data_files=None,
                      streaming: bool = False):
-    """Load a Hub dataset id, a ``save_to_disk`` folder, or a json/jsonl/csv/parquet file."""
+    """Load a Hub dataset id, a ``save_to_disk`` folder, or a json/jsonl/csv/parquet file.
+
+    A ``semantic_format.json`` in the folder (or beside the file) is attached to the dataset's info when
+    the data does not carry a format already (:mod:`gemma_rvq.formats`).
+    """
     from datasets import load_dataset, load_from_disk
+
+    from ..formats import attach_format, dataset_format, load_format_record
 
     if name is None:
         raise ValueError("dataset_name is required: a Hub dataset id, a save_to_disk folder or a data file")
     if os.path.isdir(name) and (
         os.path.isfile(os.path.join(name, "dataset_dict.json")) or os.path.isfile(os.path.join(name, "state.json"))
     ):
-        return load_from_disk(name)
-    if os.path.isfile(name):
+        dataset, folder = load_from_disk(name), name
+    elif os.path.isfile(name):
         extension = name.rsplit(".", 1)[-1].lower()
         builder = {"jsonl": "json", "json": "json", "csv": "csv", "parquet": "parquet"}.get(extension)
         if builder is None:
             raise ValueError(f"unsupported data file {name!r} (json, jsonl, csv or parquet)")
-        return load_dataset(builder, data_files=name)
-    return load_dataset(name, name=dataset_config, data_files=data_files, streaming=streaming)
+        dataset, folder = load_dataset(builder, data_files=name), os.path.dirname(os.path.abspath(name))
+    else:
+        return load_dataset(name, name=dataset_config, data_files=data_files, streaming=streaming)
+    record = load_format_record(folder) if os.path.isfile(os.path.join(folder, "semantic_format.json")) else None
+    if record is not None and dataset_format(dataset) is None:
+        attach_format(dataset, record.format, speech_tokenizer=record.speech_tokenizer)
+    return dataset
 
 
 def _builder_kwargs(script_args, token_format) -> dict[str, Any]:
@@ -241,6 +251,11 @@ def _builder_kwargs(script_args, token_format) -> dict[str, Any]:
 
 def load_sft_dataset(script_args, token_format=None):
     """Load ``script_args.dataset_name`` and build the recipe's dataset; returns ``(train, eval or None)``."""
+    train, evaluation = _load_raw_splits(script_args)
+    return _build_splits(script_args, train, evaluation, token_format)
+
+
+def _load_raw_splits(script_args):
     from datasets import Dataset, DatasetDict, IterableDatasetDict
 
     raw = load_raw_dataset(script_args.dataset_name, dataset_config=script_args.dataset_config,
@@ -255,6 +270,12 @@ def load_sft_dataset(script_args, token_format=None):
     if script_args.max_train_samples is not None:
         train = train.select(range(min(script_args.max_train_samples, len(train)))) if isinstance(
             train, Dataset) else train.take(script_args.max_train_samples)
+    return train, evaluation
+
+
+def _build_splits(script_args, train, evaluation, token_format):
+    from datasets import Dataset
+
     if not script_args.prepared_dataset:
         kwargs = _builder_kwargs(script_args, token_format)
         train = build_recipe_dataset(script_args.recipe, train, **kwargs)
@@ -343,13 +364,23 @@ def build_sft_trainer(script_args, training_args, model_args, *, model=None, tok
             f"of {model_args.model_name_or_path!r} has none: use an instruction-tuned model, set "
             "--chat_template_path (a tokenizer folder or .jinja file), or use the asr recipe (plain text prompts)"
         )
-    fmt = resolve_token_format(script_args.token_format, script_args.codebook_size, script_args.num_levels)
+    from ..formats import dataset_format_record
+
+    raw_train = raw_eval = None
+    if train_dataset is None:
+        raw_train, raw_eval = _load_raw_splits(script_args)
+    data = raw_train if train_dataset is None else train_dataset
+    # one resolution path: the given format, checked against what the data and the model carry
+    fmt = resolve_token_format(script_args.token_format, script_args.codebook_size, script_args.num_levels,
+                               dataset=data, model=model)
+    data_record = dataset_format_record(data)
     new_ids = prepare_semantic_tokens(model, tokenizer, fmt, init=script_args.token_init,
                                       pad_to_multiple_of=script_args.embedding_pad_to_multiple_of,
                                       seed=script_args.token_seed, rvq_model=rvq_model)
     embedding_rows = model.get_input_embeddings().num_embeddings  # before PEFT wraps the embeddings
     if train_dataset is None:
-        train_dataset, loaded_eval = load_sft_dataset(script_args, fmt)
+        check = fmt if script_args.validate_tokens else None
+        train_dataset, loaded_eval = _build_splits(script_args, raw_train, raw_eval, check)
         eval_dataset = eval_dataset if eval_dataset is not None else loaded_eval
     if training_args.eval_strategy == "no":
         eval_dataset = None
@@ -385,6 +416,10 @@ def build_sft_trainer(script_args, training_args, model_args, *, model=None, tok
         "pad_to_multiple_of": script_args.embedding_pad_to_multiple_of,
         "peft": peft_config is not None,
         "prompt_template": script_args.prompt_template or _DEFAULT_TEMPLATE[script_args.recipe],
+        "system_prompt": script_args.system_prompt,
+        "user_template": script_args.user_template,
+        "language": script_args.language,
+        "speech_tokenizer": data_record.speech_tokenizer if data_record else None,
     }
     return trainer
 
@@ -392,9 +427,13 @@ def build_sft_trainer(script_args, training_args, model_args, *, model=None, tok
 def save_recipe(trainer, output_dir: str) -> None:
     """Write ``gemma_rvq_recipe.json`` (what :func:`load_sft_model` needs) on the main process."""
     if trainer.accelerator.is_main_process:
+        from ..formats import save_format
+
         os.makedirs(output_dir, exist_ok=True)
         with open(os.path.join(output_dir, RECIPE_FILE), "w", encoding="utf-8") as handle:
             json.dump(trainer.gemma_rvq_recipe, handle, indent=2)
+        recipe = trainer.gemma_rvq_recipe
+        save_format(output_dir, recipe["token_format"], speech_tokenizer=recipe.get("speech_tokenizer"))
 
 
 def run_sft(script_args, training_args, model_args, **kwargs):
@@ -418,9 +457,14 @@ def load_sft_model(path: str, *, base_model_name_or_path: str | None = None, rvq
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from ..formats import load_format_record
+
     tokenizer = AutoTokenizer.from_pretrained(path)
+    record = load_format_record(path)
     if not os.path.isfile(os.path.join(path, "adapter_config.json")):
-        return AutoModelForCausalLM.from_pretrained(path, **from_pretrained_kwargs), tokenizer
+        model = AutoModelForCausalLM.from_pretrained(path, **from_pretrained_kwargs)
+        model.gemma_rvq_format = record  # what generate_semantic_tokens and the pipeline read
+        return model, tokenizer
     from peft import PeftModel
 
     recipe_path = os.path.join(path, RECIPE_FILE)
@@ -441,4 +485,6 @@ def load_sft_model(path: str, *, base_model_name_or_path: str | None = None, rvq
             f"{base.get_input_embeddings().num_embeddings} rows, the adapter was trained with "
             f"{len(tokenizer)} / {recipe['embedding_rows']}: wrong base model?"
         )
-    return PeftModel.from_pretrained(base, path), tokenizer
+    model = PeftModel.from_pretrained(base, path)
+    model.gemma_rvq_format = record
+    return model, tokenizer

@@ -179,6 +179,10 @@ def _train_rvq(config: RVQTrainingConfig, accelerator: Any, stop_after_step: int
     result = trainer.train(stop_after_step=stop_after_step)
     if result.completed and accelerator.is_main_process:
         write_cards(result, config)
+        from ..formats import save_rvq_format
+
+        for folder in result.folders.values():  # semantic_format.json: the format the codes are rendered in
+            save_rvq_format(folder)
         if config.push_to_hub:
             from ..hub import push_model
 
