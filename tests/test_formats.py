@@ -44,7 +44,7 @@ def test_folder_round_trip(tmp_path):
     assert load_format(tmp_path / "old") == ICHIGO
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / FORMAT_FILE).write_text('{"token_format": {"name": "x", "bogus": 1}}')
-    with pytest.raises(ValueError, match="broken.*not a token format"):
+    with pytest.raises(ValueError, match=r"broken.*not a token format"):
         load_format(tmp_path / "broken")
 
 

@@ -327,7 +327,8 @@ def test_all_rows_dropped_is_a_clear_error(tmp_path, llama_dir):
                        "generation_error": ["no stop token", "no stop token"]}).save_to_disk(tmp_path / "gen")
     script_args, training_args, model_args = parse(
         "tiny_speech_instruct.yaml", model_name_or_path=llama_dir, dataset_name=tmp_path / "gen",
-        output_dir=tmp_path / "out", drop_missing_tokens="true")
+        output_dir=tmp_path / "out", drop_missing_tokens="true", token_format="gemma_rvq", codebook_size=8,
+        num_levels=2)  # no row holds tokens: the format cannot be read from the data
     with pytest.raises(ValueError, match="every row was dropped by drop_missing_tokens"):
         build_sft_trainer(script_args, training_args, model_args)
 

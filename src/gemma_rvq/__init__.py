@@ -24,6 +24,16 @@ AutoModel.register(GemmaRVQConfig, GemmaRVQModel, exist_ok=True)
 GemmaRVQConfig.register_for_auto_class()
 GemmaRVQModel.register_for_auto_class("AutoModel")
 
+
+def _register_pipelines() -> None:
+    # pipeline("speech-instruct", model=stage3_dir): speech in, the stage-3 LLM's answer out
+    from .pipelines import register
+
+    register()
+
+
+_register_pipelines()
+
 # public name -> submodule that defines it
 _LAZY = {
     "ResidualQuantizer": "quantization",
@@ -36,6 +46,9 @@ _LAZY = {
     "audio_code_embeddings": "llm",
     "load_any": "convert",
     "build_interleaved_dataset": "recipes.interleave",
+    "SemanticGrammarLogitsProcessor": "grammar",
+    "SpeechInstructPipeline": "pipelines",
+    "resolve_format": "formats",
 }
 
 __all__ = ["GemmaRVQConfig", "GemmaRVQModel", "__version__", *_LAZY]

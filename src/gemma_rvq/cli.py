@@ -155,6 +155,11 @@ def build_parser() -> argparse.ArgumentParser:
     from .stream_cli import make_parser as add_stream_parser
 
     add_stream_parser(sub)
+
+    from .downstream import make_answer_parser, make_evaluate_llm_parser
+
+    make_answer_parser(sub)  # gemma-rvq answer FILE... --model DIR
+    make_evaluate_llm_parser(sub)  # gemma-rvq evaluate-llm --model DIR --dataset DATA
     return parser
 
 

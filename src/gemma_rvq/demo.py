@@ -60,6 +60,8 @@ class DemoSettings:
     rvq_evaluations: int = 3
     rvq_plots: bool = True
     max_new_tokens: int | None = None  # stage-2 generation; None: 1.5x the longest training token string
+    asr_steps: int = 200  # stage 3, asr recipe (evaluated with CER/WER)
+    probe_steps: int = 150  # the content probe (CTC, tokens -> characters)
     # torch CPU threads during the demo (restored afterwards). Models this small gain little from a second
     # thread, and on a busy machine OpenMP's spinning makes 2 threads 10-20x slower than 1 (measured).
     num_threads: int | None = 1
@@ -67,7 +69,7 @@ class DemoSettings:
     @classmethod
     def quick(cls) -> DemoSettings:
         return cls(rvq_steps=8, rvq_evaluations=1, rvq_plots=False, stage2_steps=8, stage3_steps=6, cpt_steps=4,
-                   max_new_tokens=24)
+                   max_new_tokens=24, asr_steps=6, probe_steps=10)
 
 
 @dataclass
@@ -83,6 +85,7 @@ class DemoResult:
     parsed: int
     answers: list[dict[str, Any]]
     timings: dict[str, float] = field(default_factory=dict)
+    downstream: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_folder(cls, output_dir: str | os.PathLike) -> DemoResult:
@@ -96,7 +99,8 @@ class DemoResult:
                    plots={k: out / v for k, v in data["plots"].items()},
                    hub_folders={k: out / v for k, v in data["hub_folders"].items()},
                    metrics=data["stage1"]["metrics"], generated=data["stage2"]["generated"],
-                   parsed=data["stage2"]["parsed"], answers=data["stage3"]["answers"], timings=data["timings"])
+                   parsed=data["stage2"]["parsed"], answers=data["stage3"]["answers"], timings=data["timings"],
+                   downstream=data.get("downstream", {}))
 
 
 # ---------------------------------------------------------------------------------------------- corpus
@@ -351,6 +355,7 @@ def _run(output_dir, corpus_dir, encoder: str | None, seed: int, quick: bool, se
                        "recheck_max_difference": max(abs(card[k] - recheck[k]) for k in _REPORT_METRICS if k in recheck),
                        "init": result.init_metrics, "card_note": card_note, "run_dir": str(work / "stage1")}
     _print_metrics(metrics, settings)
+    state["probe"] = _content_probe(rvq_model, corpus, utterances, instructions, settings, seed)
 
     # ------------------------------------------------------------------ 3. tokens
     progress.step(3, "Tokenizing the corpus: dataset.map(SpeechTokenizer(model), batched=True)")
@@ -376,6 +381,11 @@ def _run(output_dir, corpus_dir, encoder: str | None, seed: int, quick: bool, se
     state["stage2"] = {**{k: v for k, v in stage2.items() if k != "folder"}, **generated["summary"]}
     print(f"      {generated['summary']['parsed']} of {generated['summary']['generated']} generated token "
           f"strings parse with the format")
+    state["stage2"]["unseen"] = _evaluate_stage2(stage2["folder"], tokens["dev"], stage2["max_new_tokens"])
+    unseen = state["stage2"]["unseen"]
+    print(f"      unseen sentences (dev): {unseen['parsed']} of {unseen['generated']} parse; unit error rate "
+          f"{unseen.get('unit_error_rate', float('nan')):.3f} (per level "
+          + ", ".join(f"{v:.2f}" for v in unseen.get("unit_error_rate_per_level", [])) + ")")
 
     # ------------------------------------------------------------------ 5. stage 3
     progress.step(5, "Stage 3: tokens -> answer LM with LoRA, then the held-out spoken prompt")
@@ -383,8 +393,13 @@ def _run(output_dir, corpus_dir, encoder: str | None, seed: int, quick: bool, se
     stage3_base = Path(state["cpt"]["folder"]) if state["cpt"]["steps"] else base_lm
     stage3 = _run_stage3(settings, fmt, tokens, generated["rows"], stage3_base, work, hub / "speech-instruct-lora",
                          seed)
-    answers = _answer_held_out(hub / "speech-instruct-lora", tokens["dev"], fmt, stage3["system_prompt"])
-    state["stage3"] = {**stage3, "answers": answers}
+    answers, answer_scores = _answer_held_out(hub / "speech-instruct-lora", tokens["dev"], fmt,
+                                              stage3["system_prompt"], corpus)
+    asr = _run_asr(settings, tokens, base_lm, work, hub / "asr-lm", seed, corpus)
+    state["stage3"] = {**stage3, "answers": answers, "scores": answer_scores, "asr": asr}
+    print(f"      speech_instruct on the held-out spoken prompts: chrF {answer_scores['chrf']:.1f}; asr recipe on the "
+          f"{asr['num_examples']} dev utterances: CER {asr['cer']:.3f}, WER {asr['wer']:.3f} (through "
+          "pipeline('speech-instruct'))")
     for answer in answers:
         print(f"      prompt ({answer['language']}, unseen voice {answer['voice']}): {answer['prompt_tokens']}")
         print(f"      answer:    {answer['answer']!r}\n      reference: {answer['reference']!r}")
@@ -396,9 +411,11 @@ def _run(output_dir, corpus_dir, encoder: str | None, seed: int, quick: bool, se
     space = Path(push_metric("rvq_quality", "your-name/rvq_quality", folder=hub / "rvq_quality", dry_run=True))
     plots = _make_plots(plots_dir, counts, level_errors, state, tokens, stage2["folder"])
     hub_folders = {"rvq-model": rvq_folder, "semantic-tokens": token_folder, "rvq_quality": space,
-                   "speechless-lm": hub / "speechless-lm", "speech-instruct-lora": hub / "speech-instruct-lora"}
+                   "speechless-lm": hub / "speechless-lm", "speech-instruct-lora": hub / "speech-instruct-lora",
+                   "asr-lm": hub / "asr-lm"}
     progress.done()
     state["total_seconds"] = progress.total
+    state["downstream"] = _downstream_summary(state)
     report = _write_report(out, state, plots, hub_folders, progress.timings)
     relative = {"plots": {k: v.relative_to(out).as_posix() for k, v in plots.items()},
                 "hub_folders": {k: v.relative_to(out).as_posix() for k, v in hub_folders.items()}}
@@ -407,7 +424,7 @@ def _run(output_dir, corpus_dir, encoder: str | None, seed: int, quick: bool, se
     print(f"\nDemo finished in {progress.total:.0f} s. Report: {report}")
     return DemoResult(output_dir=out, report=report, plots=plots, hub_folders=hub_folders, metrics=metrics,
                       generated=state["stage2"]["generated"], parsed=state["stage2"]["parsed"], answers=answers,
-                      timings=progress.timings)
+                      timings=progress.timings, downstream=state["downstream"])
 
 
 def _random_encoder_note() -> str:
@@ -647,7 +664,8 @@ def _build_base_lm(settings: DemoSettings, folder: Path, utterances: list[dict],
 
 def _common_sft(settings: DemoSettings, fmt, seed: int) -> dict[str, Any]:
     return {
-        "embedding_pad_to_multiple_of": 8,  # no token_format: read from the data (gemma_rvq.formats) "per_device_train_batch_size": settings.batch_size,
+        # no token_format: it is read from the data (gemma_rvq.formats)
+        "embedding_pad_to_multiple_of": 8, "per_device_train_batch_size": settings.batch_size,
         "gradient_accumulation_steps": 1, "learning_rate": settings.learning_rate,
         "lr_scheduler_type": "cosine", "warmup_steps": 0, "max_length": 1024, "bf16": "false",
         "gradient_checkpointing": "false", "use_cpu": "true", "report_to": "none", "save_strategy": "no",
@@ -726,7 +744,9 @@ def _run_cpt(settings: DemoSettings, fmt, tokens, frame_rate: float, corpus: Pat
     documents = build_cpt_dataset(train, fmt, ratios, frame_rate=frame_rate, seed=seed,
                                   markers={"text": None, "speech": None})
     data = work / "cpt-data"
-    documents.save_to_disk(str(data))
+    from .formats import attach_format
+
+    attach_format(documents, fmt).save_to_disk(str(data))  # the cpt recipe reads the format from the data
     steps = settings.cpt_steps
     (script_args, training_args, model_args), command = _sft_args(
         recipe="cpt", model_name_or_path=base_lm, dataset_name=data, output_dir=folder, text_column="text",
@@ -781,30 +801,124 @@ def _run_stage3(settings: DemoSettings, fmt, tokens, generated_rows: list[dict],
             "trainable_parameters": trainable, "parameters": total}
 
 
-def _answer_held_out(folder: Path, dev, fmt, system_prompt: str) -> list[dict]:
+def _answer_held_out(folder: Path, dev, fmt, system_prompt: str, corpus: Path) -> tuple[list[dict], dict]:
+    """The held-out spoken prompts answered through ``pipeline("speech-instruct")``, scored with chrF."""
+    from .downstream import evaluate_speech_llm, text_metrics
+    from .pipelines import SpeechInstructPipeline, load_speech_llm
+
+    prompts = dev.filter(lambda kind: kind == "instruction", input_columns="kind")
+    if not len(prompts):
+        raise ValueError("the dev split has no spoken instruction to answer")
+    model, tokenizer = load_speech_llm(folder)
+    pipe = SpeechInstructPipeline(model, tokenizer, device="cpu")
+    clips = [str(corpus / row["file"]) for row in prompts]
+    result = evaluate_speech_llm(pipe, clips, prompts["response"], max_new_tokens=16)
+    answers = []
+    for row, clip, answer in zip(prompts, clips, result["predictions"]):
+        tokens = pipe.semantic_tokens(clip)
+        if tokens != row["semantic_tokens"]:
+            raise RuntimeError(f"the pipeline tokenized {row['file']} differently from the dataset")
+        length = len(tokenizer.apply_chat_template(pipe.prompt(tokens), add_generation_prompt=True,
+                                                   return_dict=True)["input_ids"])
+        answers.append({"id": row["id"], "language": row["language"], "voice": row["voice"],
+                        "instruction": row["text"], "prompt_tokens": _truncate_tokens(tokens, fmt),
+                        "prompt_length": length, "answer": answer, "reference": row["response"]})
+    scores = {"chrf": result["chrf"], "num_examples": result["num_examples"],
+              "chrf_per_prompt": [text_metrics([a["answer"]], [a["reference"]], kind="answer")["chrf"]
+                                  for a in answers]}
+    return answers, scores
+
+
+def _run_asr(settings: DemoSettings, tokens, base_lm: Path, work: Path, out: Path, seed: int, corpus: Path) -> dict:
+    """Stage 3, asr recipe: tokens -> transcript on the train utterances; CER/WER on the dev utterances."""
+    from .downstream import evaluate_speech_llm
+    from .recipes import run_sft
+
+    train = tokens["train"].filter(lambda kind: kind == "utterance", input_columns="kind")
+    data = work / "asr-data"
+    train.select_columns(["text", "semantic_tokens", "language_name"]).save_to_disk(str(data))
+    steps = settings.asr_steps
+    (script_args, training_args, model_args), command = _sft_args(
+        recipe="asr", model_name_or_path=base_lm, dataset_name=data, output_dir=out, text_column="text",
+        tokens_column="semantic_tokens", language_column="language_name", use_peft="false", max_steps=steps,
+        logging_steps=max(1, steps // 30), **_common_sft(settings, None, seed),
+    )
+    print(f"      asr recipe: {len(train)} (tokens, transcript) pairs; {command}")
+    trainer = run_sft(script_args, training_args, model_args)
+    dev = tokens["dev"].filter(lambda kind: kind == "utterance", input_columns="kind")
+    result = evaluate_speech_llm(out, [str(corpus / f) for f in dev["file"]], dev["text"], max_new_tokens=32)
+    examples = [{"id": i, "reference": r, "transcript": p}
+                for i, r, p in list(zip(dev["id"], dev["text"], result["predictions"]))[:3]]
+    return {"steps": trainer.state.global_step, "pairs": len(train), "losses": _losses(trainer.state.log_history),
+            "command": command, "wer": result["wer"], "cer": result["cer"], "num_examples": result["num_examples"],
+            "examples": examples}
+
+
+def _content_probe(model, corpus: Path, utterances: list[dict], instructions: list[dict], settings: DemoSettings,
+                   seed: int) -> dict:
+    """The CTC content probe on every spoken clip: train split -> CER on the dev split (unseen voice)."""
     import torch
 
+    from .probe import content_probe
+
+    rows = [(r["file"], r["text"], r["split"]) for r in utterances]
+    rows += [(r["file"], r["instruction"], r["split"]) for r in instructions if r.get("file")]
+    data: dict[str, dict[str, list]] = {split: {"codes": [], "features": [], "texts": []} for split in ("train", "dev")}
+    with torch.no_grad():
+        for file, text, split in rows:
+            wave = _load_clip(corpus, file, model.config.sampling_rate)
+            embeddings, mask = model.embed([wave])
+            codes = model.quantize(embeddings, mask).audio_codes
+            valid = mask[0]
+            data[split]["codes"].append(codes[0][:, valid].numpy())
+            data[split]["features"].append(embeddings[0][valid].float().numpy())
+            data[split]["texts"].append(text)
+    train, dev = data["train"], data["dev"]
+    result = content_probe(train["codes"], train["texts"], dev["codes"], dev["texts"],
+                           codebook_size=model.config.codebook_size, train_features=train["features"],
+                           dev_features=dev["features"], steps=settings.probe_steps, seed=seed)
+    summary = {"cer_by_levels": {str(k): v.cer for k, v in result["levels"].items()},
+               "kmeans_cer": result["kmeans"].cer, "kmeans_units": result["kmeans_size"],
+               "train_clips": len(train["texts"]), "dev_clips": len(dev["texts"]), "steps": settings.probe_steps,
+               "examples": [{"reference": r, "decoded": h} for r, h in result["levels"][len(result["levels"])].examples]}
+    print("      content probe (CTC tokens -> characters, dev CER): "
+          + ", ".join(f"{k} level{'s' if k != '1' else ''} {v:.3f}" for k, v in summary["cer_by_levels"].items())
+          + f"; k-means ({summary['kmeans_units']} units) {summary['kmeans_cer']:.3f}")
+    return summary
+
+
+def _evaluate_stage2(folder: Path, dev, max_new_tokens: int) -> dict:
+    """Parse rate and unit error rate of the stage-2 model on the dev utterances (unseen sentences)."""
+    from .downstream import evaluate_stage2
     from .recipes import load_sft_model
 
+    rows = dev.filter(lambda kind: kind == "utterance", input_columns="kind")
     model, tokenizer = load_sft_model(str(folder))
-    model.eval()
-    prompts = dev.filter(lambda kind: kind == "instruction", input_columns="kind")
-    answers = []
-    for row in prompts:
-        messages = [{"role": "system", "content": system_prompt}, {"role": "user", "content": row["semantic_tokens"]}]
-        encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
-                                                return_dict=True)
-        with torch.no_grad():
-            output = model.generate(**encoded, max_new_tokens=16, do_sample=False,
-                                    pad_token_id=tokenizer.pad_token_id)
-        answer = tokenizer.decode(output[0, encoded["input_ids"].shape[1]:], skip_special_tokens=True).strip()
-        answers.append({"id": row["id"], "language": row["language"], "voice": row["voice"],
-                        "instruction": row["text"], "prompt_tokens": _truncate_tokens(row["semantic_tokens"], fmt),
-                        "prompt_length": int(encoded["input_ids"].shape[1]), "answer": answer,
-                        "reference": row["response"]})
-    if not answers:
-        raise ValueError("the dev split has no spoken instruction to answer")
-    return answers
+    out = evaluate_stage2(model, tokenizer, rows["text"], rows["semantic_tokens"], languages=rows["language_name"],
+                          max_new_tokens=max_new_tokens, batch_size=16)
+    parsed = sum(e is None for e in out["errors"])
+    summary = {"generated": len(rows), "parsed": parsed, "parse_rate": out["parse_rate"]}
+    if "unit_error_rate" in out:
+        summary.update(unit_error_rate=out["unit_error_rate"],
+                       unit_error_rate_per_level=out["unit_error_rate_per_level"],
+                       reference_units=out["num_reference_units"])
+    return summary
+
+
+def _downstream_summary(state: dict) -> dict:
+    """The ``downstream`` block of results.json: one number per question, what the report's table shows."""
+    m, st2, st3 = state["stage1"]["metrics"], state["stage2"], state["stage3"]
+    return {
+        "random_encoder": state["encoder"]["random"],
+        "stage1": {"fvu": m["fvu"], "mse": m["mse"], "cosine_similarity": m["cosine_similarity"]},
+        "probe": state["probe"],
+        "stage2": {"parse_rate_text_only": st2["parsed"] / st2["generated"] if st2["generated"] else None,
+                   "parse_rate_unseen": st2["unseen"]["parse_rate"],
+                   "unit_error_rate": st2["unseen"].get("unit_error_rate"),
+                   "unit_error_rate_per_level": st2["unseen"].get("unit_error_rate_per_level")},
+        "stage3": {"asr_cer": st3["asr"]["cer"], "asr_wer": st3["asr"]["wer"],
+                   "speech_instruct_chrf": st3["scores"]["chrf"]},
+    }
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -870,7 +984,7 @@ def _make_plots(folder: Path, counts, level_errors, state: dict, tokens, stage2_
 
 
 _PUSH_TYPES = {"rvq-model": "model", "semantic-tokens": "dataset", "rvq_quality": "space",
-               "speechless-lm": "model", "speech-instruct-lora": "model"}
+               "speechless-lm": "model", "speech-instruct-lora": "model", "asr-lm": "model"}
 _PUSH_WHAT = {
     "rvq-model": "the stage-1 RVQ (`save_pretrained` folder + model card); "
                  "`AutoModel.from_pretrained` after `import gemma_rvq`",
@@ -879,7 +993,49 @@ _PUSH_WHAT = {
                    "(`gemma_rvq.hub.push_metric(..., dry_run=True)`)",
     "speechless-lm": "the stage-2 Speechless LM (full model + tokenizer, TRL card)",
     "speech-instruct-lora": "the stage-3 LoRA adapter (needs its base model, see `gemma_rvq_recipe.json`)",
+    "asr-lm": "the stage-3 `asr`-recipe model (tokens -> transcript, full fine-tuning)",
 }
+
+
+def _downstream_lines(state: dict) -> list[str]:
+    d = state["downstream"]
+    probe, st2, st3 = d["probe"], d["stage2"], d["stage3"]
+    unseen = state["stage2"]["unseen"]
+    per_level = ", ".join(f"{v:.2f}" for v in st2["unit_error_rate_per_level"] or [])
+    rows = [
+        ("Stage 1", "reconstruction FVU on the dev split (MSE)", f"{d['stage1']['fvu']:.4f} ({d['stage1']['mse']:.4f})"),
+        *[("Tokenizer", f"content probe CER, first {k} level{'s' if k != '1' else ''}", f"{v:.3f}")
+          for k, v in probe["cer_by_levels"].items()],
+        ("Tokenizer", f"content probe CER, k-means on the same features ({probe['kmeans_units']} units)",
+         f"{probe['kmeans_cer']:.3f}"),
+        ("Stage 2", "parse rate, text-only instructions", f"{st2['parse_rate_text_only']:.0%}"),
+        ("Stage 2", "parse rate, unseen sentences (dev)", f"{st2['parse_rate_unseen']:.0%}"),
+        ("Stage 2", "unit error rate, unseen sentences (frame; per level)",
+         f"{st2['unit_error_rate']:.3f} ({per_level})" if st2["unit_error_rate"] is not None else "n/a"),
+        ("Stage 3", "`asr` recipe: CER / WER on the dev utterances", f"{st3['asr_cer']:.3f} / {st3['asr_wer']:.3f}"),
+        ("Stage 3", "`speech_instruct`: chrF against the reference answers", f"{st3['speech_instruct_chrf']:.1f}"),
+    ]
+    lines = [
+        "",
+        "## Downstream evaluation",
+        "",
+        "What users of speech tokenizers compare (docs/evaluation.md). The probe is a small CTC model "
+        f"(tokens -> characters) trained on the {probe['train_clips']} train clips and scored on the "
+        f"{probe['dev_clips']} dev clips (unseen voice); the unit error rate compares the units stage 2 writes "
+        f"for the {unseen['generated']} dev sentences with the units of their audio; stage 3 runs through "
+        "`pipeline(\"speech-instruct\")`, as users call it.",
+        "",
+    ]
+    if d["random_encoder"]:
+        lines += ["> With the offline demo's **random encoder** the tokens carry no linguistic content: these numbers "
+                  "show that every step runs, not how good the pipeline is (expect CERs near 1 and low chrF). Rerun "
+                  f"with `--encoder {REAL_ENCODER_HINT}` for meaningful ones.", ""]
+    lines += ["| Stage | Measure | Value |", "|---|---|---|", *[f"| {a} | {b} | {c} |" for a, b, c in rows]]
+    examples = state["stage3"]["asr"]["examples"]
+    if examples:
+        lines += ["", "`asr` transcripts of unseen-voice clips:", ""]
+        lines += [f"- {_md_escape(e['reference'])} -> \"{_md_escape(e['transcript'])}\"" for e in examples]
+    return lines
 
 
 def _display_path(path: Path) -> str:
@@ -1026,6 +1182,7 @@ def _write_report(out: Path, state: dict, plots: dict[str, Path], hub_folders: d
             f"  - answer: \"{_md_escape(a['answer'])}\"",
             f"  - reference: \"{_md_escape(a['reference'])}\"",
         ]
+    lines += _downstream_lines(state)
     lines += [
         "",
         "## Loss curves",

@@ -46,6 +46,7 @@ METRICS: tuple[str, ...] = (
     "codebook_utilization",
     "codebook_perplexity",
     "rvq_quality",
+    "unit_error_rate",  # stage 2: generated units vs the audio's units (gemma_rvq.metrics.units)
 )
 
 __all__ = [
