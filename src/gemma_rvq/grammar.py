@@ -119,6 +119,8 @@ class SemanticGrammarLogitsProcessor(LogitsProcessor):
             values[code_ids[level]] = torch.arange(size)
         self._classes, self._durations, self._values = classes, durations, values
         self._code_columns = torch.tensor([[column_of[int(i)] for i in row] for row in code_ids.tolist()])
+        self._code_ids = code_ids  # [Q, K] token ids
+        self._largest_id = int(columns[-1])
 
         # the automaton: states, their allowed columns per budget level, their transitions
         has_start, has_end = start_id is not None, end_id is not None
@@ -197,27 +199,25 @@ class SemanticGrammarLogitsProcessor(LogitsProcessor):
         self.max_new_tokens = max_new_tokens
         self.minimum_new_tokens = shortest
         self.canonical = bool(canonical and fmt.dedup and size > 1)
-        self._device = None
+        self._device = self._width = None
         self._rows = self._length = self._prompt_length = None
         self._state = self._generated = None
 
     # ------------------------------------------------------------------ per step
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        if int(self._columns[-1]) >= scores.shape[-1]:
-            raise ValueError(f"token id {int(self._columns[-1])} is outside the logits ({scores.shape[-1]})")
-        self._to(scores.device)
+        width = scores.shape[-1]
+        if self._largest_id >= width:
+            raise ValueError(f"token id {self._largest_id} is outside the logits ({width})")
+        if self._device != scores.device or self._width != width:
+            self._prepare(scores.device, width)
         rows, length = input_ids.shape
         if self._state is None or rows != self._rows or length != self._length + 1 or not self._advance(input_ids):
             self._begin(input_ids)
         self._rows, self._length = rows, length
-        self._generated = input_ids[:, self._prompt_length:].clone()
-        allowed = self._masks[self._budget(length - self._prompt_length)].index_select(0, self._state)  # [N, C]
-        compact = scores.index_select(1, self._columns).masked_fill(~allowed, float("-inf"))
-        if self.canonical:
-            compact = self._forbid_repeat(compact)
-        out = torch.full_like(scores, float("-inf"))
-        out[:, self._columns] = compact
-        return out
+        self._generated = input_ids[:, self._prompt_length:]  # generate builds a new tensor every step
+        blocked = self._blocked[self._budget(length - self._prompt_length)].index_select(0, self._state)  # [N, V]
+        out = scores.masked_fill(blocked, float("-inf"))
+        return self._forbid_repeat(out) if self.canonical else out
 
     def _budget(self, generated: int) -> int:
         """0: anything fits; 1: no duration token; 2: a frame fits but no separator before it; 3: close."""
@@ -260,12 +260,10 @@ class SemanticGrammarLogitsProcessor(LogitsProcessor):
                 for name in ("_prev", "_cur", "_same", "_prev_dur", "_cur_dur"):
                     setattr(self, name, getattr(self, name)[parent])
         token = input_ids[:, -1]
-        inside = token < self._classes.shape[0]
-        token = torch.where(inside, token, 0)
-        cls = torch.where(inside, self._classes[token], _OTHER)
+        cls = self._token_classes[token]
         if self.canonical:
             self._track_frames(token, cls)
-        self._state = self._transitions[self._state, cls]
+        self._state = self._transitions_flat[self._state * self._n_classes + cls]
         return True
 
     def _track_frames(self, token: torch.Tensor, cls: torch.Tensor) -> None:
@@ -273,7 +271,7 @@ class SemanticGrammarLogitsProcessor(LogitsProcessor):
         levels = self.format.num_levels
         is_code = (cls >= _CODE0) & (cls < _CODE0 + levels)
         level = (cls - _CODE0).clamp(0, levels - 1)[:, None]
-        value = self._values[token]
+        value = self._token_values[token]
         matches = value == self._prev.gather(1, level).squeeze(1)
         self._same = torch.where(is_code, ((level.squeeze(1) == 0) | self._same) & matches, self._same)
         current = torch.where(is_code, value, self._cur.gather(1, level).squeeze(1))
@@ -281,28 +279,46 @@ class SemanticGrammarLogitsProcessor(LogitsProcessor):
         complete = is_code & (level.squeeze(1) == levels - 1)
         self._prev = torch.where(complete[:, None], self._cur, self._prev)
         self._prev_dur = torch.where(complete, self._cur_dur, self._prev_dur)
-        self._cur_dur = torch.where(cls == _DUR, self._durations[token],
+        self._cur_dur = torch.where(cls == _DUR, self._token_durations[token],
                                     torch.where(complete, torch.ones_like(self._cur_dur), self._cur_dur))
         self._same = self._same | complete
 
-    def _forbid_repeat(self, compact: torch.Tensor) -> torch.Tensor:
+    def _forbid_repeat(self, scores: torch.Tensor) -> torch.Tensor:
         """At the last level of a frame equal so far to the previous one, forbid completing the copy."""
         levels = self.format.num_levels
         active = self._last_level[self._state] & self._same & (self._prev[:, 0] >= 0)
         if self.format.uses_durations:
             active &= self._prev_dur < self.format.max_duration
-        column = self._code_columns[levels - 1][self._prev[:, levels - 1].clamp(min=0)][:, None]
-        kept = compact.gather(1, column)
-        return compact.scatter(1, column, torch.where(active[:, None], float("-inf"), kept))
+        column = self._code_ids[levels - 1][self._prev[:, levels - 1].clamp(min=0)][:, None]
+        kept = scores.gather(1, column)
+        return scores.scatter(1, column, torch.where(active[:, None], float("-inf"), kept))
 
-    def _to(self, device: torch.device) -> None:
-        if self._device == device:
-            return
-        for name in ("_columns", "_classes", "_durations", "_values", "_code_columns", "_transitions", "_masks",
-                     "_last_level"):
+    def _prepare(self, device: torch.device, width: int) -> None:
+        """Full-width tables for logits of ``width`` columns on ``device`` (built once per generate setup).
+
+        ``_blocked [4, S, V]``: True where a token is forbidden, per budget level and state (for a Gemma-size
+        vocabulary of 262k and ~20 states, ~20 MB); ``_token_classes [V]``: the class of every id.
+        """
+        for name in ("_code_ids", "_last_level"):
             setattr(self, name, getattr(self, name).to(device))
-        self._device = device
+        allowed = torch.zeros(4, len(self._states), width, dtype=torch.bool)
+        allowed[:, :, self._columns] = self._masks
+        self._blocked = (~allowed).to(device)
+        classes = torch.full((width,), _OTHER, dtype=torch.long)
+        classes[: self._classes.shape[0]] = self._classes
+        self._token_classes = classes.to(device)
+        self._n_classes = self._transitions.shape[1]
+        self._transitions_flat = self._transitions.reshape(-1).to(device)
+        self._token_durations = self._pad(self._durations, width, 1).to(device)
+        self._token_values = self._pad(self._values, width, 0).to(device)
+        self._device, self._width = device, width
         self._state = None  # state tensors live on the old device: start again
+
+    @staticmethod
+    def _pad(table: torch.Tensor, width: int, fill: int) -> torch.Tensor:
+        out = torch.full((width,), fill, dtype=table.dtype)
+        out[: table.shape[0]] = table.cpu()
+        return out
 
 
 def semantic_token_ids(tokenizer: Any, token_format: Any) -> list[int]:
