@@ -16,7 +16,7 @@ from datasets import Dataset
 from gemma_rvq.downstream import evaluate_speech_llm, evaluate_stage2, text_metrics
 from gemma_rvq.formats import attach_format
 from gemma_rvq.metrics import module_path
-from gemma_rvq.metrics.units import character_error_rate, edit_distance, unit_error_rate
+from gemma_rvq.metrics.functional import character_error_rate, edit_distance, unit_error_rate
 from gemma_rvq.probe import content_probe, kmeans_units, train_ctc_probe
 from gemma_rvq.testing import byte_level_bpe_tokenizer, tiny_llama, tiny_rvq_model
 from gemma_rvq.tokens import get_format

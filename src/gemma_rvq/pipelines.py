@@ -187,32 +187,12 @@ def _check_fits(fmt, rvq_model, reference) -> None:
 
 
 def _waveform(audio: Any, sampling_rate: int | None, target: int) -> np.ndarray:
-    """Any supported audio input -> float32 mono at ``target`` Hz."""
-    from .audio import decode_audio, prepare_waveform
+    """Any supported audio input -> float32 mono at ``target`` Hz (through :func:`gemma_rvq.audio.load_waveform`)."""
+    from .audio import load_waveform, source_name
 
-    name = "audio"
-    if isinstance(audio, str | os.PathLike):
-        name = os.fspath(audio)
-        wave, rate = decode_audio(audio)
-    elif isinstance(audio, dict):
-        if audio.get("array") is not None:
-            wave, rate = audio["array"], audio.get("sampling_rate", sampling_rate)
-        elif audio.get("bytes") or audio.get("path"):
-            name = audio.get("path") or "<bytes>"
-            wave, rate = decode_audio(audio.get("bytes") or audio["path"])
-        else:
-            raise ValueError(f"an audio dict needs 'array' + 'sampling_rate', or 'bytes' / 'path'; got keys "
-                             f"{sorted(audio)}")
-    elif hasattr(audio, "get_all_samples"):  # datasets' AudioDecoder
-        samples = audio.get_all_samples()
-        wave, rate = samples.data.numpy(), samples.sample_rate
-    else:
-        if sampling_rate is None:
-            raise ValueError("an array input needs its sampling rate: pipe(array, sampling_rate=16000)")
-        wave, rate = audio, sampling_rate
-    if rate is None:
-        raise ValueError(f"{name}: no sampling rate (pass sampling_rate=)")
-    return prepare_waveform(wave, rate, target, name=name)
+    if isinstance(audio, np.ndarray | torch.Tensor | list) and sampling_rate is None:
+        raise ValueError("an array input needs its sampling rate: pipe(array, sampling_rate=16000)")
+    return load_waveform(audio, target, sampling_rate=sampling_rate, name=source_name(audio))
 
 
 def register() -> None:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .metrics.units import character_error_rate
+from .metrics.functional import character_error_rate
 
 __all__ = ["ProbeResult", "content_probe", "kmeans_units", "train_ctc_probe"]
 

@@ -46,7 +46,7 @@ METRICS: tuple[str, ...] = (
     "codebook_utilization",
     "codebook_perplexity",
     "rvq_quality",
-    "unit_error_rate",  # stage 2: generated units vs the audio's units (gemma_rvq.metrics.units)
+    "unit_error_rate",  # stage 2: generated units vs the audio's units
 )
 
 __all__ = [

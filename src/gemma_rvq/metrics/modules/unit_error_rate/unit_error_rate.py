@@ -5,7 +5,7 @@ import inspect
 import datasets
 import evaluate
 
-from gemma_rvq.metrics.units import unit_error_rate
+from gemma_rvq.metrics.functional import unit_error_rate
 
 _DESCRIPTION = """\
 Edit distance (substitutions + deletions + insertions) between the units a stage-2 (Speechless) model
