@@ -867,7 +867,7 @@ def _content_probe(model, corpus: Path, utterances: list[dict], instructions: li
     with torch.no_grad():
         for file, text, split in rows:
             wave = _load_clip(corpus, file, model.config.sampling_rate)
-            embeddings, mask = model.embed([wave])
+            embeddings, mask = model.embed([wave], sampling_rate=model.config.sampling_rate)
             codes = model.quantize(embeddings, mask).audio_codes
             valid = mask[0]
             data[split]["codes"].append(codes[0][:, valid].numpy())

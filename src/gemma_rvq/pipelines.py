@@ -131,9 +131,10 @@ class SpeechInstructPipeline(Pipeline):
     # ------------------------------------------------------------------ steps
     def semantic_tokens(self, audio: Any, sampling_rate: int | None = None) -> str:
         """The token string of one audio input, as the stage-3 model reads it."""
-        wave = _waveform(audio, sampling_rate, self.speech_tokenizer.config.sampling_rate)
+        rate = self.speech_tokenizer.config.sampling_rate
+        wave = _waveform(audio, sampling_rate, rate)
         with torch.no_grad():
-            out = self.speech_tokenizer.encode([torch.from_numpy(wave)])
+            out = self.speech_tokenizer.encode([torch.from_numpy(wave)], sampling_rate=rate)
         return self.token_format.render_batch(out.audio_codes.cpu(), out.codes_mask.cpu())[0]
 
     def prompt(self, tokens: str) -> str | list[dict]:
