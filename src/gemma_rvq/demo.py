@@ -61,7 +61,7 @@ class DemoSettings:
     rvq_plots: bool = True
     max_new_tokens: int | None = None  # stage-2 generation; None: 1.5x the longest training token string
     asr_steps: int = 200  # stage 3, asr recipe (evaluated with CER/WER)
-    probe_steps: int = 150  # the content probe (CTC, tokens -> characters)
+    probe_steps: int = 100  # the content probe (CTC, tokens -> characters)
     # torch CPU threads during the demo (restored afterwards). Models this small gain little from a second
     # thread, and on a busy machine OpenMP's spinning makes 2 threads 10-20x slower than 1 (measured).
     num_threads: int | None = 1

@@ -40,19 +40,26 @@ class ProbeResult:
 
 
 class _Probe(nn.Module):
-    def __init__(self, sizes: Sequence[int], num_chars: int, hidden: int, upsample: int) -> None:
+    """Per-level unit embeddings summed, a window of 5 frames mixed by two linear layers, a CTC head.
+
+    (The window is an ``unfold`` + ``Linear``, i.e. a 1-D convolution computed as a matmul: on a CPU this
+    trains several times faster than ``Conv1d`` at these small widths.)
+    """
+
+    def __init__(self, sizes: Sequence[int], num_chars: int, hidden: int, upsample: int, window: int = 5) -> None:
         super().__init__()
         self.embeddings = nn.ModuleList(nn.Embedding(size, hidden) for size in sizes)
-        self.upsample = upsample
-        self.convs = nn.Sequential(nn.Conv1d(hidden, hidden, 5, padding=2), nn.GELU(),
-                                   nn.Conv1d(hidden, hidden, 5, padding=2), nn.GELU())
+        self.upsample, self.window = upsample, window
+        self.mix = nn.Sequential(nn.Linear(window * hidden, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU())
         self.head = nn.Linear(hidden, num_chars + 1)  # + blank (index 0)
 
     def forward(self, units: torch.Tensor) -> torch.Tensor:
         """``units [B, L, T]`` -> log-probabilities ``[B, T * upsample, C + 1]``."""
         x = sum(embedding(units[:, level]) for level, embedding in enumerate(self.embeddings))  # [B, T, H]
         x = x.repeat_interleave(self.upsample, dim=1)
-        x = x + self.convs(x.transpose(1, 2)).transpose(1, 2)
+        pad = self.window // 2
+        windows = nn.functional.pad(x, (0, 0, pad, pad)).unfold(1, self.window, 1)  # [B, T', H, W]
+        x = x + self.mix(windows.flatten(2))
         return self.head(x).log_softmax(-1)
 
 
@@ -72,8 +79,8 @@ def train_ctc_probe(
     *,
     sizes: Sequence[int],
     steps: int = 300,
-    hidden: int = 96,
-    upsample: int = 3,
+    hidden: int = 64,
+    upsample: int = 2,
     learning_rate: float = 3e-3,
     seed: int = 0,
 ) -> ProbeResult:
