@@ -177,6 +177,9 @@ def data_dir(tmp_path_factory) -> Path:
     pairs = toy_semantic_pairs(FORMAT, num_rows=8, seed=1)
     rows = pairs.map(lambda row: {"response": "Answer: " + row["text"].lower()}).rename_column("text", "instruction")
     rows.to_json(root / "instructions.jsonl")
+    from gemma_rvq.formats import save_format
+
+    save_format(root, FORMAT)  # semantic_format.json beside the data file: the recipes read the format there
     return root / "instructions.jsonl"
 
 
