@@ -239,3 +239,50 @@ def test_arithmetic_masks_give_the_eager_codes(tiny_hubert_rvq):
     assert torch.equal(traced.audio_codes, eager.audio_codes)
     torch.testing.assert_close(traced.quantized, eager.quantized)
     assert len(set(eager.audio_codes[0, 0].tolist())) > 1
+
+
+class _Tokenize(torch.nn.Module):
+    """quantize + decode from embeddings, as one module (what torch.export takes)."""
+
+    def __init__(self, model: GemmaRVQModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, embeddings: torch.Tensor, mask: torch.Tensor):
+        out = self.model.quantize(embeddings, mask)
+        decoded = self.model.decode(out.audio_codes, out.codes_mask)
+        return out.audio_codes, out.quantized, decoded.embeddings
+
+
+def _frames(batch: int, frames: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    embeddings = torch.randn(batch, frames, 32, generator=generator)
+    mask = torch.ones(batch, frames, dtype=torch.bool)
+    mask[0, frames // 2 :] = False  # one padded row
+    return embeddings, mask
+
+
+def test_quantize_and_decode_export_with_dynamic_batch_and_length(tiny_hubert_rvq):
+    from torch.export import Dim
+
+    module = _Tokenize(tiny_hubert_rvq).eval()
+    batch, frames = Dim("batch", min=1, max=1024), Dim("frames", min=2, max=1 << 16)
+    exported = torch.export.export(module, _frames(2, 7, seed=0),
+                                   dynamic_shapes=({0: batch, 1: frames}, {0: batch, 1: frames}))
+    for shape, seed in (((1, 5), 1), ((3, 17), 2), ((5, 64), 3)):
+        inputs = _frames(*shape, seed=seed)
+        got, want = exported.module()(*inputs), module(*inputs)
+        assert torch.equal(got[0], want[0])  # codes: identical to eager
+        torch.testing.assert_close(got[1], want[1])
+        torch.testing.assert_close(got[2], want[2])
+    assert len(set(want[0][:, 0].flatten().tolist())) > 1
+
+
+def test_quantize_compiles_with_fullgraph(tiny_hubert_rvq):
+    module = _Tokenize(tiny_hubert_rvq).eval()
+    compiled = torch.compile(module, fullgraph=True, dynamic=True, backend="eager")  # graph capture, no codegen
+    for shape, seed in (((2, 9), 4), ((4, 13), 5)):
+        inputs = _frames(*shape, seed=seed)
+        got, want = compiled(*inputs), module(*inputs)
+        assert torch.equal(got[0], want[0])
+        torch.testing.assert_close(got[2], want[2])
