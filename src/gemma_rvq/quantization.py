@@ -60,6 +60,29 @@ def _dist_world_size() -> int:
     return 1
 
 
+def _tracing() -> bool:
+    """True under `torch.compile` / `torch.export`, where the search engine's thread pool and oneDNN kernel
+    (raw data pointers) cannot be traced and data-dependent checks cannot run."""
+    compiler = torch.compiler
+    return bool(compiler.is_compiling() or getattr(compiler, "is_exporting", lambda: False)())
+
+
+def _traceable_encode(codebooks: Tensor, x: Tensor, levels: int) -> Tensor:
+    """The exact residual search as plain tensor ops (what compile/export trace): ``x [N, Dc]`` -> codes ``[N, levels]``.
+
+    Same score as the engine, ``argmax_k (r . c_k - |c_k|^2 / 2)`` in fp32, one ``addmm`` per level.
+    """
+    weight = codebooks.float()
+    bias = -0.5 * weight.square().sum(-1)
+    residual = x.float()
+    codes = []
+    for level in range(levels):
+        index = torch.addmm(bias[level], residual, weight[level].t()).argmax(-1)
+        codes.append(index)
+        residual = residual - weight[level].index_select(0, index)
+    return torch.stack(codes, dim=1)
+
+
 class ResidualQuantizer(nn.Module):
     """``Q`` levels of ``K`` codes each; level ``l`` quantizes the residual left by levels ``< l``.
 
@@ -148,7 +171,10 @@ class ResidualQuantizer(nn.Module):
             raise ValueError(f"{name} must be a floating-point tensor, got {x.dtype}")
         # A finite sum proves every element finite, in one pass without [N, Dc] temporaries
         # (torch.isfinite(x) allocates several). Otherwise (non-finite value, or an overflowing sum)
-        # check exactly, chunk by chunk.
+        # check exactly, chunk by chunk. Skipped under torch.compile / torch.export, where a data-dependent
+        # branch cannot be traced (the model documents that compiled graphs do not validate values).
+        if _tracing():
+            return
         if x.numel() and not bool(torch.isfinite(x.sum())):
             for start in range(0, x.shape[0], 4096):
                 bad = (~torch.isfinite(x[start:start + 4096])).any(1).nonzero()
@@ -223,6 +249,8 @@ class ResidualQuantizer(nn.Module):
         """
         self._check_input(x)
         levels = self._num_levels(num_quantizers)
+        if _tracing():
+            return _traceable_encode(self.codebooks.detach(), x.detach(), levels)
         codes = _search(self._search_tables(), x.detach(), range(levels), self.search_chunk_size, residual=True)
         return codes.t().contiguous()
 
@@ -233,7 +261,7 @@ class ResidualQuantizer(nn.Module):
         if codes.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
             raise ValueError(f"codes must be an integer tensor, got {codes.dtype}")
         levels = self._num_levels(codes.shape[1])
-        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.codebook_size):
+        if not _tracing() and codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.codebook_size):
             raise ValueError(f"codes must be in [0, {self.codebook_size}), got values in "
                              f"[{int(codes.min())}, {int(codes.max())}]")
         codes = codes.to(device=self.codebooks.device, dtype=torch.long)
