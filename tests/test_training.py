@@ -361,3 +361,25 @@ def test_a_second_run_on_a_locked_folder_fails_at_once_naming_the_holder(caches,
             pass
         assert path.exists()
     assert not path.exists()
+
+
+def test_pcm_dtype_of_the_training_config_reaches_the_cache(tmp_path):
+    """Integer PCM that Arrow hands back as int64 trains once the config declares its width."""
+    import numpy as np
+    from datasets import Dataset
+
+    from gemma_rvq.training.pipeline import prepare_cache
+    from gemma_rvq.training.trainer import make_accelerator
+
+    with pytest.raises(ValueError, match="pcm_dtype"):
+        _config(tmp_path, pcm_dtype="int24")
+    cfg = _config(tmp_path / "run", pcm_dtype="int16", audio_column="audio")
+    assert _config(tmp_path / "run", pcm_dtype="torch.int16").pcm_dtype == "int16"
+    model, accelerator = build_model(cfg), make_accelerator(cfg)
+    t = np.arange(16000) / 16000
+    pcm = np.round(8000 * np.sin(2 * np.pi * 220 * t) * (1 + np.sin(2 * np.pi * 3 * t))).astype(np.int16)
+    rows = Dataset.from_dict({"audio": [{"array": pcm, "sampling_rate": 16000}]})
+    cache = prepare_cache(model, rows, str(tmp_path / "cache"), cfg, accelerator)
+    assert cache.num_frames > 0
+    with pytest.raises(ValueError, match=r"pcm_dtype='int16'"):
+        prepare_cache(model, rows, str(tmp_path / "refused"), _config(tmp_path / "run2", audio_column="audio"), accelerator)

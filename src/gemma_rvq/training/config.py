@@ -68,6 +68,11 @@ class RVQTrainingConfig:
         default=0.0, metadata={"help": "If > 0 and there is no dev split: hold out this fraction of utterances."}
     )
     audio_column: str = field(default="audio", metadata={"help": "Column holding the audio."})
+    pcm_dtype: str | None = field(
+        default=None,
+        metadata={"help": "Width of integer PCM samples in the audio column (int8, int16, int32, uint8): needed for "
+                          "int64 / Python-int samples, which carry no width (see gemma_rvq.audio)."},
+    )
     id_column: str | None = field(default=None, metadata={"help": "Column with utterance ids (default: row index)."})
     max_train_utterances: int | None = field(default=None, metadata={"help": "Cap the number of training utterances."})
     max_dev_utterances: int | None = field(default=None, metadata={"help": "Cap the number of dev utterances."})
@@ -162,6 +167,9 @@ class RVQTrainingConfig:
                 raise ValueError(f"model_config must be a JSON object string, got {self.model_config!r}") from err
         if self.model_config is not None and not isinstance(self.model_config, dict):
             raise ValueError(f"model_config must be a dict, got {type(self.model_config).__name__}")
+        from ..audio import check_pcm_dtype
+
+        self.pcm_dtype = check_pcm_dtype(self.pcm_dtype)
         if self.lr_scheduler_type not in _SCHEDULERS:
             raise ValueError(f"lr_scheduler_type must be one of {_SCHEDULERS}, got {self.lr_scheduler_type!r}")
         if self.init_method not in ("kmeans", "none"):

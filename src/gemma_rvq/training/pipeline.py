@@ -150,6 +150,7 @@ def prepare_cache(model: Any, source: Any, path: str, config: RVQTrainingConfig,
         batch_size=config.embed_batch_size, shard_frames=config.shard_frames,
         rank=accelerator.process_index, world_size=accelerator.num_processes,
         progress=accelerator.is_local_main_process and not config.disable_tqdm, finalize=False, dtype=dtype,
+        pcm_dtype=config.pcm_dtype,
     )
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
