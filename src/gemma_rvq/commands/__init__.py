@@ -61,6 +61,17 @@ class TaskParser(HfArgumentParser):
         return tuple(o for o in outputs if not isinstance(o, argparse.Namespace))  # drops --config itself
 
 
+def task_parser(
+    name: str, help: str, description: str, subparsers: argparse._SubParsersAction | None = None,
+    prog: str | None = None,
+) -> argparse.ArgumentParser:
+    """The parser of an argparse-configured task: the ``gemma-rvq <name>`` subcommand when ``subparsers`` is
+    given, else a standalone parser named ``prog`` (the example script)."""
+    if subparsers is not None:
+        return subparsers.add_parser(name, help=help, description=description)
+    return argparse.ArgumentParser(prog=prog, description=description)
+
+
 def add_model_argument(parser: argparse.ArgumentParser) -> None:
     """``--model`` / ``-m``: the gemma-rvq checkpoint a task runs."""
     parser.add_argument(
@@ -96,4 +107,4 @@ def add_forwarding_subparser(
     return parser
 
 
-__all__ = ["TaskParser", "add_forwarding_subparser", "add_model_argument", "load_model"]
+__all__ = ["TaskParser", "add_forwarding_subparser", "add_model_argument", "load_model", "task_parser"]

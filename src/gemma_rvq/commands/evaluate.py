@@ -9,7 +9,7 @@ import argparse
 import json
 from pathlib import Path
 
-from . import add_model_argument, load_model
+from . import add_model_argument, load_model, task_parser
 
 HELP = "score a checkpoint on audio: MSE, NMSE, FVU, cosine, utilization, perplexity"
 DESCRIPTION = "Encode audio, reconstruct the embeddings and report the RVQ quality metrics."
@@ -17,10 +17,7 @@ DESCRIPTION = "Encode audio, reconstruct the embeddings and report the RVQ quali
 
 def make_parser(subparsers: argparse._SubParsersAction | None = None, prog: str | None = None):
     """The ``evaluate`` parser: a ``gemma-rvq`` subcommand with ``subparsers``, else standalone."""
-    if subparsers is not None:
-        parser = subparsers.add_parser("evaluate", help=HELP, description=DESCRIPTION)
-    else:
-        parser = argparse.ArgumentParser(prog=prog, description=DESCRIPTION)
+    parser = task_parser("evaluate", HELP, DESCRIPTION, subparsers, prog)
     parser.add_argument("inputs", nargs="+", help="audio files or folders")
     add_model_argument(parser)
     parser.add_argument("--batch-size", type=int, default=16, help="clips per encoder batch")

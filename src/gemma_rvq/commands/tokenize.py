@@ -11,7 +11,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import add_model_argument, load_model
+from . import add_model_argument, load_model, task_parser
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3", ".opus")
 HELP = "audio files, folders or a dataset -> semantic-token strings (a dataset or a json/csv/parquet file)"
@@ -20,10 +20,7 @@ DESCRIPTION = "Encode speech into semantic-token strings with a gemma-rvq model.
 
 def make_parser(subparsers: argparse._SubParsersAction | None = None, prog: str | None = None):
     """The ``tokenize`` parser: a ``gemma-rvq`` subcommand with ``subparsers``, else standalone."""
-    if subparsers is not None:
-        parser = subparsers.add_parser("tokenize", help=HELP, description=DESCRIPTION)
-    else:
-        parser = argparse.ArgumentParser(prog=prog, description=DESCRIPTION)
+    parser = task_parser("tokenize", HELP, DESCRIPTION, subparsers, prog)
     parser.add_argument("inputs", nargs="*", help="audio files or folders (searched recursively)")
     add_model_argument(parser)
     parser.add_argument("--dataset", help="instead of files: a Hub dataset id or a save_to_disk folder")
