@@ -52,12 +52,20 @@ def repo_type_of(folder: Path) -> str:
 
 
 def cmd_push(args: argparse.Namespace) -> int:
-    from .hub import push_folder
+    from .hub import plan_upload, push_folder
 
     folder = Path(args.folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"no such folder: {folder}")
     repo_type = repo_type_of(folder) if args.repo_type == "auto" else args.repo_type
+    plan = plan_upload(folder, args.repo_id, repo_type=repo_type, private=args.private)
+    if args.dry_run:
+        print(plan.describe())
+        return 0
+    if plan.local_paths and not args.allow_local_paths:
+        listed = "; ".join(f"{name}: {', '.join(paths[:2])}" for name, paths in plan.local_paths.items())
+        raise ValueError(f"{folder} is not Hub-ready: files name local paths ({listed}). Fix them, or pass "
+                         "--allow-local-paths to upload anyway")
     print(push_folder(folder, args.repo_id, repo_type=repo_type, private=args.private))
     return 0
 
@@ -127,6 +135,14 @@ def build_parser() -> argparse.ArgumentParser:
         "save_to_disk, else a model",
     )
     p.add_argument("--private", action="store_true", help="create the repository private")
+    p.add_argument(
+        "--dry-run", action="store_true",
+        help="show what would be uploaded and where (files, sizes, repo id and type); upload nothing",
+    )  # fmt: skip
+    p.add_argument(
+        "--allow-local-paths", action="store_true",
+        help="upload even when files name absolute local paths (refused by default: they leak your layout)",
+    )  # fmt: skip
     p.set_defaults(func=cmd_push)
 
     p = sub.add_parser(

@@ -17,6 +17,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,11 @@ import yaml
 
 __all__ = [
     "METRIC_SPACE_GRADIO_VERSION",
+    "PUSH_IGNORE_PATTERNS",
+    "UploadPlan",
+    "find_local_paths",
     "join_card",
+    "plan_upload",
     "push_folder",
     "push_metric",
     "self_contained_module_source",
@@ -110,6 +115,142 @@ def write_space_folder(
     return folder
 
 
+# Never uploaded (as ``Trainer.push_to_hub``): intermediate checkpoints and private ``_*`` entries; on top of
+# huggingface_hub's own ``.git`` / ``.cache/huggingface`` rules.
+PUSH_IGNORE_PATTERNS = ("checkpoint-*", "_*")
+# an absolute POSIX path inside text: two components or more, not part of a URL (``https://host/x``)
+_ABSOLUTE_PATH = re.compile(rb"(?<![\w.:/~-])(/[\w.@+-]+(?:/[\w.@+-]+)+)")
+_SCAN_BYTES = 8 << 20  # of each file: model cards, configs and pickles are small; weights are skipped past this
+
+
+def find_local_paths(folder: PathLike, *, extra: Sequence[str] = ()) -> dict[str, list[str]]:
+    """Absolute paths of this machine written into the files of ``folder``: ``{relative file: [paths]}``.
+
+    A path counts when it exists here (so a Hub id, a URL or prose never does), or when it starts with one
+    of ``extra`` (e.g. a temporary folder that is gone). Files are read as bytes (up to 8 MiB each), so
+    JSON, YAML, Markdown and pickles (``training_args.bin``) are all searched. A Hub-ready folder has none:
+    on another machine they point nowhere, and they show the uploader's directory layout.
+    """
+    folder = Path(folder)
+    extra_bytes = [os.fsencode(e) for e in extra if e and e != "/"]
+    found: dict[str, list[str]] = {}
+    for path in sorted(folder.rglob("*")):
+        if not path.is_file():
+            continue
+        with open(path, "rb") as handle:
+            data = handle.read(_SCAN_BYTES)
+        hits = {m.decode("utf-8", "replace") for m in _ABSOLUTE_PATH.findall(data)
+                if any(m.startswith(e) for e in extra_bytes) or _exists_here(os.fsdecode(m))}
+        if hits:
+            found[path.relative_to(folder).as_posix()] = sorted(hits)
+    return found
+
+
+def _exists_here(path: str) -> bool:
+    """``path``, or its parent when that still has two components (a pickle may glue a byte to the end),
+    exists on this machine."""
+    parent = os.path.dirname(path)
+    return os.path.exists(path) or (parent.count("/") >= 2 and os.path.isdir(parent))
+
+
+@dataclass
+class UploadPlan:
+    """What :func:`push_folder` would upload: the target and every file with its size, nothing sent.
+
+    Attributes:
+        folder: the local folder.
+        repo_id / repo_type: the target repository (``namespace/name``; a bare name goes to the token's
+            namespace) and its type (model, dataset, space).
+        url: the repository's address on the Hub endpoint in use.
+        files: ``(path in the repo, bytes)`` of each file to upload, sorted.
+        ignored: files of the folder left out (intermediate checkpoints, ``_*``, ``.git``...).
+        local_paths: files that contain an absolute local path (see :func:`find_local_paths`).
+    """
+
+    folder: Path
+    repo_id: str
+    repo_type: str
+    url: str
+    files: list[tuple[str, int]]
+    ignored: list[str] = field(default_factory=list)
+    local_paths: dict[str, list[str]] = field(default_factory=dict)
+    private: bool = False
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(size for _, size in self.files)
+
+    def describe(self) -> str:
+        """A human-readable listing (what ``gemma-rvq push --dry-run`` prints)."""
+        lines = [f"Would upload {len(self.files)} files ({_human_size(self.total_bytes)}) from {self.folder}",
+                 f"  to the {'private ' if self.private else ''}{self.repo_type} repository {self.repo_id} "
+                 f"({self.url}):"]
+        width = max((len(name) for name, _ in self.files), default=0)
+        lines += [f"    {name:<{width}}  {_human_size(size):>9}" for name, size in self.files]
+        if self.ignored:
+            lines.append(f"  left out ({len(self.ignored)}): " + ", ".join(self.ignored[:8])
+                         + (" ..." if len(self.ignored) > 8 else ""))
+        for name, paths in self.local_paths.items():
+            lines.append(f"  WARNING: {name} contains local path(s) {', '.join(paths[:3])}")
+        lines.append("Nothing was uploaded (dry run).")
+        return "\n".join(lines)
+
+
+def _human_size(size: int) -> str:
+    value = float(size)
+    for unit in ("B", "KB", "MB", "GB"):
+        if value < 1000 or unit == "GB":
+            return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    return f"{value:.1f} TB"  # unreachable
+
+
+def _repo_url(repo_id: str, repo_type: str) -> str:
+    from huggingface_hub import constants
+
+    prefix = {"model": "", "dataset": "datasets/", "space": "spaces/"}[repo_type]
+    name = repo_id if "/" in repo_id else f"<your-namespace>/{repo_id}"
+    return f"{constants.ENDPOINT.rstrip('/')}/{prefix}{name}"
+
+
+def plan_upload(folder: PathLike, repo_id: str, *, repo_type: str = "model", private: bool = False,
+                ignore_patterns: Sequence[str] = PUSH_IGNORE_PATTERNS) -> UploadPlan:
+    """The :class:`UploadPlan` of ``push_folder(folder, repo_id, repo_type=...)``, without any network call.
+
+    The files are chosen as ``HfApi.upload_folder`` chooses them (its default ignore rules plus
+    ``ignore_patterns``).
+    """
+    from huggingface_hub.utils import filter_repo_objects
+    from huggingface_hub.utils._paths import DEFAULT_IGNORE_PATTERNS
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"{folder} is not a folder")
+    if repo_type not in _REPO_TYPES:
+        raise ValueError(f"repo_type must be one of {_REPO_TYPES}, got {repo_type!r}")
+    _check_repo_id(repo_id)
+    every = {p.relative_to(folder).as_posix(): p for p in sorted(folder.rglob("*")) if p.is_file()}
+    kept = list(filter_repo_objects(every, ignore_patterns=[*DEFAULT_IGNORE_PATTERNS, *ignore_patterns]))
+    return UploadPlan(
+        folder=folder, repo_id=repo_id, repo_type=repo_type, url=_repo_url(repo_id, repo_type),
+        files=[(name, every[name].stat().st_size) for name in kept],
+        ignored=[name for name in every if name not in set(kept)],
+        local_paths={k: v for k, v in find_local_paths(folder).items() if k in set(kept)}, private=private,
+    )
+
+
+def _unreachable(repo_id: str, err: Exception | None = None) -> ConnectionError:
+    """The error of a push that cannot reach the Hub, naming the repository (raised before any retry loop)."""
+    if err is None:
+        why = "HF_HUB_OFFLINE is set"
+        hint = "Unset HF_HUB_OFFLINE to upload"
+    else:
+        why = f"the Hugging Face Hub is unreachable ({type(err).__name__}: {err})"
+        hint = "Check the network (HF_ENDPOINT, proxies) or unset HF_HUB_OFFLINE if it is set"
+    return ConnectionError(f"cannot push to {repo_id!r}: {why}. {hint}; `gemma-rvq push --dry-run` shows what "
+                           "would be uploaded without a network.")
+
+
 def push_folder(
     folder: PathLike,
     repo_id: str,
@@ -138,22 +279,33 @@ def push_folder(
     if repo_type == "space" and space_sdk not in _SPACE_SDKS:
         raise ValueError(f"a Space needs space_sdk in {_SPACE_SDKS} (or sdk: in its README header)")
 
-    from huggingface_hub import HfApi
+    from huggingface_hub import HfApi, is_offline_mode
+    from huggingface_hub.errors import HfHubHTTPError
 
+    if is_offline_mode():
+        raise _unreachable(repo_id)
     api = HfApi(token=token)
-    url = api.create_repo(
-        repo_id,
-        repo_type=repo_type,
-        private=private,
-        exist_ok=True,
-        **({"space_sdk": space_sdk} if repo_type == "space" else {}),
-    )
+    try:
+        url = api.create_repo(
+            repo_id,
+            repo_type=repo_type,
+            private=private,
+            exist_ok=True,
+            **({"space_sdk": space_sdk} if repo_type == "space" else {}),
+        )
+    except HfHubHTTPError:  # the Hub answered (401, 403...): its message says why
+        raise
+    except Exception as err:  # no answer: DNS, refused connection, timeout (httpx / httpx2 transport errors)
+        if isinstance(err, OSError) or type(err).__module__.split(".")[0] in ("httpx", "httpx2", "httpcore"):
+            raise _unreachable(repo_id, err) from err
+        raise
     api.upload_folder(
         repo_id=url.repo_id,
         folder_path=str(folder),
         repo_type=repo_type,
         revision=revision,
         commit_message=commit_message or f"Upload {folder.name} with gemma-rvq",
+        ignore_patterns=list(PUSH_IGNORE_PATTERNS),
     )
     return str(url)
 
