@@ -231,5 +231,30 @@ def test_continued_pretraining_runs_before_stage_3_and_is_its_base(demo):
     assert cpt["steps"] == 4 and set(cpt["documents"]) == {"text", "speech", "paired", "interleaved"}
     assert len(set(cpt["documents"].values())) == 1
     recipe = json.loads((demo.hub_folders["speech-instruct-lora"] / "gemma_rvq_recipe.json").read_text())
-    assert recipe["base_model"] == cpt["folder"]
+    # the base is local and has no Hub id: the Hub-ready adapter names it, never its path
+    assert recipe["base_model"] is None and recipe["base_model_name"] == Path(cpt["folder"]).name == "cpt-lm"
     assert "steps of continued pretraining (`--recipe cpt`)" in demo.report.read_text(encoding="utf-8")
+
+
+def test_every_hub_folder_is_hub_ready(demo):
+    """What `gemma-rvq push` would upload from each folder the report lists names no local path (push would
+    refuse it); the LLM folders carry a real card, and their local-paths file (never uploaded) is what lets
+    them load here."""
+    from gemma_rvq.cards import LOCAL_PATHS_FILE
+    from gemma_rvq.formats import load_format_record
+    from gemma_rvq.hub import plan_upload, split_card
+
+    for name, folder in demo.hub_folders.items():
+        assert plan_upload(folder, f"your-name/{name}").local_paths == {}, name
+    tokens = demo.hub_folders["semantic-tokens"]
+    assert load_format_record(tokens).speech_tokenizer == str(demo.hub_folders["rvq-model"])  # here, not uploaded
+    llm_folders = [name for name in demo.hub_folders if (demo.hub_folders[name] / "gemma_rvq_recipe.json").is_file()]
+    assert {"speechless-lm", "speech-instruct-lora"} <= set(llm_folders)
+    for name in llm_folders:
+        folder = demo.hub_folders[name]
+        plan = plan_upload(folder, f"your-name/{name}")
+        assert plan.local_paths == {}, name
+        assert plan.ignored == [LOCAL_PATHS_FILE] and "training_args.bin" not in dict(plan.files), name
+        meta, body = split_card((folder / "README.md").read_text(encoding="utf-8"))
+        assert "gemma-rvq" in meta["tags"] and "fine-tuned version of None" not in body, name
+        assert "`rvq-model` (local)" in body and re.search(r"\| Training data \| `[\w-]+` \(local\)", body), name

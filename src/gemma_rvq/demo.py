@@ -359,14 +359,18 @@ def _run(output_dir, corpus_dir, encoder: str | None, seed: int, quick: bool, se
 
     # ------------------------------------------------------------------ 3. tokens
     progress.step(3, "Tokenizing the corpus: dataset.map(SpeechTokenizer(model), batched=True)")
+    from .cards import local_paths_of, write_local_paths
     from .formats import attach_format, format_for_rvq_model, save_format
 
     fmt = format_for_rvq_model(None, rvq_model)  # the stage-1 folder's semantic_format.json
     tokens = _tokenize_corpus(rvq_model, fmt, corpus, utterances, instructions)
-    tokens = attach_format(tokens, fmt, speech_tokenizer=str(rvq_folder))  # the format travels with the data
     token_folder = hub / "semantic-tokens"
-    tokens.save_to_disk(str(token_folder))
-    save_format(token_folder, fmt, speech_tokenizer=str(rvq_folder))
+    # Hub-ready: the saved folder names no local path (the RVQ's Hub id is not known yet); this machine's
+    # path goes to its local-paths file (never uploaded), and travels with the data in memory
+    attach_format(tokens, fmt).save_to_disk(str(token_folder))
+    save_format(token_folder, fmt)
+    write_local_paths(token_folder, local_paths_of(speech_tokenizer=rvq_folder))
+    tokens = attach_format(tokens, fmt, speech_tokenizer=str(rvq_folder))  # the format travels with the data
     _write_dataset_card(token_folder, tokens, fmt, state)
     state["tokens"] = {"format": fmt.to_dict(), "rows": {k: len(v) for k, v in tokens.items()},
                        "examples": _token_examples(tokens["train"], fmt)}
@@ -687,13 +691,20 @@ def _run_stage2(settings: DemoSettings, fmt, tokens, base_lm: Path, work: Path, 
     )
     print(f"      {len(train)} (text, tokens) pairs; {command}")
     trainer = run_sft(script_args, training_args, model_args)
-    trainer.create_model_card(model_name="gemma-rvq demo Speechless LM (toy)", dataset_name="semantic-tokens",
-                              tags=["gemma-rvq", "speechless", "demo"])
+    _name_card(trainer, out, "gemma-rvq demo Speechless LM (toy)")
     tokenizer = trainer.processing_class
     lengths = [len(tokenizer(s, add_special_tokens=False).input_ids) for s in train["semantic_tokens"]]
     losses = _losses(trainer.state.log_history)
     return {"folder": out, "steps": trainer.state.global_step, "pairs": len(train), "losses": losses,
             "command": command, "max_new_tokens": settings.max_new_tokens or int(max(lengths) * 1.5) + 8}
+
+
+def _name_card(trainer, folder: Path, name: str) -> None:
+    """The card run_sft wrote, with the demo's title; the data is named as the demo's Hub-ready token folder."""
+    from .cards import write_lm_model_card
+
+    write_lm_model_card(trainer, folder, model_name=name, dataset_name=str(folder.parent / "semantic-tokens"),
+                        tags=["demo"])
 
 
 def _generate_for_text_only(folder: Path, fmt, instructions: list[dict], max_new_tokens: int) -> dict:
@@ -792,8 +803,7 @@ def _run_stage3(settings: DemoSettings, fmt, tokens, generated_rows: list[dict],
     )
     print(f"      {len(spoken)} spoken + {len(generated_rows)} Speechless-generated instructions; {command}")
     trainer = run_sft(script_args, training_args, model_args)
-    trainer.create_model_card(model_name="gemma-rvq demo speech-instruction LoRA (toy)",
-                              dataset_name="semantic-tokens", tags=["gemma-rvq", "speech-instruct", "demo"])
+    _name_card(trainer, out, "gemma-rvq demo speech-instruction LoRA (toy)")
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in trainer.model.parameters())
     return {"steps": trainer.state.global_step, "spoken": len(spoken), "generated": len(generated_rows),

@@ -108,7 +108,12 @@ def load_format_record(folder_or_file: str | os.PathLike) -> FormatRecord | None
             if not isinstance(data, Mapping) or "token_format" not in data:
                 continue
             data = {"token_format": data["token_format"], "speech_tokenizer": data.get("speech_tokenizer")}
-        return _parse_record(data, str(candidate))
+        record = _parse_record(data, str(candidate))
+        if path.is_dir():  # a Hub-ready folder names a local speech tokenizer by name; its local folder, here
+            from .cards import local_path
+
+            record["speech_tokenizer"] = local_path(path, "speech_tokenizer") or record.speech_tokenizer
+        return record
     return None
 
 

@@ -453,6 +453,13 @@ _CARD_METRICS = (
 _HUB_DATASET_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 
 
+def _data_name(dataset_name: str | None) -> str:
+    """How a card names training data: a Hub id as is, a local file or folder by its name (never its path)."""
+    from .cards import hub_reference
+
+    return hub_reference(dataset_name).name or "dev"
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     import json
 
@@ -605,7 +612,7 @@ def write_model_card(
     dev = (info.get("metrics") or {}).get("dev") or {}
     eval_results = [
         EvalResult(task_type="feature-extraction", task_name="Speech tokenization (embedding reconstruction)",
-                   dataset_type=hub_dataset or "custom", dataset_name=f"{dataset_name or 'dev'} (dev split)",
+                   dataset_type=hub_dataset or "custom", dataset_name=f"{_data_name(dataset_name)} (dev split)",
                    dataset_split="dev", metric_type=key, metric_name=label, metric_value=round(float(dev[key]), 6))
         for key, label, _ in _CARD_METRICS if key in dev
     ]

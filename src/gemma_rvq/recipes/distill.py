@@ -36,7 +36,15 @@ import torch.nn.functional as F
 from torch import nn
 from trl import SFTConfig, SFTTrainer
 
-from .sft import RECIPE_FILE, SemanticSFTArguments, drop_long_examples, load_sft_dataset, resolve_token_format
+from ..cards import hub_reference, local_path, write_local_paths
+from .sft import (
+    RECIPE_FILE,
+    SemanticSFTArguments,
+    drop_long_examples,
+    finish_hub_folder,
+    load_sft_dataset,
+    resolve_token_format,
+)
 
 __all__ = [
     "CARRIED_FILES",
@@ -504,13 +512,18 @@ def save_student_metadata(trainer, output_dir: str) -> None:
         with open(source, encoding="utf-8") as handle:
             recipe = json.load(handle)
     tokenizer = trainer.processing_class
+    teacher = hub_reference(teacher_dir)  # the card and recipe name the teacher by Hub id or name, never by path
     recipe.update({"token_format": info["token_format"], "peft": False, "vocab_size": len(tokenizer),
                    "embedding_rows": trainer.accelerator.unwrap_model(trainer.model).get_input_embeddings()
-                   .num_embeddings, "base_model": teacher_dir,
-                   "distillation": {"teacher": teacher_dir, "layer_map": info["layer_map"],
+                   .num_embeddings, "base_model": teacher.id, "base_model_name": teacher.name,
+                   "model_id": trainer.args.hub_model_id,
+                   "distillation": {"teacher": teacher.name, "layer_map": info["layer_map"],
                                     "student_layers": info["student_layers"]}})
     with open(os.path.join(output_dir, RECIPE_FILE), "w", encoding="utf-8") as handle:
         json.dump(recipe, handle, indent=2)
+    local = {"base_model": os.path.abspath(teacher_dir)} if teacher.id is None and os.path.isdir(teacher_dir) else {}
+    speech = local_path(teacher_dir, "speech_tokenizer") if teacher_dir and os.path.isdir(teacher_dir) else None
+    write_local_paths(output_dir, {**local, **({"speech_tokenizer": speech} if speech else {})})
 
 
 def run_distill(script_args: DistillArguments, training_args: LayerDistillationConfig, **kwargs: Any):
@@ -519,6 +532,5 @@ def run_distill(script_args: DistillArguments, training_args: LayerDistillationC
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
     save_student_metadata(trainer, training_args.output_dir)
-    if training_args.push_to_hub:
-        trainer.push_to_hub(dataset_name=script_args.dataset_name)
+    finish_hub_folder(trainer, training_args.output_dir, dataset_name=script_args.dataset_name)  # card, push
     return trainer

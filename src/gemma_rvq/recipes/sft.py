@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from trl import ScriptArguments
 
+from ..cards import MODEL_ID_KEY, hub_reference, local_path, local_paths_of, write_local_paths
 from .data import RECIPES, build_recipe_dataset
 
 __all__ = [
@@ -28,10 +29,12 @@ __all__ = [
     "build_sft_trainer",
     "drop_long_examples",
     "embedding_module_names",
+    "finish_hub_folder",
     "load_raw_dataset",
     "load_sft_dataset",
     "load_sft_model",
     "patch_trainable_tokens_head",
+    "prepare_adapter_saving",
     "prepare_semantic_tokens",
     "resolve_token_format",
     "run_sft",
@@ -95,6 +98,12 @@ class SemanticSFTArguments(ScriptArguments):
     )
     validate_tokens: bool = field(default=False, metadata={"help": "Parse every token string before training."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Use the first N training rows."})
+    base_model_id: str | None = field(
+        default=None,
+        metadata={"help": "The Hub id of model_name_or_path when that is a local folder (e.g. a pre-downloaded "
+                          "copy): the saved folder names the base by this id (card, adapter_config.json, "
+                          "gemma_rvq_recipe.json), never by its local path."},
+    )
     drop_long_examples: bool = field(
         default=True,
         metadata={"help": "Drop rows longer than max_length instead of letting TRL truncate them (a cut token "
@@ -403,6 +412,15 @@ def build_sft_trainer(script_args, training_args, model_args, *, model=None, tok
     trainer = SFTTrainer(model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                          processing_class=tokenizer, peft_config=peft_config)
     patch_trainable_tokens_head(trainer)
+    # the saved folder names the base model and the speech tokenizer by Hub id (or by name: never by path)
+    base = hub_reference(model_args.model_name_or_path, script_args.base_model_id)
+    speech_source = data_record.speech_tokenizer if data_record else None
+    speech = hub_reference(speech_source)
+    if peft_config is not None:
+        prepare_adapter_saving(trainer.model, base.id)
+    # ... and remembers their local folders in a file that is never uploaded
+    trainer.gemma_rvq_local_paths = local_paths_of(base_model=model_args.model_name_or_path,
+                                                   speech_tokenizer=speech_source)
     trainer.gemma_rvq_recipe = {
         "recipe": script_args.recipe,
         "token_format": fmt.to_dict(),
@@ -410,7 +428,9 @@ def build_sft_trainer(script_args, training_args, model_args, *, model=None, tok
         "new_token_ids": [min(new_ids), max(new_ids)] if new_ids else None,
         "vocab_size": len(tokenizer),
         "embedding_rows": embedding_rows,
-        "base_model": model_args.model_name_or_path,
+        "base_model": base.id,  # a Hub id, or None for a local base without one (never its path)
+        "base_model_name": base.name,
+        MODEL_ID_KEY: training_args.hub_model_id,
         "token_init": script_args.token_init,
         "token_seed": script_args.token_seed,
         "pad_to_multiple_of": script_args.embedding_pad_to_multiple_of,
@@ -419,7 +439,8 @@ def build_sft_trainer(script_args, training_args, model_args, *, model=None, tok
         "system_prompt": script_args.system_prompt,
         "user_template": script_args.user_template,
         "language": script_args.language,
-        "speech_tokenizer": data_record.speech_tokenizer if data_record else None,
+        "speech_tokenizer": speech.id,
+        "speech_tokenizer_name": speech.name,
     }
     return trainer
 
@@ -434,31 +455,92 @@ def save_recipe(trainer, output_dir: str) -> None:
             json.dump(trainer.gemma_rvq_recipe, handle, indent=2)
         recipe = trainer.gemma_rvq_recipe
         save_format(output_dir, recipe["token_format"], speech_tokenizer=recipe.get("speech_tokenizer"))
+        write_local_paths(output_dir, getattr(trainer, "gemma_rvq_local_paths", {}))
 
 
 def run_sft(script_args, training_args, model_args, **kwargs):
-    """Build the trainer, train, save (model or adapter, tokenizer, recipe file), push. Returns the trainer."""
+    """Build the trainer, train, save a Hub-ready folder (model or adapter, tokenizer, recipe file, model card),
+    push it with ``--push_to_hub``. Returns the trainer."""
     trainer = build_sft_trainer(script_args, training_args, model_args, **kwargs)
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
     save_recipe(trainer, training_args.output_dir)
-    if training_args.push_to_hub:  # uploads output_dir, gemma_rvq_recipe.json included
-        trainer.push_to_hub(dataset_name=script_args.dataset_name)
+    finish_hub_folder(trainer, training_args.output_dir, dataset_name=script_args.dataset_name)
     return trainer
+
+
+# ---------------------------------------------------------------------------------------------- Hub-ready folders
+def prepare_adapter_saving(model, base_model_id: str | None) -> None:
+    """Make a PEFT model save a Hub-ready adapter: ``base_model_name_or_path`` is the base's Hub id (``None``
+    for a local base: never its path), and the resized embedding matrices are not saved.
+
+    PEFT's default (``save_embedding_layers="auto"``) saves both full embedding matrices whenever the vocabulary
+    grew, with a warning (for Gemma 4 E2B about 800 MB next to a LoRA of a few dozen). They are not needed:
+    :func:`load_sft_model` rebuilds the new rows exactly (same format, init and seed) and the trained rows are
+    in the adapter (``trainable_token_indices``). ``Trainer.save_model`` cannot pass the option, so it is bound
+    to this model's ``save_pretrained``.
+    """
+    import functools
+
+    for config in model.peft_config.values():
+        config.base_model_name_or_path = base_model_id
+    # PEFT fills a None base_model_name_or_path from the base model's name_or_path when saving
+    model.get_base_model().name_or_path = base_model_id
+    model.save_pretrained = functools.partial(type(model).save_pretrained, model, save_embedding_layers=False)
+
+
+def finish_hub_folder(trainer, output_dir: str, *, dataset_name: str | None = None, model_name: str | None = None,
+                      tags=()) -> None:
+    """After ``trainer.save_model(output_dir)``: the model card (:func:`gemma_rvq.cards.write_lm_model_card`),
+    no ``training_args.bin`` (a pickle of the arguments, local paths included; the card lists the
+    hyperparameters instead), then the upload when ``push_to_hub`` is set (``hub_model_id``, else the folder
+    name in the token's namespace)."""
+    from ..cards import write_lm_model_card
+
+    args = trainer.args
+    if not trainer.accelerator.is_main_process:
+        return
+    write_lm_model_card(trainer, output_dir, model_name=model_name, dataset_name=dataset_name, tags=tags)
+    stale = os.path.join(output_dir, "training_args.bin")
+    if os.path.isfile(stale):
+        os.remove(stale)
+    if args.push_to_hub:
+        from ..hub import push_folder
+
+        push_folder(output_dir, args.hub_model_id or os.path.basename(os.path.normpath(output_dir)),
+                    token=args.hub_token, private=bool(args.hub_private_repo), revision=args.hub_revision,
+                    commit_message="Upload a gemma-rvq SFT model")
+
+
+def _local_folder(name_or_path: str, revision: str | None = None) -> str:
+    """A local folder for ``name_or_path``: itself, or the Hub snapshot of a repo id (downloaded or cached)."""
+    if os.path.isdir(name_or_path):
+        return name_or_path
+    from huggingface_hub import snapshot_download
+
+    from ..convert import check_hub_source
+
+    # a mistyped path or an offline miss fails at once, named (every saved folder has a tokenizer)
+    check_hub_source(name_or_path, "tokenizer_config.json", revision=revision)
+    return snapshot_download(name_or_path, revision=revision)
 
 
 def load_sft_model(path: str, *, base_model_name_or_path: str | None = None, rvq_model=None,
                    **from_pretrained_kwargs: Any):
-    """Load what ``examples/sft.py`` saved in ``path``: ``(model, tokenizer)``.
+    """Load what ``examples/sft.py`` saved in ``path`` (a folder or a Hub id): ``(model, tokenizer)``.
 
     A full fine-tune loads directly. A LoRA run saved an adapter: the base model is loaded, its tokenizer
     extended exactly as in training (same format, init and seed, from ``gemma_rvq_recipe.json``), and the
-    adapter (LoRA weights and the trained token rows) applied with ``PeftModel.from_pretrained``.
+    adapter (LoRA weights and the trained token rows) applied with ``PeftModel.from_pretrained``. The base is
+    ``base_model_name_or_path``, else the local folder it was trained from (on that machine: the folder's
+    ``_gemma_rvq_local.json``, never uploaded), else the Hub id the folder records; a copy from the Hub of an
+    adapter trained on a local base without ``--base_model_id`` records none, so the base must be named.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ..formats import load_format_record
 
+    path = _local_folder(path, revision=from_pretrained_kwargs.get("revision"))
     tokenizer = AutoTokenizer.from_pretrained(path)
     record = load_format_record(path)
     if not os.path.isfile(os.path.join(path, "adapter_config.json")):
@@ -472,7 +554,13 @@ def load_sft_model(path: str, *, base_model_name_or_path: str | None = None, rvq
         raise ValueError(f"{path} holds an adapter but no {RECIPE_FILE}: was it saved by examples/sft.py?")
     with open(recipe_path, encoding="utf-8") as handle:
         recipe = json.load(handle)
-    base_path = base_model_name_or_path or recipe["base_model"]
+    # the base: as given, else its local folder on the machine that trained it, else its Hub id
+    base_path = base_model_name_or_path or local_path(path, "base_model") or recipe.get("base_model")
+    if not base_path:
+        raise ValueError(
+            f"{path} holds an adapter of a local base model ({recipe.get('base_model_name')!r}) whose Hub id was not "
+            "given at training time (--base_model_id): pass it as base_model_name_or_path=<folder or Hub id>"
+        )
     base = AutoModelForCausalLM.from_pretrained(base_path, **from_pretrained_kwargs)
     base_tokenizer = AutoTokenizer.from_pretrained(base_path)
     prepare_semantic_tokens(base, base_tokenizer, recipe["token_format"], init=recipe["token_init"],

@@ -264,7 +264,7 @@ class RVQTrainer:
         if os.path.isdir(folder):
             shutil.rmtree(folder)
         model.save_pretrained(folder)
-        self.config.to_yaml(os.path.join(folder, "training_config.yaml"))
+        _write_hub_ready_config(self.config, os.path.join(folder, "training_config.yaml"))
         extra = dict(extra or {})
         metrics = extra.get("metrics") or {}
         split = "dev" if "dev" in metrics else "train" if "train" in metrics else None
@@ -607,3 +607,18 @@ def plot_loss_curves(output_dir: str, state: TrainerState) -> str | None:
     path = os.path.join(output_dir, "loss_curves.png")
     fig.savefig(path, dpi=100)
     return path
+
+
+def _write_hub_ready_config(config: RVQTrainingConfig, path: str) -> None:
+    """``training_config.yaml`` of an exported folder: the settings, with local paths (output, cache, data,
+    encoder folders) named by their folder or file name, so the folder can go to the Hub as it is."""
+    import yaml
+
+    from ..cards import hub_reference
+
+    values = config.to_dict()
+    for key, value in values.items():
+        if isinstance(value, str) and value and (os.path.isabs(value) or os.path.exists(value)):
+            values[key] = hub_reference(value).name
+    with open(path, "w", encoding="utf-8") as handle:
+        yaml.safe_dump(values, handle, sort_keys=False)
