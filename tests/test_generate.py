@@ -188,3 +188,25 @@ def test_generate_semantic_script_writes_a_dataset(stage2, tmp_path):
     from gemma_rvq.formats import dataset_format, load_format
 
     assert dataset_format(generated) == FORMAT and load_format(tmp_path / "generated") == FORMAT
+
+
+def test_gemma_rvq_generate_is_the_script_parser(stage2, tmp_path, capsys):
+    """`gemma-rvq generate` (a pip install's stage 2) runs the parser and main of examples/generate_semantic.py,
+    with a --config YAML whose keys the command line overrides."""
+    from gemma_rvq import cli
+    from gemma_rvq.commands import generate
+
+    script = _script("generate_semantic")
+    assert script.make_parser is generate.make_parser and script.main is generate.main
+    _, pairs, root = stage2
+    Dataset.from_dict({"text": pairs["text"][:3]}).to_json(tmp_path / "texts.jsonl")
+    (tmp_path / "generate.yaml").write_text(f"model_name_or_path: {root / 'out'}\nbatch_size: 4\nmax_new_tokens: 2\n")
+    status = cli.main(["generate", "--config", str(tmp_path / "generate.yaml"), "--dataset_name",
+                       str(tmp_path / "texts.jsonl"), "--output_dir", str(tmp_path / "generated"),
+                       "--max_new_tokens", "24", "--dtype", "float32"])
+    assert status == 0 and "3 of 3 rows parsed" in capsys.readouterr().out
+    generated = load_from_disk(str(tmp_path / "generated"))
+    assert len(generated) == 3 and all(FORMAT.parse(tokens) for tokens in generated["semantic_tokens"])
+    with pytest.raises(SystemExit):
+        cli.main(["generate", "--dataset_name", "x", "--output_dir", "y"])  # no model: the parser names it
+    assert "--model_name_or_path" in capsys.readouterr().err

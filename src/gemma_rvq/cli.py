@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .commands import add_model_argument, load_model
 from .commands import evaluate as _evaluate
+from .commands import generate as _generate
 from .commands import sft as _sft
 from .commands import tokenize as _tokenize
 from .commands import train as _train
@@ -109,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     _train.make_parser(sub)
     _evaluate.make_parser(sub)
     _sft.make_parser(sub)
+    _generate.make_parser(sub)
 
     p = sub.add_parser(
         "convert",

@@ -1,6 +1,6 @@
 """One parser per task, shared by the ``gemma-rvq`` subcommand and the example script.
 
-Each task module (``tokenize``, ``evaluate``, ``train``, ``sft``) has ``make_parser(subparsers=None,
+Each task module (``tokenize``, ``evaluate``, ``train``, ``sft``, ``generate``) has ``make_parser(subparsers=None,
 prog=None)`` and ``main(...)`` (anchor: ``trl/scripts/sft.py``):
 
 - with ``subparsers`` (the ``gemma-rvq`` command) it adds its subcommand there;
@@ -56,7 +56,11 @@ class TaskParser(HfArgumentParser):
         pre.add_argument("--config", "-c", default=None)
         known, _ = pre.parse_known_args(args)
         if known.config is not None:
-            self.set_defaults(**self._config_defaults(known.config))
+            defaults = self._config_defaults(known.config)
+            self.set_defaults(**defaults)
+            for action in self._actions:  # a required field the file sets is no longer required on the command line
+                if action.dest in defaults:
+                    action.required = False
         outputs = self.parse_args_into_dataclasses(args=args)
         return tuple(o for o in outputs if not isinstance(o, argparse.Namespace))  # drops --config itself
 
