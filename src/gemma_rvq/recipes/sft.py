@@ -492,7 +492,7 @@ def prepare_adapter_saving(model, base_model_id: str | None) -> None:
 def finish_hub_folder(trainer, output_dir: str, *, dataset_name: str | None = None, model_name: str | None = None,
                       tags=()) -> None:
     """After ``trainer.save_model(output_dir)``: the model card (:func:`gemma_rvq.cards.write_lm_model_card`),
-    no ``training_args.bin`` (a pickle of the arguments, local paths included; the card lists the
+    an adapter's base ``config.json``, no ``training_args.bin`` (a pickle of the arguments, local paths included; the card lists the
     hyperparameters instead), then the upload when ``push_to_hub`` is set (``hub_model_id``, else the folder
     name in the token's namespace)."""
     from ..cards import write_lm_model_card
@@ -501,6 +501,12 @@ def finish_hub_folder(trainer, output_dir: str, *, dataset_name: str | None = No
     if not trainer.accelerator.is_main_process:
         return
     write_lm_model_card(trainer, output_dir, model_name=model_name, dataset_name=dataset_name, tags=tags)
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if hasattr(model, "peft_config"):
+        # an adapter folder with the base's config.json: transformers' pipeline(model=folder) reads it instead of
+        # resolving adapter_config.json's base_model_name_or_path (None for a local base), and our loader,
+        # load_sft_model, finds the base itself
+        model.get_base_model().config.save_pretrained(output_dir)
     stale = os.path.join(output_dir, "training_args.bin")
     if os.path.isfile(stale):
         os.remove(stale)
