@@ -109,7 +109,7 @@ def test_rvq_model_folder_loads_with_automodel_and_encodes(demo):
     assert isinstance(model, gemma_rvq.GemmaRVQModel)
     assert (model.config.num_quantizers, model.config.codebook_size) == (4, 64)
     wave, rate = decode_audio(CORPUS / "clips" / "en_dev_000.flac")
-    out = model.encode([prepare_waveform(wave, rate, model.config.sampling_rate)])
+    out = model.encode([prepare_waveform(wave, rate, model.config.sampling_rate)], sampling_rate=model.config.sampling_rate)
     codes = out.audio_codes
     assert codes.shape[:2] == (1, 4) and codes.shape[2] > 10
     assert int(codes.max()) < 64 and int(codes.min()) >= 0
@@ -135,7 +135,7 @@ def test_token_dataset_folder_matches_the_rvq_codes(demo, tmp_path):
     model = AutoModel.from_pretrained(demo.hub_folders["rvq-model"]).eval()
     row = tokens["dev"][0]
     wave, rate = decode_audio(CORPUS / row["file"])
-    codes = model.encode([prepare_waveform(wave, rate, 16000)]).audio_codes[0]
+    codes = model.encode([prepare_waveform(wave, rate, 16000)], sampling_rate=16000).audio_codes[0]
     assert torch.equal(codes, torch.tensor(row["audio_codes"]))
 
 

@@ -17,17 +17,17 @@ SR = 16000
 
 def _fit(model, make_speech):
     clips = [make_speech(2.0, SR, seed=s) for s in range(2)]
-    emb, mask = model.embed(clips)
+    emb, mask = model.embed(clips, sampling_rate=SR)
     model.quantizer.kmeans_init(model.project_in(emb[mask]).detach())
     return model
 
 
 def _assert_batch_equals_singles(model, clips):
-    batched = model.encode(clips)
+    batched = model.encode(clips, sampling_rate=SR)
     assert batched.audio_codes.shape[0] == len(clips)
     distinct = set()
     for i, clip in enumerate(clips):
-        single = model.encode([clip])
+        single = model.encode([clip], sampling_rate=SR)
         n = int(single.codes_mask.sum())
         assert int(batched.codes_mask[i].sum()) == n
         assert not batched.codes_mask[i, n:].any()
@@ -75,8 +75,8 @@ def test_padded_tensor_with_padding_mask_equals_list_input(tiny_gemma4_rvq, make
     padding_mask = torch.zeros(2, len(b), dtype=torch.bool)
     padding_mask[0, : len(a)] = True
     padding_mask[1] = True
-    from_tensor = tiny_gemma4_rvq.encode(batch, padding_mask)
-    from_list = tiny_gemma4_rvq.encode([a, b])
+    from_tensor = tiny_gemma4_rvq.encode(batch, padding_mask, sampling_rate=SR)
+    from_list = tiny_gemma4_rvq.encode([a, b], sampling_rate=SR)
     assert torch.equal(from_tensor.codes_mask, from_list.codes_mask)
     assert torch.equal(from_tensor.audio_codes, from_list.audio_codes)
 
@@ -88,7 +88,7 @@ def test_padded_tensor_with_padding_mask_equals_list_input(tiny_gemma4_rvq, make
 )
 def test_frame_counts_follow_the_frame_rate(family, seconds, expected, make_speech):
     model = tiny_rvq_model(family)
-    emb, mask = model.embed([make_speech(seconds, SR)])
+    emb, mask = model.embed([make_speech(seconds, SR)], sampling_rate=SR)
     assert int(mask.sum()) == expected == emb.shape[1]
     assert abs(expected - seconds * model.config.frame_rate) <= 1
     adapter = model._encoder_adapter()
@@ -128,7 +128,7 @@ def test_hubert_layer_k_equals_hidden_states_k_of_the_full_model(stable, make_sp
     for layer in (1, 3):
         model = tiny_rvq_model("hubert", encoder_layer=layer, encoder_kwargs=kwargs)
         assert len(model.encoder.encoder.layers) == layer  # unused layers are never run
-        emb, _ = model.embed([wave])
+        emb, _ = model.embed([wave], sampling_rate=SR)
         feats = model._encoder_adapter().feature_extractor(wave, sampling_rate=SR, return_tensors="pt")
         states, _ = _full_hidden_states("hubert", model.encoder, model.config.encoder_config,
                                         {"input_values": feats["input_values"]})
@@ -138,7 +138,7 @@ def test_hubert_layer_k_equals_hidden_states_k_of_the_full_model(stable, make_sp
 def test_whisper_layer_k_and_real_frames_only(make_speech):
     wave = make_speech(3.0, SR)
     model = tiny_rvq_model("whisper", encoder_layer=1)
-    emb, mask = model.embed([wave])
+    emb, mask = model.embed([wave], sampling_rate=SR)
     assert emb.shape[1] == 150 and mask.all()  # 3 s of a 30 s window: only the real frames
     feats = model._encoder_adapter().feature_extractor(wave, sampling_rate=SR, return_tensors="pt")
     states, _ = _full_hidden_states("whisper", model.encoder, model.config.encoder_config,
@@ -148,7 +148,7 @@ def test_whisper_layer_k_and_real_frames_only(make_speech):
 
 def test_gemma4_default_layer_is_the_input_of_output_proj(tiny_gemma4_rvq, make_speech):
     wave = make_speech(2.0, SR)
-    emb, mask = tiny_gemma4_rvq.embed([wave])
+    emb, mask = tiny_gemma4_rvq.embed([wave], sampling_rate=SR)
     encoder = tiny_gemma4_rvq.get_audio_encoder()
     feats = tiny_gemma4_rvq._encoder_adapter().feature_extractor([wave], truncation=False, return_tensors="pt")
     with torch.no_grad():
@@ -161,7 +161,7 @@ def test_gemma4_default_layer_is_the_input_of_output_proj(tiny_gemma4_rvq, make_
 def test_gemma4_layer_1_matches_hidden_states_1(make_speech):
     wave = make_speech(2.0, SR)
     model = tiny_rvq_model("gemma4_audio", encoder_layer=1)
-    emb, _mask = model.embed([wave])
+    emb, _mask = model.embed([wave], sampling_rate=SR)
     feats = model._encoder_adapter().feature_extractor([wave], truncation=False, return_tensors="pt")
     states, _ = _full_hidden_states(
         "gemma4_audio", model.encoder, model.config.encoder_config,
@@ -189,7 +189,7 @@ def test_chunk_plan_covers_every_sample_on_frame_boundaries(family):
 def test_gemma4_95_seconds_frame_count(tiny_gemma4_rvq, make_speech):
     wave = make_speech(95.0, SR, seed=7)
     assert len(tiny_gemma4_rvq._encoder_adapter().plan(len(wave))) > 1
-    out = tiny_gemma4_rvq.encode([wave])
+    out = tiny_gemma4_rvq.encode([wave], sampling_rate=SR)
     assert abs(out.audio_codes.shape[-1] - round(95.0 * 25)) <= 1 and bool(out.codes_mask.all())
 
 
@@ -236,16 +236,16 @@ def test_stitched_frames_sit_at_their_positions(family, seconds, window, make_sp
 
 def test_long_and_short_clips_in_one_batch(tiny_gemma4_rvq, make_speech):
     waves = [make_speech(0.7, SR, seed=10), make_speech(33.0, SR, seed=11)]
-    out = tiny_gemma4_rvq.encode(waves)
+    out = tiny_gemma4_rvq.encode(waves, sampling_rate=SR)
     lengths = out.codes_mask.sum(-1).tolist()
     assert abs(lengths[0] - 0.7 * 25) <= 1 and abs(lengths[1] - 33 * 25) <= 1
-    single = tiny_gemma4_rvq.encode([waves[0]])
+    single = tiny_gemma4_rvq.encode([waves[0]], sampling_rate=SR)
     assert torch.equal(single.audio_codes[0], out.audio_codes[0, :, : lengths[0]])
 
 
 def test_audio_shorter_than_one_frame_is_rejected(tiny_gemma4_rvq):
     with pytest.raises(ValueError, match=r"input 1: too short"):
-        tiny_gemma4_rvq.embed([np.zeros(16000, np.float32), np.zeros(100, np.float32)])
+        tiny_gemma4_rvq.embed([np.zeros(16000, np.float32), np.zeros(100, np.float32)], sampling_rate=SR)
 
 
 @pytest.mark.parametrize("family", ["gemma4_audio", "hubert", "whisper"])
@@ -253,10 +253,10 @@ def test_shortest_accepted_audio_gives_one_frame(family):
     model = tiny_rvq_model(family)
     n = model.config.min_samples
     wave = 0.1 * np.sin(np.arange(n) / 5).astype(np.float32)
-    out = model.encode([wave])
+    out = model.encode([wave], sampling_rate=SR)
     assert out.audio_codes.shape[-1] == 1 and bool(out.codes_mask.all())
     with pytest.raises(ValueError, match="too short"):
-        model.encode([wave[:-1]])
+        model.encode([wave[:-1]], sampling_rate=SR)
 
 
 def test_feature_extractor_resolution_order(tmp_path):

@@ -58,34 +58,34 @@ def test_main_input_name_is_the_first_argument_of_forward():
 def test_forward_runs_audio_embeddings_and_processor_output_to_the_same_loss():
     model = GemmaRVQModel(_hubert_config()).eval()
     audio = _audio()
-    from_audio = model(audio)
-    embeddings, mask = model.embed(audio)
+    from_audio = model(audio, sampling_rate=SR)
+    embeddings, mask = model.embed(audio, sampling_rate=SR)
     from_embeddings = model(embeddings=embeddings, attention_mask=mask)
     torch.testing.assert_close(from_audio.loss, from_embeddings.loss)
     assert torch.equal(from_audio.audio_codes, from_embeddings.audio_codes)
     assert from_audio.audio_codes.shape == (3, 2, model.get_encoded_length(4000))
     with pytest.raises(TypeError, match="unexpected keyword arguments"):
-        model(audio, output_everything=True)
+        model(audio, output_everything=True, sampling_rate=SR)
 
 
 # ---------------------------------------------------------------------------------------------- return_dict
 def test_return_dict_false_gives_tuples_from_the_argument_or_the_config():
     model = GemmaRVQModel(_hubert_config()).eval()
     audio = _audio()
-    as_dict = model(audio)
-    _assert_same(model(audio, return_dict=False), as_dict.to_tuple())
-    encoded = model.encode(audio)
+    as_dict = model(audio, sampling_rate=SR)
+    _assert_same(model(audio, return_dict=False, sampling_rate=SR), as_dict.to_tuple())
+    encoded = model.encode(audio, sampling_rate=SR)
     decoded = model.decode(encoded.audio_codes, encoded.codes_mask)
     model.config.return_dict = False  # as DacModel: the config decides when the call does not
-    as_tuple = model(audio)
+    as_tuple = model(audio, sampling_rate=SR)
     assert isinstance(as_tuple, tuple)
     _assert_same(as_tuple, as_dict.to_tuple())
-    assert isinstance(model.encode(audio), tuple) and isinstance(model.decode(encoded.audio_codes), tuple)
-    codes, codes_mask, embeddings = model.encode(audio)  # encode / decode keep BoolTensor masks
+    assert isinstance(model.encode(audio, sampling_rate=SR), tuple) and isinstance(model.decode(encoded.audio_codes), tuple)
+    codes, codes_mask, embeddings = model.encode(audio, sampling_rate=SR)  # encode / decode keep BoolTensor masks
     assert torch.equal(codes, encoded.audio_codes) and torch.equal(codes_mask, encoded.codes_mask)
     torch.testing.assert_close(embeddings, encoded.embeddings)
     torch.testing.assert_close(model.decode(encoded.audio_codes, encoded.codes_mask)[0], decoded.embeddings)
-    assert not isinstance(model(audio, return_dict=True), tuple)
+    assert not isinstance(model(audio, return_dict=True, sampling_rate=SR), tuple)
 
 
 @pytest.mark.parametrize("extra", [{}, {"output_hidden_states": True}, {"output_attentions": True},
@@ -94,8 +94,9 @@ def test_tuple_and_dict_outputs_are_equivalent(extra):
     model = GemmaRVQModel(_hubert_config(attn_implementation="eager")).eval()
     audio = _audio()
     with torch.no_grad():
-        _assert_same(model(audio, return_dict=False, **extra), model(audio, return_dict=True, **extra).to_tuple())
-    out = model(audio, **extra)
+        _assert_same(model(audio, return_dict=False, sampling_rate=SR, **extra),
+                     model(audio, return_dict=True, sampling_rate=SR, **extra).to_tuple())
+    out = model(audio, **extra, sampling_rate=SR)
     assert out.codes_mask.dtype == torch.long and out.codes_mask.sum() == out.codes_mask.numel()
 
 
@@ -103,7 +104,7 @@ def test_tuple_and_dict_outputs_are_equivalent(extra):
 def test_hidden_states_and_attentions_are_the_encoders():
     model = GemmaRVQModel(_hubert_config(attn_implementation="eager")).eval()
     audio = _audio()
-    out = model(audio, output_hidden_states=True, output_attentions=True)
+    out = model(audio, output_hidden_states=True, output_attentions=True, sampling_rate=SR)
     frames = model.get_encoded_length(audio.shape[-1])
     assert len(out.hidden_states) == 1 + 2 and all(h.shape == (3, frames, 32) for h in out.hidden_states)
     assert len(out.attentions) == 2 and out.attentions[0].shape == (3, 2, frames, frames)
@@ -111,11 +112,11 @@ def test_hidden_states_and_attentions_are_the_encoders():
     with torch.no_grad():
         reference = model.encoder(inputs, attention_mask=input_mask, output_hidden_states=True)
     torch.testing.assert_close(out.hidden_states[-1], reference.hidden_states[-1])
-    plain = model(audio)
+    plain = model(audio, sampling_rate=SR)
     assert plain.hidden_states is None and plain.attentions is None
     model.config.output_hidden_states = True  # the config's default, as transformers models
-    assert len(model(audio).hidden_states) == 3
-    embeddings, mask = model.embed(audio)
+    assert len(model(audio, sampling_rate=SR).hidden_states) == 3
+    embeddings, mask = model.embed(audio, sampling_rate=SR)
     assert model(embeddings=embeddings, attention_mask=mask).hidden_states is None  # no encoder ran
 
 
@@ -123,8 +124,8 @@ def test_hidden_states_and_attentions_are_the_encoders():
 def test_hidden_states_can_be_selected_by_index(family, make_speech):
     model = tiny_rvq_model(family)
     wave = torch.from_numpy(make_speech(0.6, SR, seed=3))[None]
-    full = model(wave, output_hidden_states=True).hidden_states
-    some = model(wave, output_hidden_states=[0, -1]).hidden_states
+    full = model(wave, output_hidden_states=True, sampling_rate=SR).hidden_states
+    some = model(wave, output_hidden_states=[0, -1], sampling_rate=SR).hidden_states
     assert len(some) == len(full) and all(h is None for h in some[1:-1])
     torch.testing.assert_close(some[0], full[0])
     torch.testing.assert_close(some[-1], full[-1])
@@ -133,7 +134,7 @@ def test_hidden_states_can_be_selected_by_index(family, make_speech):
 def test_encoder_outputs_need_one_window():
     model = tiny_rvq_model("hubert", max_chunk_seconds=1.0, chunk_overlap_seconds=0.2)
     with pytest.raises(ValueError, match="within one encoder window"):
-        model(_audio(1, 2 * SR), output_hidden_states=True)
+        model(_audio(1, 2 * SR), output_hidden_states=True, sampling_rate=SR)
 
 
 # ---------------------------------------------------------------------------------------------- attention
@@ -166,8 +167,8 @@ def test_eager_matches_sdpa(tmp_path):
     mask = torch.ones(7, audio.shape[-1], dtype=torch.long)
     mask[-1, -800:] = 0  # right padding, as the feature extractor returns it
     for kwargs in ({}, {"attention_mask": mask}):
-        a = eager(audio, output_hidden_states=True, **kwargs)
-        b = sdpa(audio, output_hidden_states=True, **kwargs)
+        a = eager(audio, output_hidden_states=True, **kwargs, sampling_rate=SR)
+        b = sdpa(audio, output_hidden_states=True, **kwargs, sampling_rate=SR)
         torch.testing.assert_close(a.hidden_states[-1], b.hidden_states[-1], atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(a.loss, b.loss, atol=1e-5, rtol=1e-4)
 
@@ -201,7 +202,7 @@ def test_processor_output_is_checked():
     with pytest.raises(ValueError, match=r"mask of input_features has shape \(1, 3\)"):
         gemma.encode(input_features=features["input_features"], input_features_mask=torch.ones(1, 3))
     with pytest.raises(ValueError, match="not both"):
-        gemma.encode(torch.zeros(1, SR), input_features=features["input_features"])
+        gemma.encode(torch.zeros(1, SR), input_features=features["input_features"], sampling_rate=SR)
     hubert = tiny_rvq_model("hubert")
     with pytest.raises(ValueError, match="takes input_values"):
         hubert.encode(input_features=features["input_features"])
@@ -231,7 +232,7 @@ def test_arithmetic_masks_give_the_eager_codes(tiny_hubert_rvq):
     """The masked path used under torch.compile / torch.export (no data-dependent shapes) gives the codes and
     reconstruction of the gather path, and NaN padding cannot leak into it."""
     model = tiny_hubert_rvq
-    embeddings, mask = model.embed([_audio(1, 9000)[0].numpy(), _audio(1, 4100, seed=1)[0].numpy()])
+    embeddings, mask = model.embed([_audio(1, 9000)[0].numpy(), _audio(1, 4100, seed=1)[0].numpy()], sampling_rate=SR)
     poisoned = embeddings.clone()
     poisoned[~mask] = float("nan")
     eager = model.quantize(embeddings, mask)

@@ -46,17 +46,17 @@ def test_no_projection_uses_identities():
 # ---------------------------------------------------------------------------------------------- encode
 def test_encode_outputs_and_padding(tiny_gemma4_rvq, make_speech):
     waves = [make_speech(1.0, SR, seed=1), make_speech(2.0, SR, seed=2)]
-    out = tiny_gemma4_rvq.encode(waves)
+    out = tiny_gemma4_rvq.encode(waves, sampling_rate=SR)
     assert out.audio_codes.dtype == torch.long and out.codes_mask.dtype == torch.bool
     assert out.audio_codes.shape == (2, 2, 50) and out.codes_mask.shape == (2, 50)
     assert out.embeddings.shape == (2, 50, 64)
     assert out.codes_mask.sum(-1).tolist() == [25, 50]
     assert (out.audio_codes[0, :, 25:] == 0).all()  # padded frames: 0, masked out
     assert int(out.audio_codes.max()) < 16 and int(out.audio_codes.min()) >= 0
-    first = tiny_gemma4_rvq.encode(waves, num_quantizers=1)
+    first = tiny_gemma4_rvq.encode(waves, num_quantizers=1, sampling_rate=SR)
     assert first.audio_codes.shape == (2, 1, 50)
     assert torch.equal(first.audio_codes[:, 0], out.audio_codes[:, 0])
-    codes, mask, emb = tiny_gemma4_rvq.encode(waves, return_dict=False)
+    codes, mask, emb = tiny_gemma4_rvq.encode(waves, return_dict=False, sampling_rate=SR)
     assert torch.equal(codes, out.audio_codes) and torch.equal(mask, out.codes_mask) and emb.shape[-1] == 64
 
 
@@ -65,7 +65,7 @@ def test_frame_arithmetic_on_the_model(tiny_gemma4_rvq, make_speech):
     padded = torch.zeros(2, len(waves[0]))
     padded[0], padded[1, : len(waves[1])] = torch.from_numpy(waves[0]), torch.from_numpy(waves[1])
     padding_mask = torch.arange(padded.shape[1])[None] < torch.tensor([[len(waves[0])], [len(waves[1])]])
-    out = tiny_gemma4_rvq.encode(padded, padding_mask)
+    out = tiny_gemma4_rvq.encode(padded, padding_mask, sampling_rate=SR)
     assert torch.equal(tiny_gemma4_rvq.get_audio_codes_mask(padding_mask), out.codes_mask)
     assert tiny_gemma4_rvq.get_encoded_length(len(waves[1])) == int(out.codes_mask[1].sum())
     assert tiny_gemma4_rvq.frame_rate == tiny_gemma4_rvq.config.frame_rate == 25
@@ -73,12 +73,12 @@ def test_frame_arithmetic_on_the_model(tiny_gemma4_rvq, make_speech):
 
 def test_encode_from_precomputed_embeddings_equals_audio_path(tiny_gemma4_rvq, make_speech):
     waves = [make_speech(1.3, SR, seed=3), make_speech(0.6, SR, seed=4)]
-    emb, mask = tiny_gemma4_rvq.embed(waves)
-    from_audio = tiny_gemma4_rvq.encode(waves)
+    emb, mask = tiny_gemma4_rvq.embed(waves, sampling_rate=SR)
+    from_audio = tiny_gemma4_rvq.encode(waves, sampling_rate=SR)
     from_emb = tiny_gemma4_rvq.encode(embeddings=emb, embeddings_mask=mask)
     assert torch.equal(from_audio.audio_codes, from_emb.audio_codes)
     with pytest.raises(ValueError, match="exactly one"):
-        tiny_gemma4_rvq.encode(waves, embeddings=emb)
+        tiny_gemma4_rvq.encode(waves, embeddings=emb, sampling_rate=SR)
     with pytest.raises(ValueError, match="exactly one"):
         tiny_gemma4_rvq.encode()
 
@@ -86,11 +86,11 @@ def test_encode_from_precomputed_embeddings_equals_audio_path(tiny_gemma4_rvq, m
 def test_sampling_rate_and_int_pcm_inputs(tiny_gemma4_rvq, speech_22k):
     wave, sr = speech_22k
     at_16k = resample(wave, sr, SR)
-    reference = tiny_gemma4_rvq.encode([at_16k])
+    reference = tiny_gemma4_rvq.encode([at_16k], sampling_rate=SR)
     resampled = tiny_gemma4_rvq.encode([wave], sampling_rate=sr)
     assert torch.equal(resampled.audio_codes, reference.audio_codes)
     pcm = np.round(np.stack([at_16k, at_16k], axis=1) * 32767).astype(np.int16)  # [S, 2] int16 stereo
-    from_pcm = tiny_gemma4_rvq.encode([pcm])
+    from_pcm = tiny_gemma4_rvq.encode([pcm], sampling_rate=SR)
     agree = (from_pcm.audio_codes[0, 0] == reference.audio_codes[0, 0]).float().mean()
     assert agree > 0.9  # int16 quantization only moves near-ties
 
@@ -110,7 +110,7 @@ def test_padded_frames_never_reach_the_quantizer(tiny_gemma4_rvq):
 
 
 def test_quantize_reconstruction_and_decode_agree(tiny_gemma4_rvq, make_speech):
-    emb, mask = tiny_gemma4_rvq.embed([make_speech(1.0, SR, seed=5), make_speech(0.5, SR, seed=6)])
+    emb, mask = tiny_gemma4_rvq.embed([make_speech(1.0, SR, seed=5), make_speech(0.5, SR, seed=6)], sampling_rate=SR)
     q = tiny_gemma4_rvq.quantize(emb, mask)
     dec = tiny_gemma4_rvq.decode(q.audio_codes, q.codes_mask)
     torch.testing.assert_close(dec.embeddings, q.quantized)
@@ -169,23 +169,23 @@ def test_quantize_rejects_bad_embeddings(tiny_gemma4_rvq, emb, mask, match):
 
 def test_embed_rejects_bad_inputs(tiny_gemma4_rvq):
     with pytest.raises(ValueError, match="input 0: the audio contains 1 NaN"):
-        tiny_gemma4_rvq.embed([np.array([0.0] * 4000 + [np.nan], dtype=np.float32)])
+        tiny_gemma4_rvq.embed([np.array([0.0] * 4000 + [np.nan], dtype=np.float32)], sampling_rate=SR)
     with pytest.raises(ValueError, match="empty list"):
-        tiny_gemma4_rvq.embed([])
+        tiny_gemma4_rvq.embed([], sampling_rate=SR)
     with pytest.raises(ValueError, match="padding_mask shape"):
-        tiny_gemma4_rvq.embed(torch.zeros(2, 4000), torch.ones(2, 10, dtype=torch.bool))
+        tiny_gemma4_rvq.embed(torch.zeros(2, 4000), torch.ones(2, 10, dtype=torch.bool), sampling_rate=SR)
     with pytest.raises(ValueError, match="only meaningful"):
-        tiny_gemma4_rvq.embed([np.zeros(4000, np.float32)], torch.ones(1, 4000, dtype=torch.bool))
+        tiny_gemma4_rvq.embed([np.zeros(4000, np.float32)], torch.ones(1, 4000, dtype=torch.bool), sampling_rate=SR)
     with pytest.raises(ValueError, match=r"\[B, S\]"):
-        tiny_gemma4_rvq.embed(torch.zeros(1, 2, 4000))
+        tiny_gemma4_rvq.embed(torch.zeros(1, 2, 4000), sampling_rate=SR)
     with pytest.raises(ValueError, match="input 0: the audio is empty"):
-        tiny_gemma4_rvq.embed([np.zeros(0, np.float32)])
+        tiny_gemma4_rvq.embed([np.zeros(0, np.float32)], sampling_rate=SR)
 
 
 def test_model_without_encoder_explains_itself():
     model = GemmaRVQModel(GemmaRVQConfig(encoder_name_or_path=None, dim=16, num_quantizers=2, codebook_size=8))
     with pytest.raises(ValueError, match="no encoder"):
-        model.encode([np.zeros(16000, np.float32)])
+        model.encode([np.zeros(16000, np.float32)], sampling_rate=SR)
     out = model.encode(embeddings=torch.randn(1, 5, 16))  # precomputed embeddings still work
     assert out.audio_codes.shape == (1, 2, 5)
 
@@ -239,7 +239,7 @@ def test_learnable_codebooks_are_parameters_with_codebook_loss(tmp_path):
 # ---------------------------------------------------------------------------------------------- checkpoints
 def test_bundled_checkpoint_roundtrip(tiny_gemma4_rvq, make_speech, tmp_path):
     wave = make_speech(1.5, SR, seed=12)
-    reference = tiny_gemma4_rvq.encode([wave])
+    reference = tiny_gemma4_rvq.encode([wave], sampling_rate=SR)
     tiny_gemma4_rvq.save_pretrained(tmp_path)
     keys = _safetensors_keys(tmp_path)
     assert keys["quantizer.codebooks"] == (2, 16, 64)
@@ -250,7 +250,7 @@ def test_bundled_checkpoint_roundtrip(tiny_gemma4_rvq, make_speech, tmp_path):
     assert isinstance(loaded, GemmaRVQModel) and not loaded.training
     torch.testing.assert_close(loaded.quantizer.codebooks, tiny_gemma4_rvq.quantizer.codebooks)
     assert all(not p.requires_grad for p in loaded.encoder.parameters())
-    assert torch.equal(loaded.encode([wave]).audio_codes, reference.audio_codes)
+    assert torch.equal(loaded.encode([wave], sampling_rate=SR).audio_codes, reference.audio_codes)
     # meta-device construction: every parameter and buffer comes back exactly as saved
     original = tiny_gemma4_rvq.state_dict()
     restored = loaded.state_dict()
@@ -273,7 +273,7 @@ def test_quantizer_only_checkpoint_with_lazily_loaded_encoder(make_speech, tmp_p
     loaded = GemmaRVQModel.from_pretrained(rvq_dir)
     assert loaded._lazy_encoder is None  # from_pretrained does not touch the encoder
     wave = make_speech(2.0, SR, seed=13)
-    out = loaded.encode([wave])
+    out = loaded.encode([wave], sampling_rate=SR)
     assert type(loaded._lazy_encoder).__name__ == "HubertModel"
     assert len(loaded._lazy_encoder.encoder.layers) == 2
     assert all(not p.requires_grad for p in loaded._lazy_encoder.parameters())
@@ -288,7 +288,7 @@ def test_quantizer_only_checkpoint_with_lazily_loaded_encoder(make_speech, tmp_p
     bundled.save_pretrained(tmp_path / "bundled")
     assert any(k.startswith("encoder.") for k in _safetensors_keys(tmp_path / "bundled"))
     reloaded = GemmaRVQModel.from_pretrained(tmp_path / "bundled")
-    assert reloaded.encoder is not None and torch.equal(reloaded.encode([wave]).audio_codes, out.audio_codes)
+    assert reloaded.encoder is not None and torch.equal(reloaded.encode([wave], sampling_rate=SR).audio_codes, out.audio_codes)
 
 
 def test_lazy_whisper_encoder_from_a_full_whisper_checkpoint(make_speech, tmp_path):
@@ -303,7 +303,7 @@ def test_lazy_whisper_encoder_from_a_full_whisper_checkpoint(make_speech, tmp_pa
     model = GemmaRVQModel(GemmaRVQConfig(encoder_family="whisper", encoder_name_or_path=str(tmp_path), dim=32,
                                          num_quantizers=2, codebook_size=8))
     wave = make_speech(1.0, SR, seed=14)
-    emb, mask = model.embed([wave])
+    emb, mask = model.embed([wave], sampling_rate=SR)
     assert type(model._lazy_encoder).__name__ == "WhisperEncoder" and emb.shape == (1, 50, 32) and mask.all()
     feats = WhisperFeatureExtractor(feature_size=80)(wave, sampling_rate=SR, return_tensors="pt")
     with torch.no_grad():

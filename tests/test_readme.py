@@ -26,7 +26,7 @@ README = REPO / "README.md"
 BIN = Path(sys.executable).parent
 NOT_RUN_HERE = {"make demo", "make test"}
 CPU_SFT_OVERRIDES = (
-    "--max_steps 2 --bf16 false --dtype float32 --gradient_checkpointing false --report_to none "
+    "--max_steps 2 --bf16 false --dtype float32 --activation_checkpointing false --report_to none "
     "--save_strategy no --dataset_num_proc 1 --per_device_train_batch_size 2 --gradient_accumulation_steps 1 "
     "--logging_steps 1 --disable_tqdm true"
 )

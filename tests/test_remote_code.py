@@ -43,7 +43,7 @@ model = AutoModel.from_pretrained(sys.argv[2], trust_remote_code=True)
 assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
 assert "gemma_rvq" not in sys.modules
 wave = np.load(os.path.join(sys.argv[3], "wave.npy"))
-out = model.encode([wave, wave[: len(wave) // 3]])
+out = model.encode([wave, wave[: len(wave) // 3]], sampling_rate=16000)
 np.save(os.path.join(sys.argv[3], "codes.npy"), out.audio_codes.numpy())
 np.save(os.path.join(sys.argv[3], "mask.npy"), out.codes_mask.numpy())
 print("remote ok", type(model).__module__)
@@ -84,7 +84,7 @@ def test_trust_remote_code_loads_and_encodes_identically_without_the_package(tin
     tiny_gemma4_rvq.save_pretrained(ckpt)
     wave = make_speech(2.2, 16000, seed=21)
     np.save(work / "wave.npy", wave)
-    reference = tiny_gemma4_rvq.encode([wave, wave[: len(wave) // 3]])
+    reference = tiny_gemma4_rvq.encode([wave, wave[: len(wave) // 3]], sampling_rate=16000)
 
     src_dir = str(Path(gemma_rvq.__file__).parent.parent)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}

@@ -672,7 +672,7 @@ def _common_sft(settings: DemoSettings, fmt, seed: int) -> dict[str, Any]:
         "embedding_pad_to_multiple_of": 8, "per_device_train_batch_size": settings.batch_size,
         "gradient_accumulation_steps": 1, "learning_rate": settings.learning_rate,
         "lr_scheduler_type": "cosine", "warmup_steps": 0, "max_length": 1024, "bf16": "false",
-        "gradient_checkpointing": "false", "use_cpu": "true", "report_to": "none", "save_strategy": "no",
+        "activation_checkpointing": "false", "use_cpu": "true", "report_to": "none", "save_strategy": "no",
         "seed": seed, "data_seed": seed, "dataloader_num_workers": 0,
     }
 
