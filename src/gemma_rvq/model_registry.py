@@ -172,12 +172,37 @@ def same_identity(before: Any, now: Any) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------- placement
-def place(model: torch.nn.Module, device: torch.device, dtype: torch.dtype | None) -> torch.nn.Module:
-    """``model`` in eval mode, frozen, on ``device`` (and in ``dtype`` when given)."""
+def _dtypes(model: torch.nn.Module) -> tuple[torch.dtype | None, torch.dtype | None]:
+    """(quantizer-side dtype, encoder dtype) of ``model`` as it is now; an encoder not loaded yet will be
+    loaded in the model's dtype."""
+    params = next(model.parameters(), None)
+    main = model._param_dtype() if hasattr(model, "_param_dtype") else params.dtype if params is not None else None
+    encoder = getattr(model, "encoder", None) or model.__dict__.get("_lazy_encoder")
+    encoder_params = next(encoder.parameters(), None) if isinstance(encoder, torch.nn.Module) else None
+    return main, encoder_params.dtype if encoder_params is not None else main
+
+
+def _fits(model: torch.nn.Module, device: torch.device, dtype: torch.dtype | None,
+          encoder_dtype: torch.dtype | None) -> bool:
+    params = next(model.parameters(), None)
+    if params is None:
+        return True
+    main, encoder = _dtypes(model)
+    return params.device == device and dtype in (None, main) and encoder_dtype in (None, encoder)
+
+
+def place(model: torch.nn.Module, device: torch.device, dtype: torch.dtype | None,
+          encoder_dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """``model`` in eval mode, frozen, on ``device`` (and in ``dtype`` when given; its encoder then in
+    ``encoder_dtype`` when that is given too)."""
     model.eval().requires_grad_(False)
     params = next(model.parameters(), None)
     if params is not None and (params.device != device or (dtype is not None and params.dtype != dtype)):
         model.to(device=device, dtype=dtype)
+    if encoder_dtype is not None and hasattr(model, "get_audio_encoder"):
+        encoder = model.get_audio_encoder()  # loads a lazy encoder now, in the model's dtype
+        if next(encoder.parameters()).dtype != encoder_dtype:
+            encoder.to(encoder_dtype)
     return model
 
 
@@ -339,9 +364,11 @@ class ModelHandle:
             handle._identity = identity
         return handle
 
-    def get(self, device: torch.device, dtype: torch.dtype | None) -> torch.nn.Module:
-        """The model, in eval mode, on ``device`` in ``dtype`` (loaded once per process; the caller's own
-        object is never moved or cast: a copy per (weights, device, dtype) is kept instead)."""
+    def get(self, device: torch.device, dtype: torch.dtype | None,
+            encoder_dtype: torch.dtype | None = None) -> torch.nn.Module:
+        """The model, in eval mode, on ``device`` in ``dtype`` (its encoder in ``encoder_dtype`` when given),
+        loaded once per process; the caller's own object is never moved or cast: a copy per (weights,
+        device, dtypes) is kept instead."""
         model = self.model
         if model is None and self.memory_key is not None:
             model = _MEMORY_MODELS.get(self.memory_key)
@@ -352,24 +379,29 @@ class ModelHandle:
                     "and pass SpeechTokenizer(dir, ...) instead."
                 )
         if model is not None:
-            params = next(model.parameters(), None)
-            if params is None or (params.device == device and (dtype is None or params.dtype == dtype)):
+            if _fits(model, device, dtype, encoder_dtype):
                 return model.eval()
-            key = ("memory", self.identity()["digest"], str(device), str(dtype))
+            key = ("memory", self.identity()["digest"], str(device), str(dtype), str(encoder_dtype))
             with _LOAD_LOCK:
                 if key not in _LOADED_MODELS:
-                    _LOADED_MODELS[key] = place(copy.deepcopy(model), device, dtype)
+                    _LOADED_MODELS[key] = place(copy.deepcopy(model), device, dtype, encoder_dtype)
                 return _LOADED_MODELS[key]
         ref = self.resolved_ref()
         # the identity keeps a path whose weights changed from reusing the model loaded before
-        key = (ref, json.dumps(self.identity(), sort_keys=True), str(device), str(dtype))
+        key = (ref, json.dumps(self.identity(), sort_keys=True), str(device), str(dtype), str(encoder_dtype))
         with _LOAD_LOCK:
             if key not in _LOADED_MODELS:
-                from .convert import load_any
+                # the same weights already loaded in other dtypes (dtype="auto" timed them): copy, not reread
+                sibling = next((m for k, m in _LOADED_MODELS.items() if k[:3] == key[:3]), None)
+                if sibling is not None:
+                    model = copy.deepcopy(sibling)
+                else:
+                    from .convert import load_any
 
-                logger.info("gemma-rvq: loading %s on %s", ref, device)
-                kwargs = {"revision": self.revision} if self.revision else {}
-                _LOADED_MODELS[key] = place(load_any(ref, **kwargs), device, dtype)
+                    logger.info("gemma-rvq: loading %s on %s", ref, device)
+                    kwargs = {"revision": self.revision} if self.revision else {}
+                    model = load_any(ref, **kwargs)
+                _LOADED_MODELS[key] = place(model, device, dtype, encoder_dtype)
             return _LOADED_MODELS[key]
 
 

@@ -26,12 +26,16 @@ def option(default: Any, *, changes_output: bool) -> Any:
 
 
 def dtype_name(dtype: str | torch.dtype | None) -> str | None:
-    """``"bfloat16"`` for ``torch.bfloat16`` / ``"torch.bfloat16"`` / ``"bfloat16"``; ValueError if unknown."""
-    if dtype is None:
-        return None
+    """``"bfloat16"`` for ``torch.bfloat16`` / ``"torch.bfloat16"`` / ``"bfloat16"``; ``"auto"`` and None
+    as they are; ValueError for anything else, or a dtype that is not floating point."""
+    if dtype is None or dtype == "auto":
+        return dtype
     name = str(dtype).removeprefix("torch.")
-    if not isinstance(getattr(torch, name, None), torch.dtype):
-        raise ValueError(f"unknown dtype {dtype!r}")
+    value = getattr(torch, name, None)
+    if not isinstance(value, torch.dtype):
+        raise ValueError(f"unknown dtype {dtype!r}: expected 'auto', None or a floating dtype such as 'bfloat16'")
+    if not value.is_floating_point:
+        raise ValueError(f"dtype={dtype!r} is not a floating-point dtype: the encoder computes in floats")
     return name
 
 
@@ -54,7 +58,7 @@ class SpeechTokenizerOptions:
     max_padding: float = option(0.1, changes_output=False)
     cpu_streams: int | str = option("auto", changes_output=False)
     device: str | None = option(None, changes_output=False)
-    dtype: str | None = option(None, changes_output=True)
+    dtype: str | None = option("auto", changes_output=True)
     on_error: str = option("raise", changes_output=True)
     num_quantizers: int | None = option(None, changes_output=True)
     num_threads: int | None = option(None, changes_output=False)
