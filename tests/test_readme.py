@@ -6,6 +6,12 @@ RVQ checkpoint, a Gemma 4 audio encoder, a Llama and a Gemma 4 model with their 
 commands then run verbatim, except that the two LLM fine-tuning commands get CPU overrides appended
 (`CPU_SFT_OVERRIDES`: a couple of fp32 steps instead of a multi-GPU bf16 run). `make demo` and `make test`
 are not re-run here: CI runs `make test`, and `make demo` is the demo (tested in test_demo.py).
+
+The blocks run in order through `readme_session.py`: each block and each command in its own process, forked
+from one interpreter that has imported torch, transformers, datasets & co. (never gemma_rvq), so no step sees
+another's state, as for a user running them one by one; `gemma-rvq` / `accelerate` run through their
+console-script entry points, and what those launch (`accelerate launch examples/x.py` -> `python x.py`) as
+real interpreters. Much of this test's time was interpreter starts and those imports (~6-7 CPU s per step).
 """
 
 from __future__ import annotations
@@ -112,11 +118,43 @@ def _fill_hub_cache(cache: Path, staging: Path) -> None:
         _cache_repo(cache, model_id, folder)
 
 
-def _run(cmd: list[str] | str, cwd: Path, env: dict, what: str) -> str:
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, shell=isinstance(cmd, str))
-    if proc.returncode != 0:
-        pytest.fail(f"README {what} failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-    return proc.stdout
+def readme_steps() -> list[dict]:
+    """The README's code blocks as session steps: each Python block, and each command of each bash block."""
+    steps = []
+    for i, (lang, code) in enumerate(readme_blocks()):
+        if lang == "python":
+            steps.append({"kind": "python", "code": code, "index": i, "what": f"python block {i}"})
+        elif lang == "bash":
+            commands = [line.split("#")[0].strip() for line in code.replace("\\\n", " ").splitlines()]
+            for command in filter(None, commands):
+                if command in NOT_RUN_HERE:
+                    continue
+                if "examples/sft.py" in command:
+                    command = f"{command} {CPU_SFT_OVERRIDES}"
+                steps.append({"kind": "command", "argv": shlex.split(command), "what": f"command {command!r}"})
+        else:
+            pytest.fail(f"README block {i} has language {lang!r}: this test runs only python and bash")
+    return steps
+
+
+def _run_session(steps: list[dict], cwd: Path, env: dict, logs: Path) -> list[str]:
+    """Run ``steps`` in one ``readme_session.py`` process; the output of each, or the failure of the first that
+    fails (with its output)."""
+    logs.mkdir()
+    (logs / "steps.json").write_text(json.dumps(steps), encoding="utf-8")
+    proc = subprocess.run([sys.executable, str(Path(__file__).with_name("readme_session.py")), str(logs / "steps.json"),
+                           str(logs)], cwd=cwd, env=env, capture_output=True, text=True)
+    outputs = []
+    for i, step in enumerate(steps):
+        log, record = logs / f"step-{i}.log", logs / f"step-{i}.json"
+        if not record.is_file():
+            pytest.fail(f"README {step['what']} did not finish (session exit {proc.returncode}):\n"
+                        f"{log.read_text()[-6000:] if log.is_file() else ''}\n{proc.stderr[-3000:]}")
+        status = json.loads(record.read_text())["status"]
+        if status != 0:
+            pytest.fail(f"README {step['what']} failed (exit {status}):\n{log.read_text()[-8000:]}")
+        outputs.append(log.read_text())
+    return outputs
 
 
 @pytest.mark.slow
@@ -141,20 +179,7 @@ def test_readme_code_blocks_run(tmp_path):
     }
     env.pop("GEMMA_RVQ_MODEL", None)  # tokenize_speech's default model must be the seed repo
 
-    outputs = []
-    for i, (lang, code) in enumerate(blocks):
-        if lang == "python":
-            outputs.append(_run([sys.executable, "-c", code], work, env, f"python block {i}"))
-        elif lang == "bash":
-            commands = [line.split("#")[0].strip() for line in code.replace("\\\n", " ").splitlines()]
-            for command in filter(None, commands):
-                if command in NOT_RUN_HERE:
-                    continue
-                if "examples/sft.py" in command:
-                    command = f"{command} {CPU_SFT_OVERRIDES}"
-                outputs.append(_run(shlex.split(command), work, env, f"command {command!r}"))
-        else:
-            pytest.fail(f"README block {i} has language {lang!r}: this test runs only python and bash")
+    outputs = _run_session(readme_steps(), work, env, tmp_path / "session")
 
     # what the README says the blocks produce
     text = "\n".join(outputs)
