@@ -220,6 +220,43 @@ def test_every_distillation_loss_is_zero_when_the_student_is_the_teacher(tmp_pat
         assert logged[name] == pytest.approx(0.0, abs=1e-6), name
 
 
+def test_completion_only_distils_at_the_positions_that_predict_answer_tokens(tmp_path, teacher_dir, data_dir):
+    from gemma_rvq.recipes.distill import load_teacher
+
+    teacher, tokenizer = load_teacher(str(teacher_dir), attn_implementation="eager")
+    student = build_student(teacher, layer_stride=3)
+    trainer = _trainer_for(teacher, tokenizer, student, data_dir, tmp_path, distill_completion_only=True,
+                           temperature=1.5)
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    labels, attention = batch["labels"], batch["attention_mask"]
+    assert ((labels == -100) & (attention == 1)).any() and (labels != -100).any()  # prompts are not labels
+    # position t predicts token t + 1: it counts when that token is an answer label, row by row
+    counted = torch.zeros_like(attention, dtype=torch.bool)
+    for b in range(labels.shape[0]):
+        for t in range(labels.shape[1] - 1):
+            counted[b, t] = bool(attention[b, t]) and int(labels[b, t + 1]) != -100
+    assert 0 < counted.sum() < attention.sum()
+    trainer.model.train()
+    trainer.compute_loss(trainer.model, batch)
+    logged = {k: v[-1] for k, v in trainer._metrics["train"].items() if k.startswith("distill/")}
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": attention, "output_hidden_states": True,
+              "output_attentions": True}
+    with torch.no_grad():
+        s, t = student(**inputs), teacher(**inputs)
+    layer_map = trainer.layer_map
+    expected = {
+        "distill/kl": softened_logit_kl(s.logits, t.logits, counted, 1.5),
+        "distill/hidden": torch.stack([hidden_state_mse(s.hidden_states[i + 1], t.hidden_states[j + 1], counted)
+                                       for i, j in enumerate(layer_map)]).mean(),
+        "distill/attention": torch.stack([attention_kl(s.attentions[i], t.attentions[j], counted)
+                                          for i, j in enumerate(layer_map)]).mean(),
+    }
+    for name, value in expected.items():
+        assert logged[name] == pytest.approx(value.item(), rel=1e-5), name
+    every_token = softened_logit_kl(s.logits, t.logits, attention.bool(), 1.5)
+    assert every_token.item() != pytest.approx(logged["distill/kl"], rel=1e-3)  # the prompts were left out
+
+
 def test_distill_script_trains_and_saves_a_plain_student(tmp_path, teacher_dir, data_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -287,7 +324,11 @@ def test_weights_switch_terms_off_and_bad_input_is_named(tmp_path, teacher_dir, 
     trainer = _trainer_for(teacher, tokenizer, build_student(teacher, layer_stride=2), data_dir, tmp_path,
                            hidden_weight=0, attention_weight=0, kl_weight=0)
     batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    teacher_calls = []
+    hook = trainer.teacher_model.register_forward_hook(lambda *_: teacher_calls.append(1))
     loss = trainer.compute_loss(trainer.model, batch)
+    hook.remove()
+    assert teacher_calls == []  # cross-entropy only: the teacher is not run
     assert set(k for k in trainer._metrics["train"] if k.startswith("distill/")) == {"distill/ce"}
     assert loss.item() == pytest.approx(trainer._metrics["train"]["distill/ce"][-1], rel=1e-6)
     assert trainer.teacher_model.config._attn_implementation != "eager"  # not switched without attention KL

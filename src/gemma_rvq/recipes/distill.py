@@ -326,8 +326,10 @@ class LayerDistillationTrainer(SFTTrainer):
         want = {"use_cache": False, "output_hidden_states": args.hidden_weight > 0,
                 "output_attentions": args.attention_weight > 0}
         outputs = model(**model_inputs, **want)
-        with torch.no_grad():
-            teacher = self.teacher_model(**model_inputs, **want)
+        if args.kl_weight > 0 or args.hidden_weight > 0 or args.attention_weight > 0:
+            with torch.no_grad():
+                teacher = self.teacher_model(**model_inputs, **want)
+        # else: cross-entropy only (a baseline, or fine-tuning the teacher itself): no teacher forward pass
 
         mask = inputs.get("attention_mask")
         if mask is None:
