@@ -1,0 +1,74 @@
+"""benchmarks/bench_distill.py: its splits keep dev and test apart from every training set, and the whole
+benchmark runs end to end at toy size (--quick, one reported seed: seconds)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+pytest.importorskip("sacrebleu", reason="bench_distill scores answers with sacrebleu (gemma-rvq[bench])")
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_distill", ROOT / "benchmarks" / "bench_distill.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_distill"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_splits_are_disjoint_by_voice_and_question():
+    bench = _bench()
+    sets = bench.make_sets()
+    assert sets == bench.make_sets()  # fixed data, whatever the run seed
+    voices = {name: {row["voice"] for row in rows} for name, rows in sets.items()}
+    questions = {name: {row["question"] for row in rows} for name, rows in sets.items()}
+    # no dev or test voice in any training set, and dev and test voices differ
+    for held in ("dev", "test"):
+        assert not voices[held] & (voices["teacher"] | voices["student"])
+    assert not voices["dev"] & voices["test"]
+    # the teacher knows every question; the students only theirs; dev and test hold out different ones
+    assert questions["teacher"] == set(range(24)) and questions["student"] == set(bench.STUDENT_QUESTIONS)
+    assert questions["dev"] - questions["student"] == set(bench.DEV_QUESTIONS)
+    assert questions["test"] - questions["student"] == set(bench.TEST_QUESTIONS)
+    assert not set(bench.DEV_QUESTIONS) & set(bench.TEST_QUESTIONS)
+    assert len(sets["teacher"]) > 5 * len(sets["student"])  # the teacher knows more
+    for row in sets["test"]:
+        assert row["group"] == ("student-questions" if row["question"] in bench.STUDENT_QUESTIONS
+                                else "held-out-questions")
+    # the same budget for both kinds: one learning rate x steps grid, then as many configurations each
+    assert len(bench.stage1_grid("ce")) == len(bench.stage1_grid("distill"))
+    best = {"learning_rate": 1e-3, "max_steps": 100}
+    assert len(bench.stage2_grid("ce", best)) == len(bench.stage2_grid("distill", best))
+    assert all(c["kl_weight"] == c["hidden_weight"] == c["attention_weight"] == 0
+               for c in bench.stage2_grid("ce", best).values())
+
+
+def test_bench_distill_quick_runs_tunes_on_dev_and_reports_test(tmp_path, capsys):
+    bench = _bench()
+    out = bench.main(["--quick", "--seeds", "1", "--output-dir", str(tmp_path)])
+    printed = capsys.readouterr().out
+    assert set(out["chosen"]) == {"ce", "distill"}
+    kinds = [entry["kind"] for entry in out["tuning"].values()]
+    assert kinds.count("ce") == kinds.count("distill") == 2
+    for entry in out["tuning"].values():  # tuning saw the dev split only
+        assert entry["dev"]["rows"] > 0 and entry["dev"]["loss"] > 0
+    assert out["tuning"][out["chosen"]["ce"]]["config"]["kl_weight"] == 0
+    for row in ("teacher", "pruned, untrained", "ce", "distill"):
+        assert len(out["table"][row]["test/all/loss"]) == 1
+        assert 0 <= out["table"][row]["test/held-out-questions/accuracy"][0] <= 100
+    diff = out["paired_distill_minus_ce"]["test/all/loss"][0]
+    assert diff == pytest.approx(out["table"]["distill"]["test/all/loss"][0] - out["table"]["ce"]["test/all/loss"][0])
+    assert "| distill - ce, paired by seed |" in printed and "Tuning (seed 0's teacher, dev split" in printed
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["chosen"] == out["chosen"] and saved["setup"]["rows"]["student"] == 56
+    if out["plot"]:
+        assert (tmp_path / "results.png").stat().st_size > 0
+    with pytest.raises(SystemExit):
+        bench.main(["--quick", "--seeds", "0", "--output-dir", str(tmp_path)])  # the tuning seed
