@@ -1,7 +1,7 @@
 """Layer-aligned distillation (``gemma_rvq.recipes.distill``) against cross-entropy alone, set up honestly and
-sized for a 2-core CPU: a few minutes, tiny real ``LlamaForCausalLM`` models, no audio (not a timed test).
+sized for a 2-core CPU: tiny real ``LlamaForCausalLM`` models, no audio (not a timed test).
 
-    python benchmarks/bench_distill.py --output-dir /tmp/bench-distill          # about 3-6 min on 2 busy cores
+    python benchmarks/bench_distill.py --output-dir /tmp/bench-distill          # 1 torch thread; see below
     python benchmarks/bench_distill.py --output-dir /tmp/bench-distill-q --quick  # seconds: the script runs
 
 The task is a stage-3 style spoken question -> text answer over semantic token strings (``gemma_rvq`` format,
@@ -26,6 +26,10 @@ the amount of data are controlled exactly:
   token), exact-match accuracy and chrF (sacrebleu) of greedy answers, overall and for the students' questions
   and the held-out ones, the fraction of the teacher's test accuracy each student keeps, and distill - ce
   paired by seed. Writes ``results.json`` and ``results.png`` to ``--output-dir``.
+
+Cost: 4 teachers x 400 steps, 18 tuning and 6 reported student runs of 40-200 steps; it prints its wall and CPU
+seconds and the load average. On the shared 2-core VM at load average 10-18 (2026-11-28) that was 46 min of
+wall time (CPU seconds are printed since).
 
 Needs sacrebleu (``pip install gemma-rvq[bench]``) and matplotlib.
 """
@@ -361,7 +365,7 @@ def main(argv: list[str] | None = None) -> dict:
     transformers.logging.set_verbosity_error()
     torch.set_num_threads(args.threads)
     load_start = os.getloadavg()
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     bench = Bench(args)
 
     # 1. tuning: seed 0's teacher, dev split only, the same number of configurations per kind
@@ -414,11 +418,11 @@ def main(argv: list[str] | None = None) -> dict:
     paired = {key: [d - c for d, c in zip(table["distill"][key], table["ce"][key], strict=True)] for key in table["ce"]}
     wins = {key: sum((d < 0) if key.endswith("loss") else (d > 0) for d in paired[key]) for key in paired}
 
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     load_end = os.getloadavg()
     _, _, teacher0 = bench.teacher(args.seeds[0])
-    print(f"\n{seconds:.0f} s in all ({tune_seconds:.0f} s tuning); load average {load_start[0]:.1f} at the start, "
-          f"{load_end[0]:.1f} at the end; torch threads {args.threads}")
+    print(f"\n{seconds:.0f} s in all ({tune_seconds:.0f} s tuning), {cpu_seconds:.0f} s of CPU; load average "
+          f"{load_start[0]:.1f} at the start, {load_end[0]:.1f} at the end; torch threads {args.threads}")
     print(f"teacher: {args.teacher_layers} layers, {teacher0['parameters']:,} parameters, {args.teacher_steps} steps "
           f"on {len(bench.sets['teacher'])} rows; students: {args.teacher_layers // args.stride} layers, "
           f"{teacher0['student_parameters']:,} parameters, {len(bench.sets['student'])} rows; dev "
@@ -439,7 +443,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"| seeds where distill is better (of {len(args.seeds)}) | " + " | ".join(str(wins[k]) for k in KEYS) + " |")
     drawn = plot(table, args.seeds, {"ce": "ce", "distill": "distill", "pruned, untrained": "pruned"},
                  bench.out / "results.png")
-    results = {"args": vars(args), "seconds": seconds, "load_average": {"start": load_start, "end": load_end},
+    results = {"args": vars(args), "seconds": seconds, "cpu_seconds": cpu_seconds,
+               "load_average": {"start": load_start, "end": load_end},
                "setup": {"student_questions": STUDENT_QUESTIONS, "dev_questions": DEV_QUESTIONS,
                          "test_questions": TEST_QUESTIONS, "teacher_voices": TEACHER_VOICES,
                          "student_voices": STUDENT_VOICES, "dev_voices": DEV_VOICES, "test_voices": TEST_VOICES,
