@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from .bounds import check_quantizer
 from .kmeans import kmeans
-from .search import _exact_fp32, _search, _SearchTables
+from .search import SEARCH_PRECISIONS, _exact_fp32, _search, _SearchTables, search_traceable
 
 __all__ = ["ResidualQuantizer", "ResidualQuantizerOutput", "kmeans"]
 
@@ -54,33 +54,20 @@ class ResidualQuantizerOutput:
     residual_norms: Tensor | None = None
 
 
+def _tracing() -> bool:
+    """True under ``torch.compile`` / ``torch.export`` tracing, where the search engine's thread pool and
+    oneDNN / int8 kernels (raw data pointers) cannot be traced and data-dependent checks cannot run: take
+    the straight-line search path."""
+    compiler = getattr(torch, "compiler", None)
+    if compiler is None:
+        return False
+    return bool(getattr(compiler, "is_compiling", lambda: False)() or getattr(compiler, "is_exporting", lambda: False)())
+
+
 def _dist_world_size() -> int:
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size()
     return 1
-
-
-def _tracing() -> bool:
-    """True under `torch.compile` / `torch.export`, where the search engine's thread pool and oneDNN kernel
-    (raw data pointers) cannot be traced and data-dependent checks cannot run."""
-    compiler = torch.compiler
-    return bool(compiler.is_compiling() or getattr(compiler, "is_exporting", lambda: False)())
-
-
-def _traceable_encode(codebooks: Tensor, x: Tensor, levels: int) -> Tensor:
-    """The exact residual search as plain tensor ops (what compile/export trace): ``x [N, Dc]`` -> codes ``[N, levels]``.
-
-    Same score as the engine, ``argmax_k (r . c_k - |c_k|^2 / 2)`` in fp32, one ``addmm`` per level.
-    """
-    weight = codebooks.float()
-    bias = -0.5 * weight.square().sum(-1)
-    residual = x.float()
-    codes = []
-    for level in range(levels):
-        index = torch.addmm(bias[level], residual, weight[level].t()).argmax(-1)
-        codes.append(index)
-        residual = residual - weight[level].index_select(0, index)
-    return torch.stack(codes, dim=1)
 
 
 class ResidualQuantizer(nn.Module):
@@ -107,6 +94,11 @@ class ResidualQuantizer(nn.Module):
             of an over-used cell pull the under-used neighbour towards them, which evens out code usage.
             The codes, ``quantized`` and the losses ``forward`` returns, and all inference, stay
             nearest-code. Costs one more ``[N, K]`` score pass per level per training step.
+        search_precision: how the search scores codes before deciding exactly (see ``search.py``):
+            ``"auto"`` (int8 where this device runs an exact int8 GEMM measurably faster than fp32: CPUs
+            with VNNI/AMX, CUDA; fp32 otherwise), ``"int8"`` or ``"fp32"``. The codes are the same
+            whichever is used: every choice returns the float64-exact nearest code. A runtime setting
+            (attribute of the same name), not part of the state dict.
 
     State dict: ``codebooks [Q, K, Dc]`` and, for ``"ema"``, ``cluster_size [Q, K]`` and
     ``embed_sum [Q, K, Dc]`` (after every EMA update ``codebooks == embed_sum / smoothed(cluster_size)``).
@@ -124,6 +116,7 @@ class ResidualQuantizer(nn.Module):
         dead_code_threshold: float = 1.0,
         search_chunk_size: int = 1024,
         balance_weight: float = 0.0,
+        search_precision: str = "auto",
     ) -> None:
         super().__init__()
         # One set of bounds with GemmaRVQConfig (bounds.py): ValueError naming the first bad setting.
@@ -131,6 +124,8 @@ class ResidualQuantizer(nn.Module):
                         codebook_type=codebook_type, ema_decay=ema_decay, eps=eps,
                         dead_code_threshold=dead_code_threshold, balance_weight=balance_weight,
                         search_chunk_size=search_chunk_size)
+        if search_precision not in SEARCH_PRECISIONS:
+            raise ValueError(f"search_precision must be one of {SEARCH_PRECISIONS}, got {search_precision!r}")
         self.dim = dim
         self.num_quantizers = num_quantizers
         self.codebook_size = codebook_size
@@ -155,6 +150,7 @@ class ResidualQuantizer(nn.Module):
         # Which score kernel the search uses: "auto" (oneDNN linear on CPU when available, else addmm),
         # "onednn" or "addmm". Not part of the state: a runtime choice.
         self.search_backend = "auto"
+        self.search_precision = search_precision
         self._search_cache: _SearchTables | None = None
 
     # ------------------------------------------------------------------ helpers
@@ -207,8 +203,10 @@ class ResidualQuantizer(nn.Module):
         self.invalidate_cache()
         return super()._apply(fn, recurse)
 
-    def _search_tables(self) -> _SearchTables:
-        """fp32 codebooks, their negative half squared norms and the kernel choice, cached.
+    def _search_tables(self, precision: str | None = None) -> _SearchTables:
+        """fp32 codebooks, their negative half squared norms, the kernel and precision choice, cached.
+
+        ``precision``: overrides ``search_precision`` (the training paths pass :meth:`_training_precision`).
 
         The cache key holds the codebook storage pointer and its version counter, which every in-place
         write (``copy_`` in ``load_state_dict``, optimizer steps, EMA updates) increments, so a stale
@@ -216,42 +214,66 @@ class ResidualQuantizer(nn.Module):
         invalidate explicitly; external code writing through ``.data`` must call :meth:`invalidate_cache`.
         """
         cb = self.codebooks.detach()
-        key = (cb.data_ptr(), self.codebooks._version, cb.device, cb.dtype, tuple(cb.shape), self.search_backend)
+        precision = precision or self.search_precision
+        key = (cb.data_ptr(), self.codebooks._version, cb.device, cb.dtype, tuple(cb.shape), self.search_backend,
+               precision)
         cache = self._search_cache
         if cache is not None and cache.key == key:
             return cache
-        cache = _SearchTables(key, cb, self.search_backend)
+        cache = _SearchTables(key, cb, self.search_backend, precision)
         self._search_cache = cache
         return cache
+
+    def _training_precision(self) -> str:
+        """The precision of searches while training: codebooks change every step, and rebuilding the int8
+        tables each time costs more than int8 saves on one batch, so ``"auto"`` means fp32 there."""
+        return "fp32" if self.search_precision == "auto" else self.search_precision
 
     # ------------------------------------------------------------------ search
     @torch.no_grad()
     def nearest(self, x: Tensor, level: int) -> Tensor:
         """Exact nearest code of level ``level`` for each row of ``x [N, Dc]`` -> ``LongTensor [N]``.
 
-        Computes ``argmax_k (x . c_k - |c_k|^2 / 2)`` in fp32 (TF32 / reduced-precision fp32 modes are
-        switched off for the duration), ``search_chunk_size`` rows at a time, on the codebooks' device.
+        The code ``argmax_k (x . c_k - |c_k|^2 / 2)`` of a float64 exhaustive search, found by scoring in
+        int8 or fp32 (``search_precision``), keeping the codes a rigorous error bound cannot rule out and
+        re-scoring those exactly; ``search_chunk_size`` rows at a time, on the codebooks' device.
+        TF32 / reduced-precision fp32 matmul modes are switched off for the duration.
         """
+        return self._nearest(x, level, self.search_precision)
+
+    def _nearest(self, x: Tensor, level: int, precision: str) -> Tensor:
         self._check_input(x)
         if not isinstance(level, int) or not 0 <= level < self.num_quantizers:
             raise ValueError(f"level must be an int in [0, {self.num_quantizers}), got {level!r}")
-        return _search(self._search_tables(), x.detach(), range(level, level + 1), self.search_chunk_size,
-                       residual=False)[0]
+        with torch.no_grad():
+            return _search(self._search_tables(precision), x.detach(), range(level, level + 1),
+                           self.search_chunk_size, residual=False)[0]
 
     @torch.no_grad()
     def encode(self, x: Tensor, num_quantizers: int | None = None) -> Tensor:
         """Residual codes of ``x [N, Dc]`` (any float dtype/device) -> ``LongTensor [N, Q']``.
 
-        ``Q' = num_quantizers or Q``. Exact residual nearest-code search (see :meth:`nearest`); codes are
-        on the codebooks' device. Memory beyond input and output: per worker one ``[chunk, K]`` fp32
-        score matrix and one ``[chunk, Dc]`` residual. On CPU with the oneDNN kernel and several torch
-        threads, chunks run as independent single-threaded pipelines, one per thread (see ``_search``).
+        ``Q' = num_quantizers or Q``. Exact residual nearest-code search (see :meth:`nearest`): the residual
+        is kept in fp32, each level's code is the float64-exact nearest one. Codes are on the codebooks'
+        device. Memory beyond input and output: per worker one ``[chunk, K]`` fp32 score matrix (int8 path
+        through ``torch._int_mm`` on CPU: ``[chunk/2, K]`` int32 + fp32) and one ``[chunk, Dc]`` residual,
+        plus an int8 copy of the codebooks (``Q K Dc`` bytes) cached for the int8 path. On CPU with several
+        torch threads, chunks run as independent single-threaded pipelines, one per thread (see
+        ``search._search``).
+
+        Under ``torch.compile`` / ``torch.export`` a straight-line search (``search.search_traceable``:
+        fp32 scores over all rows, no data-dependent shapes) is traced instead, with the same codes.
         """
+        return self._encode(x, num_quantizers, self.search_precision)
+
+    def _encode(self, x: Tensor, num_quantizers: int | None, precision: str) -> Tensor:
         self._check_input(x)
         levels = self._num_levels(num_quantizers)
         if _tracing():
-            return _traceable_encode(self.codebooks.detach(), x.detach(), levels)
-        codes = _search(self._search_tables(), x.detach(), range(levels), self.search_chunk_size, residual=True)
+            return search_traceable(self.codebooks.detach(), x.detach(), levels)
+        with torch.no_grad():
+            codes = _search(self._search_tables(precision), x.detach(), range(levels), self.search_chunk_size,
+                            residual=True)
         return codes.t().contiguous()
 
     def decode(self, codes: Tensor) -> Tensor:
@@ -283,7 +305,7 @@ class ResidualQuantizer(nn.Module):
         levels = self._num_levels(num_quantizers)
         in_dtype = x.dtype
         xf = x.float()
-        codes = self.encode(xf, levels)
+        codes = self._encode(xf, levels, self._training_precision() if self.training else self.search_precision)
         learnable = self.codebook_type == "learnable"
         cb = self.codebooks if learnable else self.codebooks.detach()
         residual = xf
@@ -352,7 +374,7 @@ class ResidualQuantizer(nn.Module):
         out = torch.empty(n, levels, dtype=torch.long, device=self.codebooks.device)
         if not n:
             return out
-        tables = self._search_tables()
+        tables = self._search_tables(self._training_precision())  # (its scores: the fp32 kernel)
         k, step = self.codebook_size, self.search_chunk_size
         with _exact_fp32():
             for level, r in enumerate(residuals):
@@ -453,7 +475,8 @@ class ResidualQuantizer(nn.Module):
             self.codebooks.data[level] = centroids.to(self.codebooks.dtype)
             self.invalidate_cache()
             if level + 1 < self.num_quantizers:
-                residual.sub_(self.codebooks.data[level].float()[self.nearest(residual, level)])
+                residual.sub_(self.codebooks.data[level].float()[self._nearest(residual, level,
+                                                                                 self._training_precision())])
             if verbose:
                 print(f"kmeans_init: level {level} done")
         if self.codebook_type == "ema":
@@ -517,7 +540,8 @@ class ResidualQuantizer(nn.Module):
                     self.embed_sum[level, idx] = (new * reset_size).to(self.embed_sum.dtype)
                 self.invalidate_cache()
             if level + 1 < self.num_quantizers:
-                residual.sub_(self.codebooks.data[level].float()[self.nearest(residual, level)])
+                residual.sub_(self.codebooks.data[level].float()[self._nearest(residual, level,
+                                                                                 self._training_precision())])
         if self._usage is not None:
             self._usage.zero_()
         if bool(dead.any()):  # the dead set is global: every rank takes this branch together

@@ -1,7 +1,21 @@
-"""Exact nearest-code search: score kernels, cached codebook tables and the CPU thread-pool pipeline.
+"""Exact nearest-code search: score kernels, rigorous error bounds, cached codebook tables, thread pool.
 
 The search engine of :class:`~gemma_rvq.quantization.ResidualQuantizer`, apart from how codebooks are
 learned. Shapes: ``n`` frames, ``Q`` levels, ``K`` codes per level, ``Dc`` code dimension.
+
+Every search runs the same three steps, per level and chunk of frames:
+
+1. **score** every code: ``A_k ≈ S_k = r·c_k − |c_k|²/2`` (``argmax_k S_k`` is the nearest code), either
+   with an fp32 GEMM or, where the device runs it faster, with an int8 GEMM (exact int32 accumulation)
+   on per-row / per-code scaled copies of the residual and the codebook;
+2. **keep the candidates** that a rigorous bound ``|A_k − S_k| ≤ E_k`` cannot rule out: with
+   ``m = max_k A_k``, the exact nearest code lies in ``{k : A_k ≥ m − 2 max E}``, and then in
+   ``{k : A_k + E_k ≥ max_j (A_j − E_j)}``; rows with too many int8 candidates are scored again in fp32;
+3. **decide exactly**: a row with one candidate has its code; the candidates of the other rows are
+   re-scored in float64 (products of fp32 numbers are exact there) and the first maximum wins.
+
+So the codes are those of a float64 exhaustive search over the fp32 residual, whichever kernel scored
+them: the kernel choice changes the speed, never the codes. ``docs/benchmarks.md`` derives the bounds.
 
 Copied next to saved checkpoints with ``quantization.py`` (remote code), so it imports only torch at
 module level.
@@ -9,12 +23,24 @@ module level.
 
 from __future__ import annotations
 
+import math
 import os
 import threading
+import time
+import warnings
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import Tensor
+
+SEARCH_PRECISIONS = ("auto", "int8", "fp32")
+SEARCH_BACKENDS = ("auto", "onednn", "addmm")
+
+_U = 2.0 ** -24  # unit roundoff of fp32 (round to nearest)
+_TINY = 1e-30  # below this a row or code is scaled by 1 (so that max/127 is never subnormal)
+# Rows that the int8 bound leaves with more candidates than this are scored again in fp32.
+MAX_INT8_CANDIDATES = 32
 
 
 class _exact_fp32:
@@ -46,32 +72,335 @@ def _onednn_usable(device: torch.device) -> bool:
             and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 
-class _SearchTables:
-    """Per-codebook-version search state: fp32 codebooks ``[Q, K, Dc]``, ``-|c|^2/2`` ``[Q, K]``, kernel.
+def _gamma(n: int) -> float:
+    """Bound on the relative error of an n-term fp32 dot product, any summation order (Higham's gamma_n)."""
+    return n * _U / (1 - n * _U)
 
-    ``scores(r, level)`` returns ``r @ C_level^T - |c|^2/2`` ``[n, K]`` (fp32), whose row argmax is the
-    nearest code. On CPU the oneDNN linear kernel (weight = codebook, bias = ``-|c|^2/2``) is used when
-    available: with MKL's sgemm as the alternative it is the faster of the two on the machines measured
-    (up to 2x on AMD, see docs/benchmarks.md) and gives the same fp32 result up to rounding. Elsewhere
-    (CUDA, ...) it is one ``addmm``.
+
+# ---------------------------------------------------------------------- int8 kernels and the precision choice
+# An int8 kernel computes ``t_k (x_i · q_k)`` in fp32 from int8 rows ``x_i`` and int8 codes ``q_k`` with
+# per-code scales ``t_k``, the integer dot product exact (int32 accumulation):
+#   "qlinear": oneDNN's quantized linear (u8 activations with zero point 128, s8 weights, per-code scales
+#              applied in the GEMM's epilogue, fp32 out): CPUs with VNNI / AMX;
+#   "int_mm":  ``torch._int_mm`` (int32 out), then one scaling pass: CUDA, and CPUs where qlinear is absent.
+INT8_KERNELS = ("qlinear", "int_mm")
+_KERNEL_EXACT: dict[tuple, bool] = {}
+_INT8_CHOICE: dict[tuple, str | None] = {}
+_AUTO: dict[tuple, bool] = {}
+_PROBE_LOCK = threading.Lock()
+
+
+def _device_key(device: torch.device) -> tuple:
+    return device.type, device.index
+
+
+def _pad8(n: int) -> int:
+    return -(-n // 8) * 8
+
+
+def _int_mm(a: Tensor, b: Tensor, min_rows: int = 0) -> Tensor:
+    """``a [n, D] int8 @ b [D, K] int8 -> [n, K] int32``; zero rows are appended up to ``min_rows`` (CUDA's
+    kernel needs more than 16 rows, and ``D``, ``K`` multiples of 8: see :class:`_Int8Tables`)."""
+    n = a.shape[0]
+    if n < min_rows:
+        a = torch.cat([a, a.new_zeros(min_rows - n, a.shape[1])])
+        return torch._int_mm(a, b)[:n]
+    return torch._int_mm(a, b)
+
+
+class _Int8Level:
+    """One level's int8 codes ``q [K, D]`` (scales ``t [K]``) prepared for one kernel.
+
+    ``padded``: the CUDA layout (``_int_mm`` wants the codes column-major and at least 17 rows).
     """
 
-    def __init__(self, key: tuple, codebooks: Tensor, backend: str) -> None:
+    def __init__(self, kernel: str, q: Tensor, t: Tensor, padded: bool = False) -> None:
+        self.kernel, self.scale = kernel, t.contiguous()
+        self.min_rows = 17 if padded else 0
+        if kernel == "qlinear":
+            self.packed = torch.ops.onednn.qlinear_prepack(q.contiguous(), None)
+            self.zero_points = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
+        else:
+            self.qt = q.contiguous().t() if padded else q.t().contiguous()
+
+    def quantize(self, y: Tensor) -> Tensor:
+        """int8 (``int_mm``) or uint8 = y + 128 (``qlinear``) rows from integer-valued floats in [-127, 127]."""
+        q = y.to(torch.int8)
+        return q.view(torch.uint8).bitwise_xor_(128) if self.kernel == "qlinear" else q  # two's complement
+
+    def scores(self, xq: Tensor) -> Tensor:
+        """``t_k (x_i · q_k)`` ``[n, K]`` fp32."""
+        if self.kernel == "qlinear":
+            return torch.ops.onednn.qlinear_pointwise(xq, 1.0, 128, self.packed, self.scale, self.zero_points, None,
+                                                      1.0, 0, torch.float32, "none", [], "")
+        out = _int_mm(xq, self.qt, self.min_rows)
+        if out.device.type == "cpu":
+            return out.float().mul_(self.scale)  # (int32 x fp32 in one op takes a slow, unvectorised path)
+        return torch.mul(out, self.scale)
+
+
+def _kernel_exact(kernel: str, device: torch.device) -> bool:
+    """True when ``kernel`` runs on ``device``, exactly (int32 sums, no int16 saturation) and not absurdly slow.
+
+    Checked once per device on extreme values: some CPU kernels without VNNI add pairs of u8 x s8
+    products in saturating int16 (``vpmaddubsw``), which would break the error bound; some builds run a
+    reference loop that is hundreds of times slower than fp32.
+    """
+    key = (kernel, *_device_key(device))
+    with _PROBE_LOCK:
+        if key not in _KERNEL_EXACT:
+            _KERNEL_EXACT[key] = _probe_kernel_exact(kernel, device)
+        return _KERNEL_EXACT[key]
+
+
+def _probe_kernel_exact(kernel: str, device: torch.device) -> bool:
+    if device.type not in ("cpu", "cuda") or (kernel == "int_mm" and not hasattr(torch, "_int_mm")):
+        return False
+    if kernel == "qlinear" and (device.type != "cpu" or not hasattr(torch.ops.onednn, "qlinear_pointwise")
+                                or not _onednn_usable(device)):
+        return False
+    try:
+        gen = torch.Generator().manual_seed(0)
+        d, k = 64, 64
+        rows = [torch.full((d,), 127), torch.full((d,), -127), torch.tensor([127, -127] * (d // 2))]
+        x = torch.stack(rows + [torch.randint(-127, 128, (d,), generator=gen) for _ in range(32 - len(rows))])
+        q = torch.cat([x[:3], -x[:3], torch.randint(-127, 128, (k - 6, d), generator=gen)])
+        t = torch.ones(k)
+        level = _Int8Level(kernel, q.to(torch.int8).to(device), t.to(device), padded=device.type == "cuda")
+        xq = level.quantize(x.float().to(device))
+        a, c = x.float().to(device), q.float().t().to(device)
+        level.scores(xq), a @ c  # warm up (kernel generation)
+        _sync(device)
+        start = time.perf_counter()
+        got = level.scores(xq)
+        _sync(device)
+        slow = time.perf_counter() - start
+        start = time.perf_counter()
+        a @ c
+        _sync(device)
+        # |sums| <= 64 * 127^2 < 2^24: exact in fp32 both ways
+        exact = bool(torch.equal(got.cpu(), (x.double() @ q.double().t()).float()))
+        return exact and slow < 50 * (time.perf_counter() - start) + 0.005
+    except (RuntimeError, NotImplementedError, TypeError, AttributeError):
+        return False
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def int8_usable(device: torch.device, dim: int) -> bool:
+    """Some int8 kernel is exact on ``device``, and ``dim * 127 * 128`` fits in int32."""
+    return dim * 127 * 128 < 2**31 and any(_kernel_exact(kern, device) for kern in INT8_KERNELS)
+
+
+
+def _single_threaded(fn: Callable[[], object], device: torch.device) -> object:
+    """``fn()`` as the search's CPU pipelines run it: in a thread of its own with one torch thread."""
+    if device.type != "cpu":
+        return fn()
+    result: list = []
+    saved = torch.get_num_threads()
+
+    def run() -> None:
+        torch.set_num_threads(1)
+        result.append(fn())
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    torch.set_num_threads(saved)  # (MKL's thread count is process-wide)
+    if not result:
+        raise RuntimeError("the speed probe failed")
+    return result[0]
+
+
+def _best_time(fn: Callable[[], object], device: torch.device, repeats: int = 3) -> float:
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def _int8_kernel(device: torch.device, dim: int, k: int) -> str | None:
+    """The exact int8 kernel to use at this shape (the faster one where two are exact), or None.
+
+    Timed once per device and shape, single-threaded on CPU: the kernel and the pass that applies the
+    per-row scale and the bias."""
+    key = (*_device_key(device), dim, k)
+    with _PROBE_LOCK:
+        if key in _INT8_CHOICE:
+            return _INT8_CHOICE[key]
+    kernels = [kern for kern in INT8_KERNELS if _kernel_exact(kern, device)] if dim * 127 * 128 < 2**31 else []
+    choice = kernels[0] if len(kernels) == 1 else None
+    if len(kernels) > 1:
+        choice = _single_threaded(lambda: _probe_kernels(kernels, device, dim, k), device)
+    with _PROBE_LOCK:
+        _INT8_CHOICE[key] = choice
+    return choice
+
+
+def _probe_kernels(kernels: list[str], device: torch.device, dim: int, k: int) -> str:
+    n = 256 if device.type == "cpu" else 4096
+    gen = torch.Generator().manual_seed(0)
+    y = torch.randint(-127, 128, (n, dim), generator=gen).float().to(device)
+    q = torch.randint(-127, 128, (k, dim), generator=gen).to(torch.int8).to(device)
+    t, bias, rowscale = torch.ones(k, device=device), torch.zeros(k, device=device), torch.ones(n, 1, device=device)
+    runs = {}
+    for kern in kernels:
+        level = _Int8Level(kern, q, t, padded=device.type == "cuda")
+        xq = level.quantize(y)
+
+        def run(level: _Int8Level = level, xq: Tensor = xq) -> object:
+            scores = level.scores(xq)
+            return torch.addcmul(bias, scores, rowscale, out=scores)
+        run()  # warm up
+        runs[kern] = run
+    with torch.no_grad():
+        times = dict.fromkeys(runs, math.inf)
+        for _ in range(2):  # alternating, best of each: load from other processes hits them alike
+            times = {kern: min(times[kern], _best_time(fn, device)) for kern, fn in runs.items()}
+    return min(times, key=times.get)
+
+
+def _int8_wins(tables: _SearchTables) -> bool:
+    """Whether the int8 search beats the fp32 one end to end (scores, candidates, re-scoring) at these
+    tables' shape: timed once per device, shape and kernels on queries near the level-0 codes."""
+    key = (*_device_key(tables.device), tables.dim, tables.codebook_size, tables.backend, tables.int8.kernel)
+    with _PROBE_LOCK:
+        if key in _AUTO:
+            return _AUTO[key]
+    n = 256 if tables.device.type == "cpu" else 8192
+    gen = torch.Generator().manual_seed(0)
+    w = tables.weight[0]
+    idx = torch.randint(tables.codebook_size, (n,), generator=gen).to(tables.device)
+    noise = torch.randn(n, tables.dim, generator=gen).to(tables.device)
+    r = w[idx] + 0.5 * w.std(0) * noise
+
+    def probe() -> bool:
+        with torch.no_grad(), _exact_fp32():
+            runs = {"int8": lambda: _nearest_int8(tables, r, 0), "fp32": lambda: _nearest_fp32(tables, r, 0)}
+            for fn in runs.values():
+                fn()  # warm up
+            times = dict.fromkeys(runs, math.inf)
+            for _ in range(2):
+                times = {name: min(times[name], _best_time(fn, tables.device)) for name, fn in runs.items()}
+        return 1.1 * times["int8"] < times["fp32"]
+
+    win = bool(_single_threaded(probe, tables.device))
+    with _PROBE_LOCK:
+        _AUTO[key] = win
+    return win
+
+
+def resolve_precision(precision: str, device: torch.device, dim: int, k: int) -> tuple[str, str | None]:
+    """``(precision, int8 kernel)`` for a requested ``search_precision``: ``("fp32", None)``, ``("int8",
+    kernel)``, or ``("auto", kernel)`` when int8 is usable and only an end-to-end timing can decide."""
+    if precision == "fp32":
+        return "fp32", None
+    if precision not in SEARCH_PRECISIONS:
+        raise ValueError(f"search_precision must be one of {SEARCH_PRECISIONS}, got {precision!r}")
+    kernel = _int8_kernel(device, dim, k) if device.type in ("cpu", "cuda") else None
+    if precision == "int8" and kernel is None:
+        raise ValueError(f"search_precision='int8' is not available on device {device} (it needs an exact "
+                         f"int8 GEMM and dim * 127 * 128 < 2**31; dim={dim})")
+    return (precision, kernel) if kernel is not None else ("fp32", None)
+
+
+# ---------------------------------------------------------------------- tables
+class _Int8Tables:
+    """Per-code int8 copies of the codebooks and the sizes their rounding errors can reach.
+
+    Code ``k`` of a level is ``c_k = t_k q_k + e_k`` with ``q_k`` int8 in ``[-127, 127]`` and scale
+    ``t_k = max_i |c_ki| / 127``. Kept per level: the kernel's form of ``q`` (zero padded to multiples
+    of 8 when ``padded``, as CUDA needs), ``-|c_k|^2/2`` as fp32 ``[K']`` (``-inf`` on padding codes, so
+    they never score), upper bounds of ``|e_k|`` and ``|t_k q_k|`` as float64 ``[K']`` (``inf`` on
+    padding) and their maxima.
+    """
+
+    def __init__(self, weight: Tensor, bias: Tensor, kernel: str, padded: bool | None = None) -> None:
+        q, k, d = weight.shape
+        padded = weight.device.type == "cuda" if padded is None else padded
+        self.kernel, self.dim = kernel, d
+        self.dim_pad = _pad8(d) - d if padded else 0
+        kp = _pad8(k) if padded else k
+        self.levels: list[_Int8Level] = []
+        self.neg_half_norms: list[Tensor] = []
+        self.err_norm: list[Tensor] = []
+        self.code_norm: list[Tensor] = []
+        self.err_max: list[float] = []
+        self.code_max: list[float] = []
+        up = 1 + _gamma(d + 4)  # an fp32 norm errs by at most gamma_{D+2} (relative)
+        for level in range(q):
+            w = weight[level]
+            amax = w.abs().amax(1)
+            t = torch.where(amax > _TINY, amax / 127, torch.zeros_like(amax))  # a normal float or 0
+            qi = torch.div(w, torch.where(t > 0, t, torch.ones_like(t))[:, None]).round_().clamp_(-127, 127)
+            approx = qi * t[:, None]  # fl(t_k q_ki): off by at most u |t_k q_ki|
+            code = torch.linalg.vector_norm(approx, dim=1).double()
+            err = torch.linalg.vector_norm(approx.neg_().add_(w), dim=1).double()  # fl(c - fl(t q))
+            # |t q| <= |fl(t q)| + u |t q|; |e| <= |fl(e)| + u (|t q| + |e|), each norm rounded up
+            code = code * up / (1 - _U)
+            err = err * up + 2 * _U * (code + err * up)
+            err_p = torch.full((kp,), math.inf, dtype=torch.float64, device=w.device)
+            code_p = err_p.clone()
+            err_p[:k], code_p[:k] = err, code
+            qpad = torch.zeros(kp, d + self.dim_pad, dtype=torch.int8, device=w.device)
+            qpad[:k, :d] = qi.to(torch.int8)
+            scale = torch.zeros(kp, device=w.device)
+            scale[:k] = t
+            hn = torch.full((kp,), -math.inf, device=w.device)
+            hn[:k] = bias[level]
+            self.levels.append(_Int8Level(kernel, qpad, scale, padded))
+            self.neg_half_norms.append(hn)
+            self.err_norm.append(err_p)
+            self.code_norm.append(code_p)
+            self.err_max.append(float(err.max()))
+            self.code_max.append(float(code.max()))
+
+
+class _SearchTables:
+    """Per-codebook-version search state (cached by :class:`~gemma_rvq.quantization.ResidualQuantizer`).
+
+    fp32 codebooks ``weight [Q, K, Dc]``, ``bias = -|c|^2/2`` ``[Q, K]`` (fp32), upper bounds of
+    ``|c_k|`` and ``|c_k|^2/2`` (``code_norms``, ``half_norms`` ``[Q, K]`` and their per-level maxima)
+    for the bounds, the fp32 score kernel, and the int8 tables when the int8 path is chosen. Cheap to
+    build (one pass over the codebooks) unless the int8 path is chosen: training rebuilds them every step.
+
+    ``scores(r, level)`` returns ``r @ C_level^T - |c|^2/2`` ``[n, K]`` (fp32). On CPU the oneDNN linear
+    kernel (weight = codebook, bias = ``-|c|^2/2``) is used when available; elsewhere one ``addmm``.
+    """
+
+    def __init__(self, key: tuple, codebooks: Tensor, backend: str, precision: str = "fp32") -> None:
         self.key = key
         # Holding the source keeps its storage alive, so its address (part of the key) cannot be reused
         # by a replacement tensor while this entry exists.
         self.source = codebooks
         self.device = codebooks.device
-        self.weight = codebooks.float().contiguous()
-        self.bias = (-0.5 * self.weight.square().sum(-1)).contiguous()
+        _, k, d = codebooks.shape
+        self.dim = d
+        self.codebook_size = k
         if backend == "auto":
             backend = "onednn" if _onednn_usable(self.device) else "addmm"
         elif backend == "onednn" and not _onednn_usable(self.device):
             raise ValueError(f"search_backend='onednn' is not available on device {self.device}")
-        elif backend not in ("onednn", "addmm"):
-            raise ValueError(f"search_backend must be 'auto', 'onednn' or 'addmm', got {backend!r}")
+        elif backend not in SEARCH_BACKENDS:
+            raise ValueError(f"search_backend must be one of {SEARCH_BACKENDS}, got {backend!r}")
         self.backend = backend
-        self.block = _argmax_block(codebooks.shape[1]) if self.device.type == "cpu" else 0
+        precision, kernel = resolve_precision(precision, self.device, d, k)
+        self.weight = codebooks.float().contiguous()
+        half = 0.5 * self.weight.square().sum(-1)  # fp32: within gamma_Dc (relative) of |c|^2/2
+        self.bias = (-half).contiguous()
+        self.half_norms = half * (1 + 2 * _gamma(d))
+        self.code_norms = (2 * self.half_norms).sqrt_() * (1 + 2 * _U)
+        self.code_max = [float(v) * (1 + 2 * _U) for v in self.code_norms.amax(1)]
+        self.half_max = [float(v) * (1 + 2 * _U) for v in self.half_norms.amax(1)]
+        self.block = _argmax_block(k) if self.device.type == "cpu" else 0
         if backend == "onednn":
             # The dense fp32 weight is passed as is: a plain-layout oneDNN copy measured no faster and costs
             # another Q*K*Dc*4 bytes; prepacking for one batch size gained ~3%.
@@ -83,6 +412,19 @@ class _SearchTables:
             weight_t = [w.t() for w in self.weight]
             bias = list(self.bias)
             self.scores = lambda r, level: torch.addmm(bias[level], r, weight_t[level])
+        # fp32 re-scoring of int8 candidates: sampled_addmm on CPU (no gathered rows); on other devices the
+        # gathered rows, which their fast memory handles well
+        self.sparse_rescore = self.device.type == "cpu"
+        self.int8 = None
+        self.stats: SearchStats | None = None
+        self.precision = "fp32"
+        if kernel is not None:
+            self.int8 = _Int8Tables(self.weight, self.bias, kernel)
+            if self.sparse_rescore:
+                _quiet_sparse_beta_warning(self.device)
+            self.precision = "int8"
+            if precision == "auto" and not _int8_wins(self):
+                self.precision, self.int8 = "fp32", None
 
     def argmax(self, scores: Tensor) -> Tensor:
         """Row argmax of ``scores [n, K]`` (first maximum, as ``torch.argmax``).
@@ -108,14 +450,285 @@ def _argmax_block(k: int) -> int:
     return min(divisors, key=lambda b: abs(b - 64)) if divisors else 0
 
 
+class SearchStats:
+    """Counters of the bound-and-rescore search, for benchmarks: set ``tables.stats = SearchStats()``.
+
+    Per row and level searched: ``candidates`` (codes kept by the bound, summed; fallback rows
+    excluded), ``max_candidates``, ``rescored`` (rows with more than one candidate), ``exact`` (rows
+    still undecided after fp32 re-scoring, decided in float64), ``fallback`` (rows the int8 bound left
+    with more than ``MAX_INT8_CANDIDATES`` candidates: searched again with fp32 scores), ``exhaustive``
+    (rows with a non-finite bound, searched in float64 over all codes).
+    """
+
+    def __init__(self) -> None:
+        self.rows = self.candidates = self.max_candidates = 0
+        self.rescored = self.exact = self.fallback = self.exhaustive = 0
+        self._lock = threading.Lock()
+
+    def add(self, rows: int, counts: Tensor, rescored: int, exact: int, fallback: int, exhaustive: int) -> None:
+        with self._lock:
+            self.rows += rows
+            self.candidates += int(counts.sum())
+            self.max_candidates = max(self.max_candidates, int(counts.max()) if counts.numel() else 0)
+            self.rescored += rescored
+            self.exact += exact
+            self.fallback += fallback
+            self.exhaustive += exhaustive
+
+    def summary(self) -> dict:
+        n = max(self.rows, 1)
+        return {"rows": self.rows, "mean_candidates": self.candidates / max(self.rows - self.fallback, 1),
+                "max_candidates": self.max_candidates, "rescored_rate": self.rescored / n,
+                "exact_rate": self.exact / n, "fallback_rate": self.fallback / n,
+                "exhaustive_rate": self.exhaustive / n}
+
+
+def _quiet_sparse_beta_warning(device: torch.device) -> None:
+    """torch warns once per process that sparse CSR tensors are "in beta" when the first is built: build
+    it here, with the warning filtered, instead of inside a user's encode."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        torch.sparse_csr_tensor(torch.zeros(2, dtype=torch.long), torch.zeros(0, dtype=torch.long), torch.zeros(0),
+                                (1, 1), check_invariants=False, device=device)
+
+
+# ---------------------------------------------------------------------- the three steps
+def _round_down(t: Tensor) -> Tensor:
+    """fp32 values ``<=`` the float64 ``t`` (round toward minus infinity)."""
+    t32 = t.float()
+    return torch.where(t32.double() > t, torch.nextafter(t32, torch.full_like(t32, -math.inf)), t32)
+
+
+def _threshold(m: Tensor, bound: Tensor) -> Tensor:
+    """fp32 ``thr <= m - 2 bound`` (reals) from fp32 row maxima ``m`` and float64 bounds ``[n]``."""
+    t = m.double() - 2.0 * bound
+    return _round_down(t - t.abs() * 2.0 ** -50)  # the float64 rounding of the line above
+
+
+def _candidates(scores: Tensor, thr: Tensor, bm: Tensor, b: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``(rows, codes, scores)`` of the entries ``scores[i, k] >= thr[i]``, sorted by row, then code.
+
+    ``bm [n, K/b]``: block maxima of ``scores`` (blocks of ``b`` columns): only blocks whose maximum
+    reaches the threshold are looked into, so the work beyond one pass over ``scores`` is small.
+    """
+    n, nb = bm.shape
+    if nb == 1:  # one block (CUDA, or K without a good divisor): one compare over the scores
+        rows, codes = (scores >= thr[:, None]).nonzero().unbind(1)
+        return rows, codes, scores[rows, codes]
+    hit_rows, hit_blocks = (bm >= thr[:, None]).nonzero().unbind(1)  # [Pb] each
+    vals = scores.view(n * nb, b).index_select(0, hit_rows * nb + hit_blocks)  # [Pb, b]
+    pair, col = (vals >= thr.index_select(0, hit_rows)[:, None]).nonzero().unbind(1)  # [P] each
+    rows = hit_rows.index_select(0, pair)
+    codes = hit_blocks.index_select(0, pair) * b + col
+    return rows, codes, vals.view(-1).index_select(0, pair * b + col)
+
+
+def _exact_best(tables: _SearchTables, r: Tensor, level: int, rows: Tensor, codes: Tensor, n: int) -> Tensor:
+    """First maximum of the float64 score ``r·c_k - |c_k|^2/2`` among candidates -> ``[n]`` (rows without
+    candidates get ``K``). Products of two fp32 numbers are exact in float64; the sums err by ~1e-16."""
+    c = tables.weight[level].index_select(0, codes).double()
+    s = (r.index_select(0, rows).double() * c).sum(1) - 0.5 * c.square().sum(1)
+    return _first_max(s, rows, codes, n, tables.codebook_size)
+
+
+def _first_max(s: Tensor, rows: Tensor, codes: Tensor, n: int, k: int) -> Tensor:
+    """Per row, the smallest code among the candidates with the largest ``s`` -> ``[n]`` (``k``: none)."""
+    best = torch.full((n,), -math.inf, dtype=s.dtype, device=s.device).scatter_reduce(
+        0, rows, s, "amax", include_self=True)
+    top = s == best.index_select(0, rows)
+    return torch.full((n,), k, dtype=torch.long, device=s.device).scatter_reduce(
+        0, rows[top], codes[top], "amin", include_self=True)
+
+
+def _survivors(s: Tensor, e: Tensor, rows: Tensor, n: int) -> Tensor:
+    """Mask of the candidates that can still be the best: ``s_k + e_k >= max_j (s_j - e_j)`` in their row
+    (``s``, ``e``: float64 scores and error bounds; a relative 2^-50 covers this function's own rounding)."""
+    low = torch.full((n,), -math.inf, dtype=torch.float64, device=s.device).scatter_reduce(
+        0, rows, s - e, "amax", include_self=True)
+    return s + e + (s.abs() + e) * 2.0 ** -50 >= low.index_select(0, rows)
+
+
+def _rescore32(tables: _SearchTables, r: Tensor, level: int, rows: Tensor, codes: Tensor, n: int,
+               rn: Tensor) -> tuple[Tensor, Tensor]:
+    """fp32 dot products of the candidates, without gathering rows (``sampled_addmm``); returns the
+    candidates that fp32 rounding (``gamma_Dc |r| |c_k|``) cannot rule out, sorted as given."""
+    if tables.sparse_rescore:
+        counts = torch.bincount(rows, minlength=n)
+        crow = torch.zeros(n + 1, dtype=torch.long, device=r.device)
+        torch.cumsum(counts, 0, out=crow[1:])
+        pattern = torch.sparse_csr_tensor(crow, codes, r.new_zeros(codes.shape[0]), (n, tables.codebook_size),
+                                          check_invariants=False)
+        dots = torch.sparse.sampled_addmm(pattern, r, tables.weight[level].t(), beta=0.0).values()
+    else:
+        dots = (r.index_select(0, rows) * tables.weight[level].index_select(0, codes)).sum(1)
+    s = dots.double() + tables.bias[level].index_select(0, codes).double()  # exact sum of two fp32 numbers
+    # the dot product errs by gamma_Dc |r| |c_k|, the bias by gamma_Dc |c_k|^2/2
+    e = _gamma(r.shape[1] + 2) * (rn.index_select(0, rows) * tables.code_norms[level].index_select(0, codes).double()
+                                  + tables.half_norms[level].index_select(0, codes).double())
+    keep = _survivors(s, e * (1 + 1e-6), rows, n)
+    return rows[keep], codes[keep]
+
+
+def _exhaustive64(tables: _SearchTables, r: Tensor, level: int) -> Tensor:
+    """float64 search over all codes (rows with a non-finite bound only: huge values)."""
+    c = tables.weight[level].double()
+    return (r.double() @ c.t() - 0.5 * c.square().sum(1)).argmax(dim=1)
+
+
+def _decide(tables: _SearchTables, r: Tensor, level: int, rows: Tensor, codes: Tensor, rn: Tensor | None = None,
+            fallback: Tensor | None = None, record: bool = True) -> Tensor:
+    """Codes ``[n]`` from the candidates (sorted by row, then code): a lone candidate is the answer.
+
+    The candidates of the other rows are re-scored exactly in float64, after a cheaper fp32 re-scoring
+    when ``rn [n]`` (row norms, rounded up) is given, i.e. when they came from the int8 scores.
+    ``fallback [n]`` (bool, optional): rows to search again in fp32 instead (too many int8 candidates).
+    """
+    n = r.shape[0]
+    counts = torch.bincount(rows, minlength=n)
+    if fallback is not None:
+        take = ~fallback.index_select(0, rows)
+        rows, codes = rows[take], codes[take]
+        counts = counts.masked_fill(fallback, 0)
+    out = torch.empty(n, dtype=torch.long, device=r.device)
+    lone = counts.index_select(0, rows) == 1
+    out[rows[lone]] = codes[lone]
+    multi = ~lone
+    rescored = exact = 0
+    if bool(multi.any()):
+        mrows, mcodes = rows[multi], codes[multi]
+        many = counts > 1
+        rescored = int(many.sum())
+        if rn is not None:
+            mrows, mcodes = _rescore32(tables, r, level, mrows, mcodes, n, rn)
+            left = torch.bincount(mrows, minlength=n)
+            one = left.index_select(0, mrows) == 1
+            out[mrows[one]] = mcodes[one]
+            mrows, mcodes = mrows[~one], mcodes[~one]
+            many = left > 1
+        if mrows.numel():
+            best = _exact_best(tables, r, level, mrows, mcodes, n)
+            out[many] = best[many]
+            exact = int(many.sum())
+    n_fb = n_none = 0
+    if fallback is not None and bool(fallback.any()):
+        idx = fallback.nonzero().squeeze(1)
+        out[idx] = _nearest_fp32(tables, r.index_select(0, idx), level, record=False)
+        n_fb = idx.numel()
+    none = counts == 0
+    if fallback is not None:
+        none &= ~fallback
+    if bool(none.any()):  # only where a bound was not finite (huge values): search everything in float64
+        idx = none.nonzero().squeeze(1)
+        out[idx] = _exhaustive64(tables, r.index_select(0, idx), level)
+        n_none = idx.numel()
+    if tables.stats is not None:
+        if record:
+            tables.stats.add(n, counts if fallback is None else counts[~fallback], rescored, exact, n_fb, n_none)
+        else:  # a fallback search: its rows are counted by the caller, its float64 decisions here
+            tables.stats.add(0, counts[:0], 0, exact, 0, n_none)
+    return out
+
+
+def _fp32_scores(tables: _SearchTables, r: Tensor, level: int) -> tuple[Tensor, Tensor]:
+    """fp32 scores ``A [n, K]`` of ``r [n, Dc]`` and a bound ``E [n]`` (float64): ``|A_ik - S_ik| <= E_i``.
+
+    The GEMM with its bias is an fp32 sum of ``Dc + 1`` terms, so it errs by at most ``gamma_{Dc+1}
+    (|r_i| |c_k| + |c_k|^2/2)`` in any summation order, FMA or not (IEEE fp32 is enforced); the bias
+    itself, an fp32 sum of ``Dc`` squares, by ``gamma_Dc |c_k|^2/2``.
+    """
+    d = r.shape[1]
+    scores = tables.scores(r, level)
+    rn = torch.linalg.vector_norm(r, dim=1).double() * (1 + _gamma(d + 2))
+    g = _gamma(d + 1)
+    bound = g * (rn * tables.code_max[level] + tables.half_max[level]) + _gamma(d) * tables.half_max[level]
+    return scores, bound * (1 + 1e-6)
+
+
+def _nearest_fp32(tables: _SearchTables, r: Tensor, level: int, record: bool = True) -> Tensor:
+    """Exact nearest codes ``[n]`` of ``r [n, Dc]`` (fp32) at ``level``, scored by the fp32 GEMM."""
+    n = r.shape[0]
+    scores, bound = _fp32_scores(tables, r, level)
+    b = tables.block or tables.codebook_size
+    bm = scores.view(n, -1, b).amax(2)
+    rows, codes, _ = _candidates(scores, _threshold(bm.amax(1), bound), bm, b)
+    return _decide(tables, r, level, rows, codes, record=record)
+
+
+class _Int8Bound:
+    """The int8 scores' error bound: ``E_ik = |r_i| |e_k| + |d_i| |t_k q_k| + slack_i`` (float64, rounded up);
+    ``row`` is its maximum over codes ``[n]``, ``at(rows, codes)`` its value at candidates."""
+
+    def __init__(self, t8: _Int8Tables, level: int, half_max: float, rn: Tensor, dn: Tensor) -> None:
+        self.t8, self.level = t8, level
+        self.rn, self.dn = rn, dn
+        # fp32 rounding of the scaled score (int32 -> fp32, up to three products, the sum) and the bias's
+        # own error (an fp32 sum of Dc squares)
+        self.slack = 8 * _U * (rn + dn) * t8.code_max[level] + (8 * _U + _gamma(t8.dim)) * half_max
+        self.row = (rn * t8.err_max[level] + dn * t8.code_max[level] + self.slack) * (1 + 1e-6)
+
+    def at(self, rows: Tensor, codes: Tensor) -> Tensor:
+        t8, level = self.t8, self.level
+        return (self.rn.index_select(0, rows) * t8.err_norm[level].index_select(0, codes)
+                + self.dn.index_select(0, rows) * t8.code_norm[level].index_select(0, codes)
+                + self.slack.index_select(0, rows)) * (1 + 1e-6)
+
+
+def _int8_scores(tables: _SearchTables, r: Tensor, level: int) -> tuple[Tensor, _Int8Bound]:
+    """int8 scores ``A [n, K']`` of ``r [n, Dc]`` (fp32) and their error bound (see :class:`_Int8Bound`).
+
+    Row ``i`` is ``r_i = s_i x_i + d_i`` with ``x_i`` int8 and ``s_i = max |r_i| / 127``; codes are
+    ``c_k = t_k q_k + e_k`` (see :class:`_Int8Tables`). Then ``r_i·c_k = s_i t_k (x_i·q_k) + r_i·e_k +
+    d_i·(t_k q_k)`` exactly, the integer dot product ``x_i·q_k`` is exact (int32), and by Cauchy-Schwarz
+    ``|A_ik - S_ik| <= |r_i| |e_k| + |d_i| |t_k q_k|`` plus the fp32 rounding of the scaling.
+    """
+    d = r.shape[1]
+    t8 = tables.int8
+    lev = t8.levels[level]
+    rn = torch.linalg.vector_norm(r, dim=1)
+    amax = torch.maximum(r.amax(1), r.amin(1).neg_())  # (vector_norm(ord=inf) is several times slower)
+    s = torch.where(amax > _TINY, amax / 127, torch.ones_like(amax))  # |r_i / s| <= 127 (1 + 2u): rounds to 127
+    y = torch.div(r, s[:, None]).round_()  # integers in [-127, 127]
+    xq = lev.quantize(y)
+    if t8.dim_pad:
+        xq = torch.nn.functional.pad(xq, (0, t8.dim_pad), value=128 if t8.kernel == "qlinear" else 0)
+    dn = torch.linalg.vector_norm(torch.addcmul(r, y, s[:, None], value=-1, out=y), dim=1)  # |r_i - s_i x_i|
+    scores = lev.scores(xq)  # t_k (x_i·q_k)
+    torch.addcmul(t8.neg_half_norms[level], scores, s[:, None], out=scores)  # s_i t_k (x_i·q_k) - |c_k|^2/2
+    # every fp32-computed norm rounded up by its own error bound; d_i also by the rounding of r - s*y
+    up = 1 + _gamma(d + 4)
+    rn64 = rn.double() * up
+    dn64 = dn.double() * up + 2 * _U * (rn64 + dn.double() * up)
+    return scores, _Int8Bound(t8, level, tables.half_max[level], rn64, dn64)
+
+
+def _nearest_int8(tables: _SearchTables, r: Tensor, level: int) -> Tensor:
+    """Exact nearest codes ``[n]`` of ``r [n, Dc]`` (fp32) at ``level``, scored by the int8 GEMM.
+
+    Candidates under the row bound ``max_k E_ik``, then per code: ``k`` stays only if ``A_ik + E_ik >=
+    max_j (A_ij - E_ij)`` over the candidates ``j``. Rows left with more than ``MAX_INT8_CANDIDATES``
+    are searched again with fp32 scores.
+    """
+    n = r.shape[0]
+    scores, bound = _int8_scores(tables, r, level)
+    kp = scores.shape[1]
+    b = tables.block if tables.block and kp == tables.codebook_size else kp
+    bm = scores.view(n, -1, b).amax(2)
+    rows, codes, vals = _candidates(scores, _threshold(bm.amax(1), bound.row), bm, b)
+    keep = _survivors(vals.double(), bound.at(rows, codes), rows, n)
+    rows, codes = rows[keep], codes[keep]
+    fallback = torch.bincount(rows, minlength=n) > MAX_INT8_CANDIDATES
+    return _decide(tables, r, level, rows, codes, bound.rn, fallback)
+
+
 def _search_block(tables: _SearchTables, x: Tensor, levels: range, step: int, residual: bool) -> Tensor:
     """Codes ``[len(levels), n]`` of ``x [n, Dc]``, ``step`` rows at a time (one thread of work)."""
     out = torch.empty(len(levels), x.shape[0], dtype=torch.long, device=tables.device)
     last = len(levels) - 1
+    nearest = _nearest_int8 if tables.precision == "int8" else _nearest_fp32
     for start in range(0, x.shape[0], step):
         r = x[start:start + step].to(device=tables.device, dtype=torch.float32, copy=True)
         for i, level in enumerate(levels):
-            idx = tables.argmax(tables.scores(r, level))
+            idx = nearest(tables, r, level)
             out[i, start:start + step] = idx
             if residual and i < last:
                 r.sub_(tables.weight[level].index_select(0, idx))
@@ -125,14 +738,16 @@ def _search_block(tables: _SearchTables, x: Tensor, levels: range, step: int, re
 def _search(tables: _SearchTables, x: Tensor, levels: range, step: int, residual: bool) -> Tensor:
     """Exact (residual) nearest-code search -> codes ``[len(levels), N]``.
 
-    Why pipelines: per chunk and level the work is one GEMM and then an argmax, a gather and a
+    Why pipelines: per chunk and level the work is one GEMM and then the candidate steps, a gather and a
     subtraction. Run with all torch threads, each of those small ops is its own parallel region with a
     barrier, and together they cost a large fraction of the GEMM time (measured: ~40% at 2 threads on a
-    busy machine). On CPU with the oneDNN kernel, chunks are therefore handed to a pool of ``T =
-    torch.get_num_threads()`` threads that each run single-threaded end to end: no barriers, and the
-    small ops of one pipeline overlap the GEMMs of the others. Codes are identical either way.
+    busy machine). On CPU, chunks are therefore handed to a pool of ``T = torch.get_num_threads()``
+    threads that each run single-threaded end to end: no barriers, and the small ops of one pipeline
+    overlap the GEMMs of the others. Codes are identical either way.
     """
     n = x.shape[0]
+    if tables.int8 is not None and tables.int8.kernel == "int_mm" and tables.device.type == "cpu":
+        step = max(1, step // 2)  # int32 + fp32 scores: the same memory as one fp32 [step, K] matrix
     workers = _pipeline_workers(tables, n)
     with _exact_fp32():
         if workers <= 1:
@@ -151,13 +766,63 @@ def _search(tables: _SearchTables, x: Tensor, levels: range, step: int, residual
         return torch.cat(list(pool.map(task, range(0, n, block))), dim=1)
 
 
+# ---------------------------------------------------------------------- traceable path
+def search_traceable(codebooks: Tensor, x: Tensor, levels: int, top: int = 4) -> Tensor:
+    """Exact residual codes ``[N, levels]`` as one straight-line graph, for ``torch.compile`` / ``export``.
+
+    No data-dependent shapes and no Python branch on data: per level an fp32 GEMM over all ``N`` rows,
+    the ``top`` best fp32 scores re-scored in float64 (the same bound as :func:`_nearest_fp32` says which
+    of them are candidates), and, through ``torch.cond``, a float64 search over all codes when some row
+    has more candidates than ``top`` (only near-duplicate codes do that). Codes equal the eager search's.
+    """
+    r = x.float()
+    d = r.shape[1]
+    k = codebooks.shape[1]
+    m = min(top, k)
+    g = _gamma(d + 1)
+    out = []
+    for level in range(levels):
+        c = codebooks[level].float()
+        h64 = 0.5 * c.double().square().sum(-1)
+        cmax = c.double().norm(dim=-1).amax() * (1 + 1e-9)
+        hmax = h64.amax() * (1 + 1e-9)
+        scores = torch.addmm((-h64).float(), r, c.t())
+        vals, idx = scores.topk(m, dim=1)
+        rn = torch.linalg.vector_norm(r, dim=1).double() * (1 + _gamma(d + 2))
+        bound = (g * (rn * cmax + hmax) + 2 * _U * hmax) * (1 + 1e-6)
+        thr = _threshold(vals[:, 0], bound)
+        s64 = (r.double().unsqueeze(1) * c[idx].double()).sum(-1) - h64[idx]
+        s64 = torch.where(vals >= thr[:, None], s64, -math.inf)
+        best = s64.amax(1, keepdim=True)
+        code = torch.where(s64 == best, idx, k).amin(1)
+        if m < k:
+            complete = vals[:, m - 1] < thr
+            code = torch.cond(complete.all(), _keep_codes, _exhaustive_rows, (code, complete, r, c, h64))
+        out.append(code)
+        if level + 1 < levels:
+            r = r - c[code]
+    return torch.stack(out, dim=1)
+
+
+def _keep_codes(code: Tensor, complete: Tensor, r: Tensor, c: Tensor, h64: Tensor) -> Tensor:
+    return code.clone()
+
+
+def _exhaustive_rows(code: Tensor, complete: Tensor, r: Tensor, c: Tensor, h64: Tensor) -> Tensor:
+    full = (r.double() @ c.double().t() - h64).argmax(dim=1)
+    return torch.where(complete, code, full)
+
+
+# ---------------------------------------------------------------------- the CPU thread pool
 _MIN_ROWS_PER_WORKER = 16
 _POOL_LOCK = threading.Lock()
 _POOL: tuple[int, int, ThreadPoolExecutor | None] | None = None  # (pid, size, pool)
 
 
 def _pipeline_workers(tables: _SearchTables, n: int) -> int:
-    if tables.backend != "onednn" or tables.device.type != "cpu" or not _openmp_threads():
+    if tables.device.type != "cpu" or not _openmp_threads():
+        return 1
+    if tables.precision != "int8" and tables.backend != "onednn":
         return 1
     return max(1, min(torch.get_num_threads(), n // _MIN_ROWS_PER_WORKER))
 

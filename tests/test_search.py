@@ -1,0 +1,238 @@
+"""The nearest-code search (search.py): rigorous bounds, exact codes whatever the kernel, compile / export."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gemma_rvq import search
+from gemma_rvq.quantization import ResidualQuantizer
+
+PRECISIONS = ["fp32"] + (["int8"] if search.int8_usable(torch.device("cpu"), 64) else [])
+KERNELS = [k for k in search.INT8_KERNELS if search._kernel_exact(k, torch.device("cpu"))]
+
+
+def reference_codes(x: torch.Tensor, codebooks: torch.Tensor, levels: int | None = None) -> torch.Tensor:
+    """float64 exhaustive search over the fp32 residual the quantizer keeps: ``[N, L]``, first best code.
+
+    Scores ``r·c_k - |c_k|^2/2`` (the same order as distances, without their cancellation for huge
+    rows), every (row, code) pair summed on its own: identical codes score identically."""
+    r = x.float()
+    out = []
+    for level in range(levels or codebooks.shape[0]):
+        c = codebooks[level].float().double()
+        half = 0.5 * c.square().sum(1)
+        code = torch.cat([((rc.double()[:, None, :] * c[None]).sum(-1) - half).argmax(1) for rc in r.split(64)])
+        out.append(code)
+        r = r - codebooks[level].float()[code]
+    return torch.stack(out, 1)
+
+
+def _quantizer(dim, q, k, codebooks=None, seed=0, **kw) -> ResidualQuantizer:
+    torch.manual_seed(seed)
+    rq = ResidualQuantizer(dim, q, k, **kw).eval()
+    if codebooks is not None:
+        rq.codebooks.data.copy_(codebooks)
+        rq.invalidate_cache()
+    return rq
+
+
+def _near_tie_codebook(dim=64, k=256, near=200, eps=1e-4, seed=0):
+    """Level 0: ``near`` codes at distance ~eps of one point p (|p| ~ 10) plus exact duplicates among them,
+    the rest random; queries close to p. Score gaps are ~1e-6 of the scores: far inside the int8 bound
+    (every near code a candidate: the fp32 fallback) and inside the fp32 bound (float64 decides)."""
+    g = torch.Generator().manual_seed(seed)
+    p = torch.randn(dim, generator=g)
+    p *= 10 / p.norm()
+    u = torch.randn(near, dim, generator=g)
+    u /= u.norm(dim=1, keepdim=True)
+    cb = torch.randn(k, dim, generator=g) * 3
+    cb[:near] = p + eps * u
+    cb[near - 20:near] = cb[10]  # exact duplicates of code 10: ties, the lowest index must win
+    x = p + 3 * eps * torch.randn(300, dim, generator=g) / dim**0.5
+    x[:20] = cb[10] + 1e-7 * torch.randn(20, dim, generator=g)  # nearest: code 10 and its duplicates
+    return cb, x
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize(("n", "dim", "k", "chunk"), [(1, 16, 8, 4), (37, 32, 97, 8), (300, 64, 256, 64),
+                                                     (513, 48, 2048, 1024)])
+def test_codes_equal_float64_exhaustive_search(precision, n, dim, k, chunk):
+    rq = _quantizer(dim, 3, k, search_precision=precision, search_chunk_size=chunk)
+    x = torch.randn(n, dim) * 0.7
+    codes = rq.encode(x)
+    assert rq._search_tables().precision == precision
+    assert torch.equal(codes, reference_codes(x, rq.codebooks))  # identical, not "up to near-ties"
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_adversarial_near_ties_and_duplicates_are_exact(precision):
+    cb, x = _near_tie_codebook()
+    rq = _quantizer(64, 1, 256, cb[None], search_precision=precision)
+    tables = rq._search_tables()
+    tables.stats = search.SearchStats()
+    codes = rq.encode(x)
+    assert torch.equal(codes, reference_codes(x, rq.codebooks))
+    assert torch.all(codes[:20, 0] == 10)  # exact ties: the first of the duplicates
+    stats = tables.stats.summary()
+    assert stats["exact_rate"] > 0.5  # fp32 could not separate these: float64 decided
+    if precision == "int8":
+        assert stats["fallback_rate"] > 0.5  # more than MAX_INT8_CANDIDATES: searched again with fp32 scores
+    else:
+        assert stats["max_candidates"] > search.MAX_INT8_CANDIDATES
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_every_int8_kernel_gives_the_exact_codes(kernel, monkeypatch):
+    dim, k = 96, 384
+    monkeypatch.setitem(search._INT8_CHOICE, ("cpu", None, dim, k), kernel)
+    g = torch.Generator().manual_seed(1)
+    rq = _quantizer(dim, 4, k, search_precision="int8", search_chunk_size=100)
+    x = torch.randn(400, dim, generator=g)
+    codes = rq.encode(x)
+    assert rq._search_tables().int8.kernel == kernel
+    assert torch.equal(codes, reference_codes(x, rq.codebooks))
+
+
+@pytest.mark.skipif("int_mm" not in KERNELS, reason="no exact torch._int_mm on this CPU")
+def test_cuda_layout_runs_exactly_on_cpu():
+    """What only CUDA uses, run on CPU: int8 codes padded to multiples of 8, column-major, at least 17
+    rows per GEMM, candidates from one compare over the scores, fp32 re-scoring from gathered rows."""
+    dim, k = 30, 100  # neither a multiple of 8
+    rq = _quantizer(dim, 3, k, search_precision="int8", search_chunk_size=40)
+    tables = rq._search_tables()
+    tables.int8 = search._Int8Tables(tables.weight, tables.bias, "int_mm", padded=True)
+    tables.sparse_rescore = False
+    tables.block = 0
+    assert tables.int8.dim_pad == 2 and tables.int8.levels[0].qt.shape == (32, 104)
+    x = torch.randn(205, dim)  # the last chunk has 5 rows
+    assert torch.equal(rq.encode(x), reference_codes(x, rq.codebooks))
+    cb, xt = _near_tie_codebook(dim=dim, k=k, near=60)
+    rq.codebooks.data[0] = cb
+    rq.invalidate_cache()
+    tables = rq._search_tables()
+    tables.int8 = search._Int8Tables(tables.weight, tables.bias, "int_mm", padded=True)
+    tables.sparse_rescore, tables.block = False, 0
+    assert torch.equal(rq.encode(xt), reference_codes(xt, rq.codebooks))
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_score_error_bounds_hold(precision):
+    """The bound every decision rests on: |A_ik - S_ik| <= E_ik, S computed in float64."""
+    g = torch.Generator().manual_seed(2)
+    dim, k = 128, 512
+    # a hard mix: scales from 1e-3 to 1e3, a half-step pattern (maximal rounding), zero rows, tiny codes
+    cb = torch.randn(1, k, dim, generator=g) * torch.logspace(-3, 3, k)[None, :, None]
+    cb[0, :4] = 0
+    cb[0, 4:8] = 1e-31
+    r = torch.randn(64, dim, generator=g) * torch.logspace(-3, 3, 64)[:, None]
+    r[0] = 0
+    r[1] = torch.arange(dim) % 2 + 0.5
+    rq = _quantizer(dim, 1, k, cb, search_precision=precision)
+    tables = rq._search_tables()
+    exact = r.double() @ cb[0].double().t() - 0.5 * cb[0].double().square().sum(1)
+    with torch.no_grad(), search._exact_fp32():
+        if precision == "int8":
+            scores, bound = search._int8_scores(tables, r.clone(), 0)
+            rows, codes = torch.meshgrid(torch.arange(64), torch.arange(k), indexing="ij")
+            e = bound.at(rows.reshape(-1), codes.reshape(-1)).view(64, k)
+            assert torch.all(e <= bound.row[:, None])
+        else:
+            scores, e = search._fp32_scores(tables, r.clone(), 0)
+            e = e[:, None].expand(64, k)
+    err = (scores.double() - exact).abs()
+    assert torch.all(err <= e), float((err - e).max())
+    assert float((err / e).max()) > 1e-3  # not vacuous: the bound is within a few orders of the error
+
+
+def test_huge_values_take_the_float64_path():
+    rq = _quantizer(8, 2, 16)
+    x = torch.randn(10, 8)
+    x[3, 1] = 3e38  # |x|^2 overflows fp32: an infinite bound, every code a candidate, float64 decides
+    x[4] = -1e38
+    x[5] = 3e38  # scores overflow too: no finite threshold, a float64 search over all codes
+    stats = search.SearchStats()
+    for precision in PRECISIONS:
+        rq.search_precision = precision
+        rq._search_tables().stats = stats
+        assert torch.equal(rq.encode(x), reference_codes(x, rq.codebooks))
+    assert stats.exact > 0 and stats.exhaustive > 0
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_thread_pool_pipelines_match_one_thread(precision):
+    rq = _quantizer(64, 4, 256, search_precision=precision, search_chunk_size=32)
+    x = torch.randn(333, 64)
+    saved = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = rq.encode(x)
+        torch.set_num_threads(2)
+        assert torch.equal(rq.encode(x), single)
+        with torch.inference_mode():
+            assert torch.equal(rq.encode(x[:40]), single[:40])
+    finally:
+        torch.set_num_threads(saved)
+    assert torch.equal(single, reference_codes(x, rq.codebooks))
+
+
+def test_precision_option_validation_and_auto_choice():
+    with pytest.raises(ValueError, match="search_precision must be one of"):
+        ResidualQuantizer(8, 1, 4, search_precision="bf16")
+    rq = _quantizer(8, 1, 4)
+    rq.search_precision = "fp16"
+    with pytest.raises(ValueError, match="search_precision must be one of"):
+        rq.encode(torch.randn(2, 8))
+    with pytest.raises(ValueError, match="search_precision='int8' is not available on device meta"):
+        search.resolve_precision("int8", torch.device("meta"), 8, 4)
+    rq.search_precision = "auto"
+    assert rq._search_tables().precision in ("int8", "fp32")  # measured per device and shape, then cached
+    assert search.resolve_precision("fp32", torch.device("cpu"), 8, 4) == ("fp32", None)
+
+
+def test_search_stats_count_rows_and_candidates():
+    rq = _quantizer(32, 2, 64)
+    tables = rq._search_tables()
+    tables.stats = search.SearchStats()
+    rq.encode(torch.randn(100, 32))
+    s = tables.stats.summary()
+    assert s["rows"] == 200 and s["mean_candidates"] >= 1 and s["max_candidates"] >= 1
+    assert 0 <= s["rescored_rate"] <= 1 and s["fallback_rate"] == 0
+
+
+def test_traceable_path_equals_eager_including_near_ties():
+    cb, x = _near_tie_codebook(dim=32, k=64, near=40, seed=3)
+    rq = _quantizer(32, 2, 64, torch.stack([cb, torch.randn(64, 32)]))
+    eager = rq.encode(x)
+    assert torch.equal(search.search_traceable(rq.codebooks, x, 2), eager)  # torch.cond fallback taken
+    y = torch.randn(50, 32)
+    assert torch.equal(search.search_traceable(rq.codebooks, y, 2), rq.encode(y))  # top-4 suffices
+
+
+def test_torch_compile_fullgraph_and_export_match_eager():
+    rq = _quantizer(16, 2, 32)
+    x = torch.randn(40, 16)
+    eager = rq.encode(x)
+    compiled = torch.compile(rq.encode, fullgraph=True, backend="aot_eager")  # inductor: the slow test below
+    assert torch.equal(compiled(x), eager)
+
+    class Encode(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rq = rq
+
+        def forward(self, frames: torch.Tensor) -> torch.Tensor:
+            return self.rq.encode(frames)
+
+    frames = torch.export.Dim("frames", min=2)
+    program = torch.export.export(Encode(), (x,), dynamic_shapes={"frames": {0: frames}})
+    assert torch.equal(program.module()(x), eager)
+    assert torch.equal(program.module()(x[:9]), rq.encode(x[:9]))  # dynamic number of frames
+
+
+@pytest.mark.slow
+def test_torch_compile_inductor_matches_eager():
+    rq = _quantizer(16, 1, 32)
+    x = torch.randn(40, 16)
+    compiled = torch.compile(rq.encode, fullgraph=True)  # the default backend, inductor
+    assert torch.equal(compiled(x), rq.encode(x))
