@@ -542,10 +542,13 @@ def _first_max(s: Tensor, rows: Tensor, codes: Tensor, n: int, k: int) -> Tensor
 
 def _survivors(s: Tensor, e: Tensor, rows: Tensor, n: int) -> Tensor:
     """Mask of the candidates that can still be the best: ``s_k + e_k >= max_j (s_j - e_j)`` in their row
-    (``s``, ``e``: float64 scores and error bounds; a relative 2^-50 covers this function's own rounding)."""
+    (``s``, ``e``: float64 scores and error bounds; a relative 2^-50 covers this function's own rounding).
+    A candidate with a non-finite score or bound (overflow: huge values) always stays, and never rules
+    out another: float64 decides those rows."""
+    lower = s - e
     low = torch.full((n,), -math.inf, dtype=torch.float64, device=s.device).scatter_reduce(
-        0, rows, s - e, "amax", include_self=True)
-    return s + e + (s.abs() + e) * 2.0 ** -50 >= low.index_select(0, rows)
+        0, rows, torch.where(torch.isfinite(lower), lower, -math.inf), "amax", include_self=True)
+    return (s + e + (s.abs() + e) * 2.0 ** -50 >= low.index_select(0, rows)) | ~torch.isfinite(lower)
 
 
 def _rescore32(tables: _SearchTables, r: Tensor, level: int, rows: Tensor, codes: Tensor, n: int,
