@@ -302,6 +302,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="a trained gemma-rvq model folder: use its codebooks")
     p.add_argument("--frames", default=None, help="with --model: an embedding cache folder to take frames from")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compile", action="store_true",
+                   help="also time torch.compile(encode) (default backend, inductor: the traceable search) "
+                        "against eager encode")
     return p
 
 
@@ -382,6 +385,16 @@ def main(argv: list[str] | None = None) -> dict:
         methods["int8 GEMM"] = bound_pass("int8")
     if vq is not None:
         methods["vqtorch"] = lambda xs, w: _vqtorch_encode(vq, xs, vq_chunk)
+    compiled_codes_equal = None
+    if args.compile:
+        # rq32's module is compiled (its search path under tracing does not depend on the precision)
+        compiled = torch.compile(rq32.encode)
+        start = time.perf_counter()
+        sizes = {min(slice_size, n)} | ({n % slice_size} if n % slice_size else set())  # the timed slices' sizes
+        compiled_codes_equal = all(torch.equal(compiled(x[:m]), rq.encode(x[:m])) for m in sorted(sizes))
+        print(f"torch.compile(encode) (inductor): compiled and warmed up in {time.perf_counter() - start:.0f} s; "
+              f"codes identical to eager: {compiled_codes_equal}")
+        methods["gemma-rvq compiled"] = lambda xs, w: compiled(xs)
     # -------- timed rounds, interleaved slice by slice: the load of a shared machine drifts, so every
     # method sees the same conditions. Wall-clock and process CPU time (/ threads) are both recorded.
     wall = {name: [0.0] * args.repeats for name in methods}
@@ -435,7 +448,7 @@ def main(argv: list[str] | None = None) -> dict:
     if bound8 is not None:
         print(f"int8 GEMM bound ({best['int8'][1]}, chunk {best['int8'][2]}): {bound8 * flop_per_frame / 1e9:.0f} "
               f"GOP/s -> {bound8:,.0f} frames/s")
-    for name in ("gemma-rvq", "gemma-rvq fp32", "vqtorch"):
+    for name in ("gemma-rvq", "gemma-rvq fp32", "vqtorch", "gemma-rvq compiled"):
         if name in fps:
             print(f"{name + ':':24s}{fps[name]:>12,.0f} frames/s (best of {args.repeats}; median {fps_median[name]:,.0f})")
     print(f"ratio gemma-rvq / fp32 GEMM bound: {fps['gemma-rvq'] / bound32:.2f}x (per round vs the round's "
@@ -453,6 +466,11 @@ def main(argv: list[str] | None = None) -> dict:
               + ", ".join(f"{r:.2f}" for r in ratio_rounds["vqtorch"]) + "; target >= 3x CPU, >= 10x GPU)  "
               f"[{gemm_rates}]")
         print(f"ratio gemma-rvq fp32 / vqtorch: {fps['gemma-rvq fp32'] / fps['vqtorch']:.2f}x")
+    if "gemma-rvq compiled" in fps:
+        print(f"ratio torch.compile(encode) / eager encode: {fps['gemma-rvq compiled'] / fps['gemma-rvq']:.2f}x "
+              f"(eager {tables.precision}); / eager fp32: {fps['gemma-rvq compiled'] / fps['gemma-rvq fp32']:.2f}x "
+              "(per round: " + ", ".join(f"{a / b:.2f}" for a, b in zip(ratio_rounds["gemma-rvq fp32"],
+                                                                       ratio_rounds["gemma-rvq compiled"])) + ")")
     if not cuda:
         print("CPU-time based (frames per CPU-second x threads; less sensitive to other load): "
               + ", ".join(f"{name} {v:,.0f}" for name, v in fps_cpu.items())
@@ -475,7 +493,8 @@ def main(argv: list[str] | None = None) -> dict:
         shown = f"{nbytes / 2**20:,.0f} MiB" if nbytes is not None else "n/a"
         print(f"peak extra memory {name}: {shown} ({how})")
     return {"fps": fps, "bound_fp32": bound32, "bound_int8": bound8, "stats": s, "identical": same_ref,
-            "identical_fp32": same_ref32, "same_as_vqtorch": same_as_vq, "rates": {f: r for f, (r, _, _) in best.items()}}
+            "identical_fp32": same_ref32, "same_as_vqtorch": same_as_vq,
+            "compiled_codes_equal": compiled_codes_equal, "rates": {f: r for f, (r, _, _) in best.items()}}
 
 
 def _int8_rows(template: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
