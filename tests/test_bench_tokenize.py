@@ -29,3 +29,14 @@ def test_bench_tokenize_smoke():
     # agreement rows: the fp32 snippet is the fp32 reference itself, the (a) row is one of the two dtypes
     fp32_row = next(line for line in out.splitlines() if "(b) the snippet in fp32" in line)
     assert fp32_row.rstrip().endswith("with fp32 100.00%, 100.00%"), fp32_row
+
+
+def test_bench_encoder_variants_smoke():
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_encoder_variants.py"), "--quick",
+                           "--minutes", "0.05", "--rounds", "1"], capture_output=True, text=True, env=env,
+                          timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {line.split()[0]: line for line in done.stdout.splitlines() if "audio s/s" in line}
+    assert set(rows) == {"fp32", "bf16", "bf16-fp32-kernels"}, done.stdout
+    assert "equal to bf16's 100.00%" in rows["bf16"] and "to fp32's 100.00%" in rows["fp32"]
