@@ -44,7 +44,7 @@ def _assert_same(tuple_output, dict_output) -> None:
             _assert_same(a, b)
         else:
             assert a.dtype != torch.bool, "a bool tensor breaks transformers' output-equivalence check"
-            assert float((a - b).abs().max()) == 0.0
+            assert float((a - b).detach().abs().max()) == 0.0
 
 
 # ---------------------------------------------------------------------------------------------- class contract
