@@ -35,6 +35,16 @@ def speech_like(seconds: float, sampling_rate: int = 22050, seed: int = 0) -> np
     return wave.astype(np.float32)
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op torch thread for a module's tests (``pytestmark = pytest.mark.usefixtures(...)``): tiny
+    models run fastest so, and two workers under ``pytest -n 2`` do not oversubscribe the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def make_speech():
     """Factory: ``make_speech(seconds, sampling_rate=22050, seed=0) -> float32 [S]``."""

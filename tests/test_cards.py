@@ -33,12 +33,7 @@ FORMAT = get_format("gemma_rvq", codebook_size=8, num_levels=2)
 BASE_ID = "tiny-org/tiny-llama"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -44,12 +44,7 @@ RECIPES_DIR = ROOT / "examples" / "recipes"
 FORMAT = get_format("gemma_rvq", codebook_size=8, num_levels=2)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _load(name: str):

@@ -10,7 +10,6 @@ import evaluate
 import numpy as np
 import pytest
 import soundfile
-import torch
 from datasets import Dataset
 
 from gemma_rvq.downstream import evaluate_speech_llm, evaluate_stage2, text_metrics
@@ -25,12 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FORMAT = get_format("gemma_rvq", codebook_size=8, num_levels=2)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ----------------------------------------------------------------------------- metrics on hand-computed cases

@@ -34,12 +34,7 @@ FMT = get_format("gemma_rvq", codebook_size=16, num_levels=2)
 SPAN = re.compile(r"\[(TEXT|SPEECH)\]")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _split(text: str) -> list[tuple[str, str]]:

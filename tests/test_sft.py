@@ -35,13 +35,7 @@ RECIPES_DIR = ROOT / "examples" / "recipes"
 FORMAT = {"token_format": "gemma_rvq", "codebook_size": 8, "num_levels": 2}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """Tiny models: one intra-op thread is fastest, and avoids oversubscription under ``pytest -n 2``."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _load_script():

@@ -49,6 +49,17 @@ _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 # generic
 
 
+def _check_upload(folder: str | os.PathLike, repo_id: str, repo_type: str) -> Path:
+    """``folder`` as a Path, once it is a folder, ``repo_type`` is known and ``repo_id`` well formed."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"{folder} is not a folder")
+    if repo_type not in _REPO_TYPES:
+        raise ValueError(f"repo_type must be one of {_REPO_TYPES}, got {repo_type!r}")
+    _check_repo_id(repo_id)
+    return folder
+
+
 def _check_repo_id(repo_id: str) -> None:
     if not isinstance(repo_id, str) or not _REPO_ID.match(repo_id) or ".." in repo_id or "--" in repo_id:
         raise ValueError(f"invalid Hub repo id {repo_id!r}: expected 'name' or 'namespace/name'")
@@ -223,12 +234,7 @@ def plan_upload(folder: PathLike, repo_id: str, *, repo_type: str = "model", pri
     from huggingface_hub.utils import filter_repo_objects
     from huggingface_hub.utils._paths import DEFAULT_IGNORE_PATTERNS
 
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise ValueError(f"{folder} is not a folder")
-    if repo_type not in _REPO_TYPES:
-        raise ValueError(f"repo_type must be one of {_REPO_TYPES}, got {repo_type!r}")
-    _check_repo_id(repo_id)
+    folder = _check_upload(folder, repo_id, repo_type)
     every = {p.relative_to(folder).as_posix(): p for p in sorted(folder.rglob("*")) if p.is_file()}
     kept = list(filter_repo_objects(every, ignore_patterns=[*DEFAULT_IGNORE_PATTERNS, *ignore_patterns]))
     return UploadPlan(
@@ -266,12 +272,7 @@ def push_folder(
 
     For ``repo_type="space"`` the SDK is taken from ``space_sdk`` or else the folder's README header.
     """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise ValueError(f"{folder} is not a folder")
-    if repo_type not in _REPO_TYPES:
-        raise ValueError(f"repo_type must be one of {_REPO_TYPES}, got {repo_type!r}")
-    _check_repo_id(repo_id)
+    folder = _check_upload(folder, repo_id, repo_type)
     if repo_type == "space" and space_sdk is None:
         readme = folder / "README.md"
         meta = split_card(readme.read_text(encoding="utf-8"))[0] if readme.exists() else {}
