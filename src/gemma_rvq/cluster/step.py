@@ -195,6 +195,10 @@ class SpeechTokenizerStep(PipelineStep):
                     f"{fmt.get('codebook_size')}): write into a new output folder"
                 )
         else:
-            with folder.open(FORMAT_FILE, "wt") as f:
+            # Written under a task-unique name and renamed into place: a task starting meanwhile must never read
+            # a half-written file (it did, with 2 local workers: an empty file, a JSONDecodeError).
+            partial = f"{FORMAT_FILE}.{os.getpid()}-{device_rank}.partial"
+            with folder.open(partial, "wt") as f:
                 f.write(json.dumps(fmt, indent=2, sort_keys=True) + "\n")
+            folder.mv(partial, FORMAT_FILE)
         self._format_checked = True
