@@ -39,6 +39,13 @@ def test_bench_stream_smoke(tmp_path):
     assert results and "160" in out
 
 
+def test_gpu_check_dry_run_on_cpu(tmp_path):
+    """The GPU check's harness on CPU (``--device cpu`` is its documented dry run), with its cheapest section."""
+    out = _run("gpu_check.py", "--device", "cpu", "--sections", "train", "--out", str(tmp_path / "gpu.json"))
+    results = json.loads((tmp_path / "gpu.json").read_text())
+    assert "train" in results and "ok=True" in out
+
+
 @pytest.mark.skipif(not (ROOT / "data" / "corpus").is_dir(), reason="needs the committed corpus")
 def test_bench_cluster_smoke():
     out = _run("bench_cluster.py", "--workers", "1", "--rounds", "1")
