@@ -526,26 +526,6 @@ def test_two_stage_cpu_argmax_equals_torch_argmax_including_ties(k):
     assert torch.equal(tables.argmax(scores), scores.argmax(dim=1))
 
 
-def test_threaded_pipelines_match_single_threaded_search_and_respect_modes():
-    rq = _quantizer(dim=64, q=4, k=256, search_chunk_size=32)
-    x = torch.randn(333, 64)
-    saved = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        single = rq.encode(x)
-        torch.set_num_threads(2)
-        assert torch.equal(rq.encode(x), single)
-        assert torch.equal(rq.encode(x[:40]), single[:40])  # fewer rows than workers x chunk
-        with torch.inference_mode():
-            assert torch.equal(rq.encode(x), single)
-        xg = x.clone().requires_grad_(True)
-        codes = rq.encode(xg)
-        assert torch.equal(codes, single) and not codes.requires_grad
-        assert torch.get_num_threads() == 2  # the pool does not change the caller's thread count
-    finally:
-        torch.set_num_threads(saved)
-
-
 def _encode_in_child(rq, x, queue):
     torch.set_num_threads(2)
     queue.put(rq.encode(x).tolist())  # plain data: no shared-memory tensor handles

@@ -169,8 +169,13 @@ def test_thread_pool_pipelines_match_one_thread(precision):
         single = rq.encode(x)
         torch.set_num_threads(2)
         assert torch.equal(rq.encode(x), single)
+        assert torch.equal(rq.encode(x[:40]), single[:40])  # fewer rows than workers x chunk
         with torch.inference_mode():
+            assert torch.equal(rq.encode(x), single)
             assert torch.equal(rq.encode(x[:40]), single[:40])
+        codes = rq.encode(x.clone().requires_grad_(True))
+        assert torch.equal(codes, single) and not codes.requires_grad
+        assert torch.get_num_threads() == 2  # the pool does not change the caller's thread count
     finally:
         torch.set_num_threads(saved)
     assert torch.equal(single, reference_codes(x, rq.codebooks))
