@@ -12,6 +12,10 @@ labels, packing) is exactly ``examples/sft.py``'s:
   :func:`softened_logit_kl`, :func:`causal_lm_cross_entropy`); :class:`LayerDistillationTrainer` weighs them
   with :class:`LayerDistillationConfig` and logs each one (``distill/ce``, ``distill/kl``, ``distill/hidden``,
   ``distill/attention``).
+- A **transfer set** of unlabelled prompts (:func:`build_transfer_prompts`, :func:`generate_transfer_set`):
+  the teacher answers each prompt once before training (greedy by default) and those rows join the labelled
+  ones; on them the student gets the distillation terms and, weighted by ``transfer_ce_weight``, the
+  cross-entropy on the teacher's own tokens (sequence-level KD), logged as ``distill/transfer_ce``.
 - :func:`run_distill` (the logic of ``examples/distill.py``) loads the teacher (LoRA adapters merged), builds
   the student and the recipe's dataset, trains, and saves a plain ``AutoModelForCausalLM`` with the
   teacher's tokenizer and its gemma-rvq metadata files, so it loads and runs wherever the teacher did.
@@ -40,8 +44,10 @@ from ..cards import hub_reference, local_path, write_local_paths
 from .sft import (
     RECIPE_FILE,
     SemanticSFTArguments,
+    _builder_kwargs,
     drop_long_examples,
     finish_hub_folder,
+    load_raw_dataset,
     load_sft_dataset,
     resolve_token_format,
 )
@@ -49,15 +55,18 @@ from .sft import (
 __all__ = [
     "CARRIED_FILES",
     "PROJECTIONS_FILE",
+    "TRANSFER_COLUMN",
     "DistillArguments",
     "LayerDistillationConfig",
     "LayerDistillationTrainer",
     "attention_kl",
     "build_distill_trainer",
     "build_student",
+    "build_transfer_prompts",
     "causal_lm_cross_entropy",
     "decoder_layers_name",
     "default_layer_map",
+    "generate_transfer_set",
     "hidden_state_mse",
     "load_teacher",
     "run_distill",
@@ -72,6 +81,8 @@ logger = logging.getLogger(__name__)
 CARRIED_FILES = (RECIPE_FILE, "semantic_format.json")
 PROJECTIONS_FILE = "distill_projections.safetensors"
 _PROJECTIONS = "distill_projections"  # attribute (and state-dict prefix) of the width projections during training
+# boolean column (and batch key) marking the rows whose completion the teacher generated (the transfer set)
+TRANSFER_COLUMN = "distill_transfer"
 
 
 # ---------------------------------------------------------------------------------------------- losses
@@ -241,7 +252,9 @@ def build_student(teacher, *, layer_stride: int | None = 3, layers: list[int] | 
 class LayerDistillationConfig(SFTConfig):
     """``trl.SFTConfig`` plus the distillation weights (each loss is also logged unweighted).
 
-    ``loss = ce_weight * CE + kl_weight * KL_T + hidden_weight * MSE + attention_weight * KL_attn``.
+    ``loss = ce_weight * CE + kl_weight * KL_T + hidden_weight * MSE + attention_weight * KL_attn``, plus
+    ``transfer_ce_weight * CE_transfer`` when the data has transfer rows (then CE counts the labelled rows only,
+    CE_transfer the teacher-written completions; each is the mean over its own tokens in the batch, 0 without).
     """
 
     ce_weight: float = field(default=1.0, metadata={"help": "Weight of the usual next-token cross-entropy."})
@@ -254,10 +267,24 @@ class LayerDistillationConfig(SFTConfig):
         default=False,
         metadata={"help": "Compute the KL / hidden / attention terms only where the labels count (the completion). "
                           "Default: every real token, prompts included (the teacher knows them too)."})
+    transfer_ce_weight: float = field(
+        default=1.0,
+        metadata={"help": "Transfer set: weight of the cross-entropy on the teacher's own completions of the "
+                          "unlabelled prompts (sequence-level KD); 0: those rows get the distillation terms only."})
+    transfer_max_new_tokens: int = field(
+        default=128, metadata={"help": "Transfer set: the most tokens the teacher writes per prompt."})
+    transfer_batch_size: int = field(
+        default=16, metadata={"help": "Transfer set: prompts per teacher generate() call."})
+    transfer_do_sample: bool = field(
+        default=False, metadata={"help": "Transfer set: sample the teacher's answers (its generation_config) "
+                                         "instead of greedy decoding."})
 
     def __post_init__(self):
         super().__post_init__()
-        for name in ("ce_weight", "kl_weight", "hidden_weight", "attention_weight"):
+        if self.transfer_max_new_tokens < 1 or self.transfer_batch_size < 1:
+            raise ValueError("transfer_max_new_tokens and transfer_batch_size must be >= 1, got "
+                             f"{self.transfer_max_new_tokens} and {self.transfer_batch_size}")
+        for name in ("ce_weight", "kl_weight", "hidden_weight", "attention_weight", "transfer_ce_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.temperature <= 0:
@@ -265,6 +292,19 @@ class LayerDistillationConfig(SFTConfig):
 
 
 # ---------------------------------------------------------------------------------------------- trainer
+class _TransferFlagCollator:
+    """Wraps TRL's collator: adds ``distill_transfer`` (``[B]`` bool, False for rows without the column)."""
+
+    def __init__(self, collator):
+        self.collator = collator
+
+    def __call__(self, examples: list[dict]) -> dict:
+        flags = [bool(example.get(TRANSFER_COLUMN, False)) for example in examples]
+        batch = self.collator([{k: v for k, v in example.items() if k != TRANSFER_COLUMN} for example in examples])
+        batch[TRANSFER_COLUMN] = torch.tensor(flags, dtype=torch.bool)
+        return batch
+
+
 class LayerDistillationTrainer(SFTTrainer):
     """``trl.SFTTrainer`` whose loss is the weighted sum of CE, softened-logit KL, hidden MSE and attention KL.
 
@@ -307,8 +347,16 @@ class LayerDistillationTrainer(SFTTrainer):
             setattr(model, _PROJECTIONS, nn.ModuleList(
                 nn.Linear(student_text.hidden_size, teacher_text.hidden_size, bias=False) for _ in self.layer_map
             ).to(dtype=next(model.parameters()).dtype))
+        train_dataset = kwargs.get("train_dataset")
+        columns = getattr(train_dataset, "column_names", None) or []
+        self.has_transfer_rows = TRANSFER_COLUMN in columns
+        if self.has_transfer_rows and (args.packing or args.padding_free):
+            raise ValueError("a transfer set cannot be packed (packing / padding_free): packed sequences lose the "
+                             f"{TRANSFER_COLUMN!r} flag that keeps the teacher's completions apart")
         super().__init__(model=model, args=args, **kwargs)
         self.model_accepts_loss_kwargs = False  # our loss is a per-batch mean: the Trainer averages accumulation
+        if self.has_transfer_rows:
+            self.data_collator = _TransferFlagCollator(self.data_collator)
         teacher_model.eval().requires_grad_(False)
         if self.is_deepspeed_enabled:
             from trl.models import prepare_deepspeed
@@ -317,7 +365,19 @@ class LayerDistillationTrainer(SFTTrainer):
         else:
             self.teacher_model = self.accelerator.prepare_model(teacher_model, evaluation_mode=True)
 
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        if TRANSFER_COLUMN not in self._signature_columns:  # kept through remove_unused_columns
+            self._signature_columns = [*self._signature_columns, TRANSFER_COLUMN]
+
     # ------------------------------------------------------------------ loss
+    def _log_mean(self, mode: str, name: str, total: torch.Tensor, count: torch.Tensor) -> None:
+        """Log ``sum(total) / sum(count)`` over processes; nothing when no process counted a token."""
+        gathered = self.accelerator.gather(torch.stack([total.detach().float(), count.float()])[None])
+        gathered = gathered.reshape(-1, 2).sum(0)
+        if gathered[1] > 0:
+            self._metrics[mode][f"distill/{name}"].append((gathered[0] / gathered[1]).item())
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         args = self.args
         mode = "train" if self.model.training else "eval"
@@ -339,7 +399,17 @@ class LayerDistillationTrainer(SFTTrainer):
             # position t predicts token t + 1: count it when that token is a label
             mask = mask & F.pad(labels[:, 1:] != -100, (0, 1), value=False)
 
-        parts = {"ce": causal_lm_cross_entropy(outputs.logits, labels)}
+        token_means: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # CE terms: (mean, counted tokens)
+        if self.has_transfer_rows:
+            transfer = inputs.get(TRANSFER_COLUMN)
+            transfer = torch.zeros(labels.shape[0], dtype=torch.bool, device=labels.device) if transfer is None \
+                else transfer.bool()
+            for name, rows in (("ce", ~transfer), ("transfer_ce", transfer)):
+                token_means[name] = (causal_lm_cross_entropy(outputs.logits[rows], labels[rows]),
+                                     (labels[rows][:, 1:] != -100).sum())
+            parts = {name: mean for name, (mean, _) in token_means.items()}
+        else:
+            parts = {"ce": causal_lm_cross_entropy(outputs.logits, labels)}
         if args.kl_weight > 0:
             parts["kl"] = softened_logit_kl(outputs.logits, teacher.logits, mask, args.temperature)
         if args.hidden_weight > 0:
@@ -355,11 +425,15 @@ class LayerDistillationTrainer(SFTTrainer):
                 for s, t in enumerate(self.layer_map)
             ]).mean()
         weights = {"ce": args.ce_weight, "kl": args.kl_weight, "hidden": args.hidden_weight,
-                   "attention": args.attention_weight}
+                   "attention": args.attention_weight, "transfer_ce": args.transfer_ce_weight}
         loss = sum(weights[name] * value for name, value in parts.items())
         for name, value in parts.items():
-            self._metrics[mode][f"distill/{name}"].append(self.accelerator.gather_for_metrics(
-                value.detach()).mean().item())
+            if name in token_means:  # a mean over the tokens of its rows, which a batch may lack
+                mean, count = token_means[name]
+                self._log_mean(mode, name, mean * count, count)
+            else:
+                self._metrics[mode][f"distill/{name}"].append(self.accelerator.gather_for_metrics(
+                    value.detach()).mean().item())
         return (loss, outputs) if return_outputs else loss
 
     # ------------------------------------------------------------------ saving
@@ -407,6 +481,16 @@ class DistillArguments(SemanticSFTArguments):
     layer_map: list[int] | None = field(
         default=None, metadata={"help": "Teacher layer aligned with each student layer (default: the last layer "
                                         "of the block each student layer replaces)."})
+    transfer_dataset_name: str | None = field(
+        default=None,
+        metadata={"help": "A transfer set of unlabelled prompts (Hub id, save_to_disk folder or data file) that the "
+                          "teacher answers before training: rows in the recipe's form without the answer column "
+                          "(e.g. only semantic_tokens for speech_instruct), or a TRL prompt-only 'prompt' column."})
+    transfer_dataset_config: str | None = field(
+        default=None, metadata={"help": "The transfer dataset's config name (load_dataset's name)."})
+    transfer_split: str = field(default="train", metadata={"help": "The transfer dataset's split."})
+    max_transfer_samples: int | None = field(
+        default=None, metadata={"help": "Use the first N transfer prompts."})
 
 
 def load_teacher(path: str, **from_pretrained_kwargs: Any):
@@ -456,9 +540,188 @@ def _load_student(script_args: DistillArguments, teacher, tokenizer, training_ar
     return student
 
 
+# ---------------------------------------------------------------------------------------------- transfer set
+# the column a recipe's builder turns into the completion: the one a transfer row does not need
+_ANSWER_ARGUMENT = {"speech_instruct": "response_column", "asr": "text_column", "speechless": "tokens_column"}
+_PLACEHOLDER = "<transfer prompt: the teacher writes the answer>"
+
+
+def _is_conversation(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(m, dict) and "role" in m for m in value)
+
+
+def build_transfer_prompts(script_args: DistillArguments, dataset, token_format=None):
+    """The prompts of a transfer set, as a ``datasets.Dataset`` with one TRL prompt-only ``prompt`` column.
+
+    ``dataset`` (a ``Dataset``, or a ``DatasetDict`` holding ``script_args.transfer_split``) holds either a
+    ``prompt`` column (TRL prompt-only form: a list of chat messages or a plain string) or the recipe's input
+    columns without the answer (``speech_instruct``: the ``tokens_column``; ``asr``: the tokens;
+    ``speechless``: the text), from which the recipe builds exactly the prompts of its labelled rows (system
+    prompt, user template, chat). An answer column, if present, is ignored: the teacher writes the answers.
+
+    Raises ``ValueError`` for an empty set and, naming the row, for a prompt that is empty or already holds an
+    assistant turn.
+    """
+    from datasets import Dataset, DatasetDict
+
+    from .data import build_recipe_dataset
+
+    if isinstance(dataset, DatasetDict):
+        if script_args.transfer_split not in dataset:
+            raise ValueError(f"transfer split {script_args.transfer_split!r} not found; available: {list(dataset)}")
+        dataset = dataset[script_args.transfer_split]
+    if not isinstance(dataset, Dataset):
+        raise ValueError(f"the transfer set must be a datasets.Dataset (not streamed), got {type(dataset).__name__}")
+    if script_args.max_transfer_samples is not None:
+        dataset = dataset.select(range(min(script_args.max_transfer_samples, len(dataset))))
+    if len(dataset) == 0:
+        raise ValueError(f"the transfer set {script_args.transfer_dataset_name or ''!r} has no rows: give unlabelled "
+                         "prompts, or leave transfer_dataset_name unset")
+    if "prompt" in dataset.column_names or "messages" in dataset.column_names:
+        column = "prompt" if "prompt" in dataset.column_names else "messages"
+        prompts = dataset[column]
+    else:
+        if script_args.recipe not in _ANSWER_ARGUMENT:
+            raise ValueError(f"the {script_args.recipe!r} recipe has no prompts to answer: give the transfer set a "
+                             "'prompt' column")
+        answer = getattr(script_args, _ANSWER_ARGUMENT[script_args.recipe])
+        if answer in dataset.column_names:
+            logger.warning("transfer set: its %r column is ignored; the teacher writes the answers", answer)
+            dataset = dataset.remove_columns(answer)
+        dataset = dataset.add_column(answer, [_PLACEHOLDER] * len(dataset))
+        kwargs = _builder_kwargs(script_args, token_format)
+        if script_args.recipe == "speechless":
+            kwargs["token_format"] = None  # the placeholder is the (missing) token string: nothing to parse
+        built = build_recipe_dataset(script_args.recipe, dataset, **kwargs)
+        prompts = built["prompt"] if "prompt" in built.column_names else [m[:-1] for m in built["messages"]]
+        column = "prompt"
+    for index, prompt in enumerate(prompts):
+        if _is_conversation(prompt):
+            roles = [message["role"] for message in prompt]
+            if "assistant" in roles:
+                raise ValueError(f"transfer row {index}: its {column!r} already holds an assistant turn (roles "
+                                 f"{roles}); a transfer prompt ends before the answer, which the teacher writes")
+            if not prompt:
+                raise ValueError(f"transfer row {index}: its {column!r} is an empty conversation")
+        elif not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError(f"transfer row {index}: {column!r} must be a non-empty string or a list of chat "
+                             f"messages, got {prompt!r}")
+    return Dataset.from_dict({"prompt": prompts})
+
+
+def _prompt_ids(tokenizer, prompt) -> list[int]:
+    """Token ids of a prompt as TRL tokenises it (chat template with the generation prompt, or plain text)."""
+    if _is_conversation(prompt):
+        return list(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True,
+                                                  return_dict=True)["input_ids"])
+    return list(tokenizer(prompt)["input_ids"])
+
+
+@torch.no_grad()
+def generate_transfer_set(teacher, tokenizer, prompts, *, max_new_tokens: int = 128, batch_size: int = 16,
+                          max_length: int | None = None, do_sample: bool = False, show_progress: bool = True):
+    """The teacher's answers to ``prompts``: a ``Dataset`` of ``prompt``, ``completion`` and ``distill_transfer``.
+
+    Args:
+        teacher: a causal LM (run in eval mode, without gradients, on its own device).
+        prompts: a ``Dataset`` with a ``prompt`` column (:func:`build_transfer_prompts`) or a list of prompts
+            (chat message lists or strings).
+        max_new_tokens: the most tokens generated per prompt; an answer cut there is kept and counted in a
+            warning (raise it if that happens often).
+        batch_size: prompts per ``generate`` call (left-padded).
+        max_length: the training ``max_length``: a prompt of that many tokens or more is an error naming the row.
+        do_sample: sample (with the teacher's ``generation_config``) instead of greedy decoding.
+
+    Each completion is the decoded text of the generated tokens up to the end of turn (special tokens dropped,
+    stripped), as a chat ``assistant`` message for chat prompts or a string for plain ones. A prompt the teacher
+    answers with nothing is dropped (counted in a warning). ``distill_transfer`` is True on every row.
+    """
+    from datasets import Dataset
+    from tqdm.auto import tqdm
+
+    prompts = list(prompts["prompt"]) if isinstance(prompts, Dataset) else list(prompts)
+    if not prompts:
+        raise ValueError("the transfer set has no prompts")
+    encoded = [_prompt_ids(tokenizer, prompt) for prompt in prompts]
+    if max_length is not None:
+        for index, ids in enumerate(encoded):
+            if len(ids) >= max_length:
+                raise ValueError(f"transfer row {index}: its prompt is {len(ids)} tokens, max_length is {max_length}: "
+                                 "no room for an answer (shorten the prompt or raise max_length)")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device = next(teacher.parameters()).device
+    was_training = teacher.training
+    teacher.eval()
+    completions: list[str] = []
+    cut = 0
+    progress = tqdm(total=len(prompts), desc="Teacher answering the transfer prompts", disable=not show_progress)
+    for start in range(0, len(encoded), batch_size):
+        chunk = encoded[start:start + batch_size]
+        width = max(map(len, chunk))
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for b, row in enumerate(chunk):  # left padding: every prompt ends where generation starts
+            ids[b, width - len(row):] = torch.tensor(row)
+            mask[b, width - len(row):] = 1
+        output = teacher.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=do_sample,
+                                  max_new_tokens=max_new_tokens, pad_token_id=pad)
+        new = output[:, width:].cpu()
+        stops = teacher.generation_config.eos_token_id
+        stops = set(stops if isinstance(stops, list) else [stops] if stops is not None else [tokenizer.eos_token_id])
+        for row in new.tolist():
+            cut += len(row) == max_new_tokens and not stops & set(row)
+            completions.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+        progress.update(len(chunk))
+    progress.close()
+    teacher.train(was_training)
+    if cut:
+        logger.warning("transfer set: %d of %d teacher answers reached transfer_max_new_tokens=%d without ending",
+                       cut, len(prompts), max_new_tokens)
+    rows = [(p, c) for p, c in zip(prompts, completions, strict=True) if c]
+    if len(rows) < len(prompts):
+        logger.warning("transfer set: the teacher answered %d of %d prompts with nothing; those are left out",
+                       len(prompts) - len(rows), len(prompts))
+    if not rows:
+        raise ValueError("the teacher answered every transfer prompt with nothing: nothing to distil on")
+    return Dataset.from_dict({
+        "prompt": [p for p, _ in rows],
+        "completion": [[{"role": "assistant", "content": c}] if _is_conversation(p) else c for p, c in rows],
+        TRANSFER_COLUMN: [True] * len(rows)})
+
+
+def _join_transfer_rows(train, transfer):
+    """The labelled rows (``distill_transfer`` False) followed by the transfer rows, in the labelled rows' form."""
+    from datasets import Dataset, concatenate_datasets
+
+    if not isinstance(train, Dataset):
+        raise ValueError("a transfer set needs a labelled dataset that is not streamed (dataset_streaming: false)")
+    columns = set(train.column_names)
+    if "messages" in columns:
+        joined = {"messages": [p + c for p, c in zip(transfer["prompt"], transfer["completion"], strict=True)]}
+        if not _is_conversation(joined["messages"][0]):
+            raise ValueError("the labelled rows are chat 'messages' but the transfer prompts are plain text")
+        transfer = Dataset.from_dict({**joined, TRANSFER_COLUMN: transfer[TRANSFER_COLUMN]})
+    elif "prompt" in columns:
+        if _is_conversation(train[0]["prompt"]) != _is_conversation(transfer[0]["prompt"]):
+            raise ValueError("the labelled prompts and the transfer prompts differ in kind (chat messages vs plain "
+                             "text): build both with the same recipe")
+    else:
+        raise ValueError(f"a transfer set needs prompt/completion or messages rows; the labelled rows have {columns}")
+    keep = [c for c in train.column_names if c in transfer.column_names]
+    train = train.select_columns(keep).add_column(TRANSFER_COLUMN, [False] * len(train))
+    transfer = transfer.select_columns([*keep, TRANSFER_COLUMN]).cast(train.features)
+    return concatenate_datasets([train, transfer])
+
+
 def build_distill_trainer(script_args: DistillArguments, training_args: LayerDistillationConfig, *,
-                          teacher=None, tokenizer=None, student=None, train_dataset=None, eval_dataset=None):
-    """Everything up to ``trainer.train()``: the teacher, the student, the recipe's data, the trainer."""
+                          teacher=None, tokenizer=None, student=None, train_dataset=None, eval_dataset=None,
+                          transfer_dataset=None):
+    """Everything up to ``trainer.train()``: the teacher, the student, the recipe's data, the trainer.
+
+    ``transfer_dataset`` (or ``script_args.transfer_dataset_name``): unlabelled prompts
+    (:func:`build_transfer_prompts`) that the teacher answers now (:func:`generate_transfer_set`); those rows
+    are appended to the labelled training rows and shuffled with them.
+    """
     if teacher is None:
         if not script_args.teacher_model_name_or_path:
             raise ValueError("teacher_model_name_or_path is required")
@@ -479,6 +742,21 @@ def build_distill_trainer(script_args: DistillArguments, training_args: LayerDis
         eval_dataset = eval_dataset if eval_dataset is not None else loaded_eval
     if training_args.eval_strategy == "no":
         eval_dataset = None
+    if transfer_dataset is None and script_args.transfer_dataset_name:
+        transfer_dataset = load_raw_dataset(script_args.transfer_dataset_name,
+                                            dataset_config=script_args.transfer_dataset_config)
+    transfer_rows = 0
+    if transfer_dataset is not None:
+        prompts = build_transfer_prompts(script_args, transfer_dataset, fmt)
+        if not getattr(teacher, "hf_device_map", None):
+            teacher.to(training_args.device)
+        generated = generate_transfer_set(
+            teacher, tokenizer, prompts, max_new_tokens=training_args.transfer_max_new_tokens,
+            batch_size=training_args.transfer_batch_size, max_length=training_args.max_length,
+            do_sample=training_args.transfer_do_sample,
+            show_progress=not training_args.disable_tqdm and training_args.process_index == 0)
+        transfer_rows = len(generated)
+        train_dataset = _join_transfer_rows(train_dataset, generated)
     if script_args.drop_long_examples and training_args.max_length is not None and not training_args.packing:
         train_dataset = drop_long_examples(train_dataset, tokenizer, training_args.max_length)
         if eval_dataset is not None:
@@ -493,7 +771,8 @@ def build_distill_trainer(script_args: DistillArguments, training_args: LayerDis
                                      None if script_args.student_model_name_or_path or script_args.student_config
                                      else student_layers(teacher.config.get_text_config().num_hidden_layers,
                                                          script_args.layer_stride)),
-                                 "token_format": fmt.to_dict()}
+                                 "token_format": fmt.to_dict(),
+                                 "transfer_set": script_args.transfer_dataset_name, "transfer_rows": transfer_rows}
     return trainer
 
 
@@ -520,7 +799,10 @@ def save_student_metadata(trainer, output_dir: str) -> None:
                    .num_embeddings, "base_model": teacher.id, "base_model_name": teacher.name,
                    "model_id": trainer.args.hub_model_id,
                    "distillation": {"teacher": teacher.name, "layer_map": info["layer_map"],
-                                    "student_layers": info["student_layers"]}})
+                                    "student_layers": info["student_layers"],
+                                    **({"transfer_set": hub_reference(info["transfer_set"]).name
+                                        if info["transfer_set"] else None, "transfer_rows": info["transfer_rows"]}
+                                       if info["transfer_rows"] else {})}})
     with open(os.path.join(output_dir, RECIPE_FILE), "w", encoding="utf-8") as handle:
         json.dump(recipe, handle, indent=2)
     local = {"base_model": os.path.abspath(teacher_dir)} if teacher.id is None and os.path.isdir(teacher_dir) else {}
