@@ -60,38 +60,47 @@ TEACHER_VOICES = tuple(range(8))
 STUDENT_VOICES = (0, 1)
 DEV_VOICES = (8, 9)
 TEST_VOICES = (10, 11)
-CLIPS = {"teacher": 3, "student": 2, "dev": 2, "test": 2}
+TRANSFER_VOICES = (12, 13, 14, 15)  # unlabelled prompts for distill+transfer: in no other split
+NUM_VOICES = 16
+CLIPS = {"teacher": 3, "student": 2, "dev": 2, "test": 2, "transfer": 1}
+KINDS = ("ce", "distill", "distill+transfer")
 TUNE_SEED = 0
 
 NO_DISTILLATION = {"kl_weight": 0.0, "hidden_weight": 0.0, "attention_weight": 0.0}
 RECIPE_DEFAULT = {"kl_weight": 1.0, "hidden_weight": 1.0, "attention_weight": 1.0, "temperature": 2.0}
-# Tuning, the same budget for both kinds (9 trained configurations each, dev split only):
+# the transfer set: the teacher answers the unlabelled prompts (greedy), sequence-level KD on its tokens
+TRANSFER_DEFAULT = {**RECIPE_DEFAULT, "transfer": True, "transfer_ce_weight": 1.0}
+# Tuning, the same budget for every kind (6 trained configurations each, dev split only):
 # stage 1, the same learning rate x steps grid (distillation at the recipe's defaults: all terms, T = 2, the
 # default layer map, every token) ...
-STAGE1 = tuple((lr, steps) for lr in (3e-4, 1e-3, 3e-3) for steps in (40, 100))
-# ... stage 2, three more configurations at the kind's best stage-1 learning rate and steps: for cross-entropy,
-# learning rates and steps further out; for distillation, other terms, temperatures, positions and layer map
-CE_STAGE2 = {"lr=1e-4": {"learning_rate": 1e-4}, "lr=1e-2": {"learning_rate": 1e-2}, "steps=200": {"max_steps": 200}}
+STAGE1 = tuple((lr, steps) for lr in (3e-4, 1e-3) for steps in (60, 120))
+# ... stage 2, two more configurations at the kind's best stage-1 learning rate and steps: for cross-entropy,
+# learning rates further out; for distillation, other terms / temperatures; with a transfer set, the transfer
+# rows without cross-entropy (distillation terms only) and softened-logit KL only
+CE_STAGE2 = {"lr=1e-4": {"learning_rate": 1e-4}, "lr=3e-3": {"learning_rate": 3e-3}}
 DISTILL_STAGE2 = {
     "kl only, T=2": {"kl_weight": 1.0, "hidden_weight": 0.0, "attention_weight": 0.0, "temperature": 2.0},
-    "kl only, T=4, answer tokens": {"kl_weight": 1.0, "hidden_weight": 0.0, "attention_weight": 0.0,
-                                    "temperature": 4.0, "distill_completion_only": True},
     "all, T=1, layer map 0,3": {**RECIPE_DEFAULT, "temperature": 1.0, "layer_map": [0, 3]},
 }
+TRANSFER_STAGE2 = {
+    "no CE on transfer rows": {**TRANSFER_DEFAULT, "transfer_ce_weight": 0.0},
+    "kl only, T=2": {**TRANSFER_DEFAULT, "hidden_weight": 0.0, "attention_weight": 0.0},
+}
+STAGE1_TERMS = {"ce": NO_DISTILLATION, "distill": RECIPE_DEFAULT, "distill+transfer": TRANSFER_DEFAULT}
 
 
 def stage1_grid(kind: str) -> dict[str, dict]:
-    terms = NO_DISTILLATION if kind == "ce" else RECIPE_DEFAULT
-    return {f"{kind} lr={lr:g} steps={steps}": {"learning_rate": lr, "max_steps": steps, **terms}
+    return {f"{kind} lr={lr:g} steps={steps}": {"learning_rate": lr, "max_steps": steps, **STAGE1_TERMS[kind]}
             for lr, steps in STAGE1}
 
 
 def stage2_grid(kind: str, best: dict) -> dict[str, dict]:
     base = {"learning_rate": best["learning_rate"], "max_steps": best["max_steps"]}
     if kind == "ce":
-        return {f"ce {name} ({'lr' if 'steps' in name else 'steps'} of the best)": {**base, **NO_DISTILLATION, **change}
+        return {f"ce {name} (steps of the best)": {**base, **NO_DISTILLATION, **change}
                 for name, change in CE_STAGE2.items()}
-    return {f"distill {name} (lr, steps of the best)": {**base, **change} for name, change in DISTILL_STAGE2.items()}
+    grid = DISTILL_STAGE2 if kind == "distill" else TRANSFER_STAGE2
+    return {f"{kind} {name} (lr, steps of the best)": {**base, **change} for name, change in grid.items()}
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -99,7 +108,8 @@ def make_sets(seed: int = 1234) -> dict[str, list[dict]]:
     """Every row of the benchmark by set (``teacher``, ``student``, ``dev``, ``test``); fixed by ``seed``.
 
     A row: ``semantic_tokens`` (the rendered ``[2, T]`` codes), ``response``, ``question``, ``voice`` and
-    ``group`` (``student-questions`` or ``held-out-questions``).
+    ``group`` (``student-questions`` or ``held-out-questions``). The ``transfer`` set's answers are only for
+    scoring the teacher on it: its training file holds the prompts alone.
     """
     from gemma_rvq.tokens import get_format
 
@@ -107,7 +117,7 @@ def make_sets(seed: int = 1234) -> dict[str, list[dict]]:
     rng = np.random.default_rng(seed)
     contents = [rng.integers(0, CODEBOOK_SIZE, size=int(rng.integers(6, 10))) for _ in ANSWERS]
     voices = []
-    for _ in range(12):
+    for _ in range(NUM_VOICES):  # drawn in order: voices 0-11 do not depend on how many follow
         sources, targets = rng.choice(CODEBOOK_SIZE, size=(2, 2), replace=False)
         voices.append({"timbre": rng.choice(CODEBOOK_SIZE, size=3, replace=False), "stretch": rng.uniform(0.0, 0.4),
                        "accent": dict(zip(sources.tolist(), targets.tolist(), strict=True))})
@@ -127,7 +137,8 @@ def make_sets(seed: int = 1234) -> dict[str, list[dict]]:
 
     plan = {"teacher": (range(len(ANSWERS)), TEACHER_VOICES), "student": (STUDENT_QUESTIONS, STUDENT_VOICES),
             "dev": (STUDENT_QUESTIONS + DEV_QUESTIONS, DEV_VOICES),
-            "test": (STUDENT_QUESTIONS + TEST_QUESTIONS, TEST_VOICES)}
+            "test": (STUDENT_QUESTIONS + TEST_QUESTIONS, TEST_VOICES),
+            "transfer": (range(len(ANSWERS)), TRANSFER_VOICES)}
     sets = {}
     for index, (name, (questions, voice_ids)) in enumerate(plan.items()):
         noise = np.random.default_rng([seed, index])
@@ -138,19 +149,20 @@ def make_sets(seed: int = 1234) -> dict[str, list[dict]]:
 
 
 def write_sets(sets: dict[str, list[dict]], folder: Path) -> dict[str, Path]:
-    """The training sets as JSON lines with ``semantic_format.json`` beside them (what the recipes read)."""
+    """The training sets as JSON lines with ``semantic_format.json`` beside them (what the recipes read); the
+    transfer set without its answers."""
     from gemma_rvq.formats import save_format
     from gemma_rvq.tokens import get_format
 
     folder.mkdir(parents=True, exist_ok=True)
     save_format(folder, get_format("gemma_rvq", codebook_size=CODEBOOK_SIZE, num_levels=NUM_LEVELS))
     paths = {}
-    for name in ("teacher", "student"):
+    for name in ("teacher", "student", "transfer"):
         paths[name] = folder / f"{name}.jsonl"
+        columns = ("semantic_tokens",) if name == "transfer" else ("semantic_tokens", "response")
         with open(paths[name], "w", encoding="utf-8") as handle:
             for row in sets[name]:
-                handle.write(json.dumps({"semantic_tokens": row["semantic_tokens"], "response": row["response"]})
-                             + "\n")
+                handle.write(json.dumps({c: row[c] for c in columns}) + "\n")
     return paths
 
 
@@ -226,28 +238,32 @@ class Bench:
         self.out = Path(args.output_dir).resolve()
         self.sets = make_sets()
         if args.quick:
-            self.sets = {name: rows if name == "student" else rows[::4] for name, rows in self.sets.items()}
+            self.sets = {name: rows if name == "student" else rows[::8] for name, rows in self.sets.items()}
         self.paths = write_sets(self.sets, self.out / "data")
         self.teachers: dict[int, tuple] = {}
 
     def steps(self, steps: int) -> int:
-        return max(2, steps // 25) if self.args.quick else steps
+        return max(2, steps // 50) if self.args.quick else steps
 
     def trainer(self, seed: int, data: str, teacher, tokenizer, student, config: dict):
         from gemma_rvq.recipes.distill import DistillArguments, LayerDistillationConfig, build_distill_trainer
 
         config = dict(config)
         steps = self.steps(config.pop("max_steps"))
+        transfer = config.pop("transfer", False)
         script_args = DistillArguments(
             dataset_name=str(self.paths[data]), recipe="speech_instruct", tokens_column="semantic_tokens",
             response_column="response", system_prompt=SYSTEM_PROMPT, token_format="gemma_rvq",
             codebook_size=CODEBOOK_SIZE, num_levels=NUM_LEVELS, layer_stride=self.args.stride,
-            layer_map=config.pop("layer_map", None))
+            layer_map=config.pop("layer_map", None),
+            transfer_dataset_name=str(self.paths["transfer"]) if transfer else None)
         training_args = LayerDistillationConfig(
-            output_dir=str(self.out / "run"), max_steps=steps, per_device_train_batch_size=self.args.batch_size,
+            output_dir=str(self.out / "run"), max_steps=steps,
+            per_device_train_batch_size=min(4, self.args.batch_size) if self.args.quick else self.args.batch_size,
             lr_scheduler_type="cosine", warmup_steps=0, max_length=256, bf16=False, use_cpu=True,
             activation_checkpointing=False, report_to="none", save_strategy="no", logging_steps=steps, seed=seed,
-            data_seed=seed, disable_tqdm=True, dataloader_num_workers=0, ce_weight=1.0, **config)
+            data_seed=seed, disable_tqdm=True, dataloader_num_workers=0, ce_weight=1.0, transfer_max_new_tokens=16,
+            transfer_batch_size=32, **config)
         return build_distill_trainer(script_args, training_args, teacher=teacher, tokenizer=tokenizer,
                                      student=student)
 
@@ -274,10 +290,11 @@ class Bench:
         pruned = build_student(model, layer_stride=self.args.stride)  # where both students start
         record = {"train_seconds": seconds, "parameters": sum(p.numel() for p in model.parameters()),
                   "student_parameters": sum(p.numel() for p in pruned.parameters()),
-                  "scores": {s: score(model, tokenizer, self.sets[s]) for s in ("dev", "test")},
+                  "scores": {s: score(model, tokenizer, self.sets[s]) for s in ("dev", "test", "transfer")},
                   "pruned_scores": {s: score(pruned, tokenizer, self.sets[s]) for s in ("dev", "test")}}
         print(f"teacher seed {seed}: {seconds:.0f} s, dev accuracy {summarize(record['scores']['dev'])['accuracy']:.1f} %"
-              f", test accuracy {summarize(record['scores']['test'])['accuracy']:.1f} %", flush=True)
+              f", test accuracy {summarize(record['scores']['test'])['accuracy']:.1f} %, accuracy on the transfer "
+              f"prompts {summarize(record['scores']['transfer'])['accuracy']:.1f} %", flush=True)
         self.teachers[seed] = (model, tokenizer, record)
         return self.teachers[seed]
 
@@ -323,7 +340,7 @@ def plot(table: dict, seeds: list[int], labels: dict[str, str], path: Path) -> b
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    rows = [r for r in ("teacher", "pruned, untrained", "ce", "distill") if r in table]
+    rows = [r for r in ("teacher", "pruned, untrained", *KINDS) if r in table]
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
     for ax, key, title in zip(axes, ("test/student-questions/accuracy", "test/held-out-questions/accuracy",
                                      "test/all/loss"),
@@ -332,7 +349,7 @@ def plot(table: dict, seeds: list[int], labels: dict[str, str], path: Path) -> b
         for x, row in enumerate(rows):
             values = table[row][key]
             ax.bar(x, statistics.fmean(values), yerr=statistics.stdev(values) if len(values) > 1 else 0,
-                   color=("0.6", "0.85", "tab:blue", "tab:orange")[x], capsize=4)
+                   color=("0.6", "0.85", "tab:blue", "tab:orange", "tab:green")[x], capsize=4)
             ax.scatter([x] * len(values), values, color="k", s=10, zorder=3)
         ax.set_xticks(range(len(rows)), [labels.get(r, r) for r in rows], fontsize=7)
         ax.set_title(title, fontsize=9)
@@ -355,8 +372,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="seeds of the reported runs")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared)")
     parser.add_argument("--quick", action="store_true",
-                        help="a few steps, 2 configurations per kind, a quarter of the teacher's rows and of the prompts: "
-                             "checks that it runs")
+                        help="a few steps, 1 configuration per kind, an eighth of the teacher's rows and of the "
+                             "prompts: checks that it runs")
     args = parser.parse_args(argv)
     if TUNE_SEED in args.seeds:
         parser.error(f"seed {TUNE_SEED} is the tuning seed; report on other seeds")
@@ -382,12 +399,12 @@ def main(argv: list[str] | None = None) -> dict:
     def best(kind: str) -> str:
         return min((n for n in tuning if tuning[n]["kind"] == kind), key=lambda n: tuning[n]["dev"]["loss"])
 
-    for kind in ("ce", "distill"):
+    for kind in KINDS:
         grid = stage1_grid(kind)
         tune(kind, dict(list(grid.items())[:1]) if args.quick else grid)
-        grid = stage2_grid(kind, tuning[best(kind)]["config"])
-        tune(kind, dict(list(grid.items())[-1:]) if args.quick else grid)
-    chosen = {kind: best(kind) for kind in ("ce", "distill")}
+        if not args.quick:
+            tune(kind, stage2_grid(kind, tuning[best(kind)]["config"]))
+    chosen = {kind: best(kind) for kind in KINDS}
     tune_seconds = time.perf_counter() - start
 
     # 2. report: fresh seeds, each with its own teacher; the test split decides nothing
@@ -415,8 +432,10 @@ def main(argv: list[str] | None = None) -> dict:
         table[row]["test/all/kept"] = [s / t if t else float("nan") for s, t in
                                        zip(table[row]["test/all/accuracy"], table["teacher"]["test/all/accuracy"],
                                            strict=True)]
-    paired = {key: [d - c for d, c in zip(table["distill"][key], table["ce"][key], strict=True)] for key in table["ce"]}
-    wins = {key: sum((d < 0) if key.endswith("loss") else (d > 0) for d in paired[key]) for key in paired}
+    paired = {kind: {key: [d - c for d, c in zip(table[kind][key], table["ce"][key], strict=True)]
+                     for key in table["ce"]} for kind in KINDS[1:]}
+    wins = {kind: {key: sum((d < 0) if key.endswith("loss") else (d > 0) for d in diffs[key]) for key in diffs}
+            for kind, diffs in paired.items()}
 
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     load_end = os.getloadavg()
@@ -425,32 +444,40 @@ def main(argv: list[str] | None = None) -> dict:
           f"{load_start[0]:.1f} at the start, {load_end[0]:.1f} at the end; torch threads {args.threads}")
     print(f"teacher: {args.teacher_layers} layers, {teacher0['parameters']:,} parameters, {args.teacher_steps} steps "
           f"on {len(bench.sets['teacher'])} rows; students: {args.teacher_layers // args.stride} layers, "
-          f"{teacher0['student_parameters']:,} parameters, {len(bench.sets['student'])} rows; dev "
+          f"{teacher0['student_parameters']:,} parameters, {len(bench.sets['student'])} rows (+ "
+          f"{len(bench.sets['transfer'])} unlabelled transfer prompts for distill+transfer); dev "
           f"{len(bench.sets['dev'])} prompts, test {len(bench.sets['test'])} prompts")
+    transfer_accuracy = [summarize(bench.teacher(seed)[2]["scores"]["transfer"])["accuracy"] for seed in args.seeds]
+    print(f"the teachers' answers to the transfer prompts (what distill+transfer learns from) are right "
+          f"{_mean_sd(transfer_accuracy, 1)} % of the time (seeds {args.seeds})")
     print(f"\nTuning (seed {TUNE_SEED}'s teacher, dev split; * = lowest dev answer loss of its kind)")
-    print(f"{'configuration':<58} {'dev loss':>9} {'dev acc. %':>10} {'dev chrF':>9} {'train s':>8}")
+    print(f"{'configuration':<72} {'dev loss':>9} {'dev acc. %':>10} {'dev chrF':>9} {'train s':>8}")
     for name, entry in tuning.items():
         mark = " *" if name in chosen.values() else ""
-        print(f"{name + mark:<58} {entry['dev']['loss']:>9.3f} {entry['dev']['accuracy']:>10.1f} "
+        print(f"{name + mark:<72} {entry['dev']['loss']:>9.3f} {entry['dev']['accuracy']:>10.1f} "
               f"{entry['dev']['chrf']:>9.1f} {entry['train_seconds']:>8.1f}")
     print(f"\nTest split, seeds {args.seeds} (mean ± sd); kept = student test accuracy / teacher test accuracy")
-    labels = {"ce": f"ce: {chosen['ce'][3:]}", "distill": f"distill: {chosen['distill'][8:]}"}
+    labels = {kind: f"{kind}: {chosen[kind][len(kind) + 1:]}" for kind in KINDS}
     print("| model | " + " | ".join(HEADER) + " |")
     print("|---" * (len(HEADER) + 1) + "|")
-    for row in ("teacher", "pruned, untrained", "ce", "distill"):
+    for row in ("teacher", "pruned, untrained", *KINDS):
         print(f"| {labels.get(row, row)} | " + " | ".join(_cell(k, table[row][k]) for k in KEYS) + " |")
-    print("| distill - ce, paired by seed | " + " | ".join(_cell(k, paired[k]) for k in KEYS) + " |")
-    print(f"| seeds where distill is better (of {len(args.seeds)}) | " + " | ".join(str(wins[k]) for k in KEYS) + " |")
-    drawn = plot(table, args.seeds, {"ce": "ce", "distill": "distill", "pruned, untrained": "pruned"},
+    for kind in KINDS[1:]:
+        print(f"| {kind} - ce, paired by seed | " + " | ".join(_cell(k, paired[kind][k]) for k in KEYS) + " |")
+        print(f"| seeds where {kind} is better (of {len(args.seeds)}) | "
+              + " | ".join(str(wins[kind][k]) for k in KEYS) + " |")
+    drawn = plot(table, args.seeds, {"pruned, untrained": "pruned", "distill+transfer": "distill\n+transfer"},
                  bench.out / "results.png")
     results = {"args": vars(args), "seconds": seconds, "cpu_seconds": cpu_seconds,
                "load_average": {"start": load_start, "end": load_end},
                "setup": {"student_questions": STUDENT_QUESTIONS, "dev_questions": DEV_QUESTIONS,
                          "test_questions": TEST_QUESTIONS, "teacher_voices": TEACHER_VOICES,
                          "student_voices": STUDENT_VOICES, "dev_voices": DEV_VOICES, "test_voices": TEST_VOICES,
+                         "transfer_voices": TRANSFER_VOICES,
                          "rows": {name: len(rows) for name, rows in bench.sets.items()}},
-               "tuning": tuning, "chosen": chosen, "table": table, "paired_distill_minus_ce": paired,
-               "seeds_distill_better": wins, "final_train_seconds": final_seconds,
+               "tuning": tuning, "chosen": chosen, "table": table, "paired_minus_ce": paired,
+               "seeds_better_than_ce": wins, "teacher_transfer_accuracy": transfer_accuracy,
+               "final_train_seconds": final_seconds,
                "plot": str(bench.out / "results.png") if drawn else None}
     (bench.out / "results.json").write_text(json.dumps(results, indent=1, default=str))
     return results

@@ -633,8 +633,9 @@ def generate_transfer_set(teacher, tokenizer, prompts, *, max_new_tokens: int = 
         do_sample: sample (with the teacher's ``generation_config``) instead of greedy decoding.
 
     Each completion is the decoded text of the generated tokens up to the end of turn (special tokens dropped,
-    stripped), as a chat ``assistant`` message for chat prompts or a string for plain ones. A prompt the teacher
-    answers with nothing is dropped (counted in a warning). ``distill_transfer`` is True on every row.
+    stripped), as a chat ``assistant`` message for chat prompts or a string for plain ones; an empty answer (the
+    teacher ends its turn at once) is kept and counted in a warning. ``distill_transfer`` is True on every row,
+    in the order of ``prompts``.
     """
     from datasets import Dataset
     from tqdm.auto import tqdm
@@ -677,16 +678,15 @@ def generate_transfer_set(teacher, tokenizer, prompts, *, max_new_tokens: int = 
     if cut:
         logger.warning("transfer set: %d of %d teacher answers reached transfer_max_new_tokens=%d without ending",
                        cut, len(prompts), max_new_tokens)
-    rows = [(p, c) for p, c in zip(prompts, completions, strict=True) if c]
-    if len(rows) < len(prompts):
-        logger.warning("transfer set: the teacher answered %d of %d prompts with nothing; those are left out",
-                       len(prompts) - len(rows), len(prompts))
-    if not rows:
-        raise ValueError("the teacher answered every transfer prompt with nothing: nothing to distil on")
+    empty = sum(not c for c in completions)
+    if empty:
+        logger.warning("transfer set: the teacher ended its turn at once on %d of %d prompts (an empty answer is "
+                       "kept: it is what the teacher does)", empty, len(prompts))
     return Dataset.from_dict({
-        "prompt": [p for p, _ in rows],
-        "completion": [[{"role": "assistant", "content": c}] if _is_conversation(p) else c for p, c in rows],
-        TRANSFER_COLUMN: [True] * len(rows)})
+        "prompt": prompts,
+        "completion": [[{"role": "assistant", "content": c}] if _is_conversation(p) else c
+                       for p, c in zip(prompts, completions, strict=True)],
+        TRANSFER_COLUMN: [True] * len(prompts)})
 
 
 def _join_transfer_rows(train, transfer):
