@@ -12,7 +12,8 @@ Several GPUs (DDP), or DeepSpeed / FSDP with an accelerate config file (see docs
 Arguments: ``gemma_rvq.recipes.distill.DistillArguments`` (teacher, student, and the data arguments of
 ``examples/sft.py``) and ``gemma_rvq.recipes.distill.LayerDistillationConfig`` (``trl.SFTConfig`` plus
 ``ce_weight``, ``kl_weight``, ``hidden_weight``, ``attention_weight``, ``temperature``). Any of them can be set
-in the YAML file and overridden on the command line. The logic lives in ``gemma_rvq.recipes.distill.run_distill``;
+in the YAML file and overridden on the command line. ``--transfer_dataset_name PROMPTS`` adds a transfer set of
+unlabelled prompts that the teacher answers before training (``transfer_ce_weight``, ``transfer_max_new_tokens``). The logic lives in ``gemma_rvq.recipes.distill.run_distill``;
 see docs/distillation.md.
 """
 

@@ -1,8 +1,9 @@
 """Layer-aligned distillation (gemma_rvq.recipes.distill, examples/distill.py) on tiny real models.
 
 Each loss is checked on a hand-computed case and is zero when the student is the teacher; the student
-builder, the layer map, the trainer (through the script's parser and YAML) and the saved student are checked
-on tiny random ``LlamaForCausalLM`` / ``Gemma3ForCausalLM`` models.
+builder, the layer map, the trainer (through the script's parser and YAML), the saved student and the transfer
+set of unlabelled prompts (the teacher's greedy answers, their own cross-entropy term) are checked on tiny
+random ``LlamaForCausalLM`` / ``Gemma3ForCausalLM`` models.
 """
 
 from __future__ import annotations
@@ -20,12 +21,15 @@ from torch import nn
 from gemma_rvq.recipes import RECIPE_FILE
 from gemma_rvq.recipes.distill import (
     PROJECTIONS_FILE,
+    TRANSFER_COLUMN,
     LayerDistillationTrainer,
     attention_kl,
     build_distill_trainer,
     build_student,
+    build_transfer_prompts,
     causal_lm_cross_entropy,
     default_layer_map,
+    generate_transfer_set,
     hidden_state_mse,
     softened_logit_kl,
     student_layers,
@@ -191,10 +195,11 @@ def teacher_dir(tmp_path_factory, data_dir) -> Path:
     return root / "stage3"
 
 
-def _trainer_for(teacher, tokenizer, student, data_dir, tmp_path, **overrides):
+def _trainer_for(teacher, tokenizer, student, data_dir, tmp_path, *, transfer_dataset=None, **overrides):
     script_args, training_args = parse(DISTILL, "tiny_distill.yaml", teacher_model_name_or_path="unused",
                                        dataset_name=data_dir, output_dir=tmp_path, **overrides)
-    return build_distill_trainer(script_args, training_args, teacher=teacher, tokenizer=tokenizer, student=student)
+    return build_distill_trainer(script_args, training_args, teacher=teacher, tokenizer=tokenizer, student=student,
+                                 transfer_dataset=transfer_dataset)
 
 
 def test_every_distillation_loss_is_zero_when_the_student_is_the_teacher(tmp_path, teacher_dir, data_dir):
@@ -335,3 +340,132 @@ def test_weights_switch_terms_off_and_bad_input_is_named(tmp_path, teacher_dir, 
     bare = byte_level_bpe_tokenizer()
     with pytest.raises(ValueError, match=r"lacks .* tokens of format"):
         _trainer_for(tiny_llama(bare, hidden_size=16), bare, None, data_dir, tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------- transfer set
+@pytest.fixture(scope="module")
+def random_teacher():
+    """A random 4-layer Llama with the semantic tokens: its greedy answers are long, never empty."""
+    from gemma_rvq.recipes import prepare_semantic_tokens
+
+    tokenizer = byte_level_bpe_tokenizer()
+    teacher = tiny_llama(tokenizer, hidden_size=32, num_hidden_layers=4, attn_implementation="eager", seed=3)
+    prepare_semantic_tokens(teacher, tokenizer, FORMAT, pad_to_multiple_of=8)
+    return teacher.eval(), tokenizer
+
+
+def _prompts_only(data_dir):
+    from gemma_rvq.recipes.sft import load_raw_dataset
+
+    return load_raw_dataset(str(data_dir))["train"].select_columns(["semantic_tokens"])
+
+
+def test_transfer_prompts_are_answered_with_the_teachers_greedy_decode(tmp_path, data_dir, random_teacher):
+    teacher, tokenizer = random_teacher
+    script_args, _ = parse(DISTILL, "tiny_distill.yaml", dataset_name=data_dir, output_dir=tmp_path)
+    rows = _prompts_only(data_dir)
+    prompts = build_transfer_prompts(script_args, rows)
+    # the recipe's own prompts: system prompt of the YAML file, the tokens as the user turn
+    assert prompts["prompt"][2] == [{"role": "system", "content": "You answer spoken questions."},
+                                    {"role": "user", "content": rows[2]["semantic_tokens"]}]
+    generated = generate_transfer_set(teacher, tokenizer, prompts, max_new_tokens=5, batch_size=3,
+                                      show_progress=False)  # batches of 3, left-padded
+    assert len(generated) == len(rows) and all(generated[TRANSFER_COLUMN])
+    for prompt, completion in zip(generated["prompt"], generated["completion"], strict=True):
+        ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, return_tensors="pt",
+                                            return_dict=True)["input_ids"]
+        with torch.no_grad():  # one prompt at a time, no padding
+            out = teacher.generate(input_ids=ids, max_new_tokens=5, do_sample=False,
+                                   pad_token_id=tokenizer.pad_token_id)
+        expected = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+        assert expected and completion == [{"role": "assistant", "content": expected}]
+    # plain-text prompts (TRL prompt-only rows) get plain-text answers
+    plain = build_transfer_prompts(script_args, rows.map(lambda r: {"prompt": r["semantic_tokens"]}))
+    answered = generate_transfer_set(teacher, tokenizer, plain.select(range(2)), max_new_tokens=3,
+                                     show_progress=False)
+    assert all(isinstance(c, str) and c for c in answered["completion"])
+
+
+def test_transfer_rows_train_with_their_own_cross_entropy_term(tmp_path, data_dir, random_teacher):
+    teacher, tokenizer = random_teacher
+    student = build_student(teacher, layer_stride=2)
+    trainer = _trainer_for(teacher, tokenizer, student, data_dir, tmp_path, transfer_dataset=_prompts_only(data_dir),
+                           transfer_max_new_tokens=4, transfer_ce_weight=0, kl_weight=0, hidden_weight=0,
+                           attention_weight=0)
+    rows = trainer.train_dataset
+    flags = rows[TRANSFER_COLUMN]
+    assert len(rows) == 16 and sum(flags) == 8  # 8 labelled rows + the teacher's answers to their 8 prompts
+    labelled = [i for i, f in enumerate(flags) if not f][:2]
+    transfer = [i for i, f in enumerate(flags) if f][:2]
+    for i in transfer:  # the labels of a transfer row are the teacher's answer (and the end of turn)
+        answer = tokenizer.decode([t for t in rows[i]["labels"] if t != -100], skip_special_tokens=True).strip()
+        assert answer == rows[i]["completion"][0]["content"]
+
+    def collate(indices):
+        batch = trainer.data_collator([{k: rows[i][k] for k in ("input_ids", "labels", TRANSFER_COLUMN)}
+                                       for i in indices])
+        return trainer._prepare_inputs(batch)
+
+    trainer.model.train()
+    metrics = trainer._metrics["train"]
+    mixed = collate(labelled + transfer)
+    assert mixed[TRANSFER_COLUMN].tolist() == [False, False, True, True]
+    loss = trainer.compute_loss(trainer.model, mixed)
+    with torch.no_grad():
+        logits = trainer.model(input_ids=mixed["input_ids"], attention_mask=mixed["attention_mask"]).logits
+    by_hand = {name: causal_lm_cross_entropy(logits[part], mixed["labels"][part]).item()
+               for name, part in (("ce", slice(0, 2)), ("transfer_ce", slice(2, 4)))}
+    assert metrics["distill/ce"][-1] == pytest.approx(by_hand["ce"], rel=1e-5)  # logged apart
+    assert metrics["distill/transfer_ce"][-1] == pytest.approx(by_hand["transfer_ce"], rel=1e-5)
+    assert by_hand["transfer_ce"] > 0
+    assert loss.item() == pytest.approx(by_hand["ce"], rel=1e-5)  # transfer_ce_weight 0: no CE on transfer rows
+    ce_logged = len(metrics["distill/ce"])
+    loss = trainer.compute_loss(trainer.model, collate(transfer))
+    assert loss.item() == 0.0 and len(metrics["distill/ce"]) == ce_logged  # no labelled row, no CE entry
+    trainer.args.transfer_ce_weight = 0.5
+    loss = trainer.compute_loss(trainer.model, collate(labelled + transfer))
+    assert loss.item() == pytest.approx(by_hand["ce"] + 0.5 * by_hand["transfer_ce"], rel=1e-5)
+
+
+def test_distill_script_distils_on_a_transfer_file(tmp_path, teacher_dir, data_dir):
+    transfer_file = tmp_path / "prompts.jsonl"
+    _prompts_only(data_dir).to_json(transfer_file)  # prompts only: no response column
+    script_args, training_args = parse(DISTILL, "tiny_distill.yaml", teacher_model_name_or_path=teacher_dir,
+                                       dataset_name=data_dir, output_dir=tmp_path / "student",
+                                       transfer_dataset_name=transfer_file, transfer_max_new_tokens=6,
+                                       max_transfer_samples=6, per_device_train_batch_size=7)
+    trainer = DISTILL.main(script_args, training_args)
+    assert sum(trainer.train_dataset[TRANSFER_COLUMN]) == 6
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert {"distill/ce", "distill/kl", "distill/hidden", "distill/attention"} <= set(logs[0])
+    assert any("distill/transfer_ce" in entry for entry in logs)
+    recipe = json.loads((tmp_path / "student" / RECIPE_FILE).read_text())
+    assert recipe["distillation"]["transfer_rows"] == 6
+    assert str(tmp_path) not in recipe["distillation"]["transfer_set"]  # named, never by its local path
+
+
+def test_bad_transfer_sets_are_named(tmp_path, data_dir, random_teacher):
+    from datasets import Dataset, DatasetDict
+
+    teacher, tokenizer = random_teacher
+    script_args, _ = parse(DISTILL, "tiny_distill.yaml", dataset_name=data_dir, output_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"transfer set .* has no rows"):
+        build_transfer_prompts(script_args, _prompts_only(data_dir).select([]))
+    user = [{"role": "user", "content": "<|rvq_start|><|q0_0001|><|q1_0002|><|rvq_end|>"}]
+    answered = [*user, {"role": "assistant", "content": "an answer"}]
+    with pytest.raises(ValueError, match=r"transfer row 1: its 'prompt' already holds an assistant turn"):
+        build_transfer_prompts(script_args, Dataset.from_dict({"prompt": [user, answered]}))
+    with pytest.raises(ValueError, match="transfer row 0: 'prompt' must be a non-empty string"):
+        build_transfer_prompts(script_args, Dataset.from_dict({"prompt": ["  "]}))
+    with pytest.raises(ValueError, match="transfer split 'train' not found"):
+        build_transfer_prompts(script_args, DatasetDict(other=_prompts_only(data_dir)))
+    prompts = build_transfer_prompts(script_args, _prompts_only(data_dir))
+    longest = max(len(tokenizer.apply_chat_template(p, add_generation_prompt=True, return_dict=True)["input_ids"])
+                  for p in prompts["prompt"])
+    with pytest.raises(ValueError, match=rf"transfer row \d+: its prompt is {longest} tokens, max_length is {longest}"):
+        generate_transfer_set(teacher, tokenizer, prompts, max_length=longest, show_progress=False)
+    with pytest.raises(ValueError, match="cannot be packed"):
+        _trainer_for(teacher, tokenizer, build_student(teacher, layer_stride=2), data_dir, tmp_path,
+                     transfer_dataset=_prompts_only(data_dir), transfer_max_new_tokens=2, packing=True)
+    with pytest.raises(ValueError, match="transfer_max_new_tokens and transfer_batch_size must be >= 1"):
+        parse(DISTILL, "tiny_distill.yaml", transfer_max_new_tokens=0)
