@@ -1,5 +1,6 @@
-"""benchmarks/bench_distill.py: its splits keep dev and test apart from every training set, and the whole
-benchmark runs end to end at toy size (--quick, one reported seed: seconds)."""
+"""benchmarks/bench_distill.py: its splits keep dev and test apart from every training set, the transfer set is
+prompts in fresh voices without answers, and the whole benchmark runs end to end at toy size (--quick, one
+configuration per kind, one reported seed: seconds)."""
 
 from __future__ import annotations
 
@@ -31,8 +32,11 @@ def test_splits_are_disjoint_by_voice_and_question():
     questions = {name: {row["question"] for row in rows} for name, rows in sets.items()}
     # no dev or test voice in any training set, and dev and test voices differ
     for held in ("dev", "test"):
-        assert not voices[held] & (voices["teacher"] | voices["student"])
+        assert not voices[held] & (voices["teacher"] | voices["student"] | voices["transfer"])
     assert not voices["dev"] & voices["test"]
+    # the transfer set: every question, in voices of no other set
+    assert voices["transfer"] == set(bench.TRANSFER_VOICES) and questions["transfer"] == set(range(24))
+    assert not voices["transfer"] & set().union(*(v for name, v in voices.items() if name != "transfer"))
     # the teacher knows every question; the students only theirs; dev and test hold out different ones
     assert questions["teacher"] == set(range(24)) and questions["student"] == set(bench.STUDENT_QUESTIONS)
     assert questions["dev"] - questions["student"] == set(bench.DEV_QUESTIONS)
@@ -42,32 +46,42 @@ def test_splits_are_disjoint_by_voice_and_question():
     for row in sets["test"]:
         assert row["group"] == ("student-questions" if row["question"] in bench.STUDENT_QUESTIONS
                                 else "held-out-questions")
-    # the same budget for both kinds: one learning rate x steps grid, then as many configurations each
-    assert len(bench.stage1_grid("ce")) == len(bench.stage1_grid("distill"))
+    # the same budget for every kind: one learning rate x steps grid, then as many configurations each
     best = {"learning_rate": 1e-3, "max_steps": 100}
-    assert len(bench.stage2_grid("ce", best)) == len(bench.stage2_grid("distill", best))
-    assert all(c["kl_weight"] == c["hidden_weight"] == c["attention_weight"] == 0
-               for c in bench.stage2_grid("ce", best).values())
+    for kind in bench.KINDS:
+        assert [(c["learning_rate"], c["max_steps"]) for c in bench.stage1_grid(kind).values()] == \
+            [(c["learning_rate"], c["max_steps"]) for c in bench.stage1_grid("ce").values()]
+        assert len(bench.stage2_grid(kind, best)) == len(bench.stage2_grid("ce", best))
+        assert all(c["max_steps"] == 100 for c in bench.stage2_grid(kind, best).values())  # the same steps
+    assert all(c["kl_weight"] == c["hidden_weight"] == c["attention_weight"] == 0 and not c.get("transfer")
+               for kind in ("ce",) for c in [*bench.stage1_grid(kind).values(), *bench.stage2_grid(kind, best).values()])
+    assert all(c["transfer"] for c in bench.stage2_grid("distill+transfer", best).values())
+    assert not any(c.get("transfer") for c in bench.stage1_grid("distill").values())
 
 
 def test_bench_distill_quick_runs_tunes_on_dev_and_reports_test(tmp_path, capsys):
     bench = _bench()
     out = bench.main(["--quick", "--seeds", "1", "--output-dir", str(tmp_path)])
     printed = capsys.readouterr().out
-    assert set(out["chosen"]) == {"ce", "distill"}
+    assert set(out["chosen"]) == set(bench.KINDS)
     kinds = [entry["kind"] for entry in out["tuning"].values()]
-    assert kinds.count("ce") == kinds.count("distill") == 2
+    assert kinds.count("ce") == kinds.count("distill") == kinds.count("distill+transfer") == 1
     for entry in out["tuning"].values():  # tuning saw the dev split only
         assert entry["dev"]["rows"] > 0 and entry["dev"]["loss"] > 0
     assert out["tuning"][out["chosen"]["ce"]]["config"]["kl_weight"] == 0
-    for row in ("teacher", "pruned, untrained", "ce", "distill"):
+    for row in ("teacher", "pruned, untrained", *bench.KINDS):
         assert len(out["table"][row]["test/all/loss"]) == 1
         assert 0 <= out["table"][row]["test/held-out-questions/accuracy"][0] <= 100
-    diff = out["paired_distill_minus_ce"]["test/all/loss"][0]
-    assert diff == pytest.approx(out["table"]["distill"]["test/all/loss"][0] - out["table"]["ce"]["test/all/loss"][0])
-    assert "| distill - ce, paired by seed |" in printed and "Tuning (seed 0's teacher, dev split" in printed
+    for kind in ("distill", "distill+transfer"):
+        diff = out["paired_minus_ce"][kind]["test/all/loss"][0]
+        assert diff == pytest.approx(out["table"][kind]["test/all/loss"][0] - out["table"]["ce"]["test/all/loss"][0])
+        assert f"| {kind} - ce, paired by seed |" in printed
+    assert "Tuning (seed 0's teacher, dev split" in printed
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["chosen"] == out["chosen"] and saved["setup"]["rows"]["student"] == 56
+    # the transfer file the recipe reads holds prompts only: the teacher writes the answers
+    transfer_rows = [json.loads(line) for line in (tmp_path / "data" / "transfer.jsonl").read_text().splitlines()]
+    assert transfer_rows and all(set(row) == {"semantic_tokens"} for row in transfer_rows)
     if out["plot"]:
         assert (tmp_path / "results.png").stat().st_size > 0
     with pytest.raises(SystemExit):
