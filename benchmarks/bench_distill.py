@@ -1,5 +1,6 @@
-"""Layer-aligned distillation (``gemma_rvq.recipes.distill``) against cross-entropy alone, set up honestly and
-sized for a 2-core CPU: tiny real ``LlamaForCausalLM`` models, no audio (not a timed test).
+"""Layer-aligned distillation (``gemma_rvq.recipes.distill``), with and without a transfer set of unlabelled
+prompts, against cross-entropy alone, set up honestly and sized for a 2-core CPU: tiny real ``LlamaForCausalLM``
+models, no audio (not a timed test).
 
     python benchmarks/bench_distill.py --output-dir /tmp/bench-distill          # 1 torch thread; see below
     python benchmarks/bench_distill.py --output-dir /tmp/bench-distill-q --quick  # seconds: the script runs
@@ -9,27 +10,30 @@ The task is a stage-3 style spoken question -> text answer over semantic token s
 the amount of data are controlled exactly:
 
 - 24 questions, each a fixed sequence of 6-9 level-0 "content" codes with its own two-word answer.
-- 12 voices. A voice draws the level-1 codes from its own 3 codes (timbre), rewrites two content codes into two
+- 16 voices. A voice draws the level-1 codes from its own 3 codes (timbre), rewrites two content codes into two
   others most of the time (accent) and repeats frames at its own rate (speaking speed); every clip also has
   5 % of its content codes replaced at random (noise).
 - Teacher (6 layers, trained from scratch, one per seed): all 24 questions in voices 0-7, 3 clips each.
 - Students (teacher layers 0 and 3, weights copied: 3x shallower) train on questions 0-13 in voices 0-1,
-  2 clips each, only. ``ce``: cross-entropy; ``distill``: cross-entropy + the distillation terms.
+  2 clips each (56 labelled rows). ``ce``: cross-entropy; ``distill``: cross-entropy + the distillation terms;
+  ``distill+transfer``: the same plus a transfer set of unlabelled prompts, all 24 questions in the fresh voices
+  12-15 (96 prompts, in no other set), which the recipe has the teacher answer (greedy) before training. The
+  baseline has no teacher, so it cannot use unlabelled prompts: it gets the 56 labelled rows, the same numbers
+  of optimizer steps and the same tuning budget.
 - Dev split: questions 0-13 and 14-18 in voices 8-9. Test split: questions 0-13 and 19-23 in voices 10-11.
   No dev or test voice is in any training set; the held-out questions of each split are in no student's data.
-- Tuning, on seed 0's teacher and the dev split only, 9 configurations per student kind, the lowest dev answer
-  loss is chosen: first the same learning rate x steps grid for both (distillation at the recipe's defaults),
-  then 3 more at each kind's best: other learning rates / steps for ``ce``, other terms / temperature / answer
-  tokens only / layer map for ``distill``.
+- Tuning, on seed 0's teacher and the dev split only, 6 configurations per student kind, the lowest dev answer
+  loss is chosen: first the same learning rate x steps grid for all (distillation at the recipe's defaults),
+  then 2 more at each kind's best: other learning rates for ``ce``, other terms / temperature / layer map for
+  ``distill``, no cross-entropy on the transfer rows / softened-logit KL only for ``distill+transfer``.
 - Report: the two chosen configurations trained again with seeds 1-3 (each with its own teacher, so seeds
   differ in teacher and student), scored on the test split only: answer loss (teacher forcing, per answer
   token), exact-match accuracy and chrF (sacrebleu) of greedy answers, overall and for the students' questions
-  and the held-out ones, the fraction of the teacher's test accuracy each student keeps, and distill - ce
-  paired by seed. Writes ``results.json`` and ``results.png`` to ``--output-dir``.
+  and the held-out ones, the fraction of the teacher's test accuracy each student keeps, and each distillation
+  kind minus ce paired by seed. Writes ``results.json`` and ``results.png`` to ``--output-dir``.
 
-Cost: 4 teachers x 400 steps, 18 tuning and 6 reported student runs of 40-200 steps; it prints its wall and CPU
-seconds and the load average. On the shared 2-core VM at load average 10-18 (2026-11-28) that was 46 min of
-wall time (CPU seconds are printed since).
+Cost: 4 teachers x 400 steps, 18 tuning and 9 reported student runs of 60-120 steps; it prints its wall and CPU
+seconds and the load average (see docs/benchmarks.md for the measured run).
 
 Needs sacrebleu (``pip install gemma-rvq[bench]``) and matplotlib.
 """
