@@ -8,7 +8,8 @@ Variants (the encoder's last hidden state, then the same 8 x 2048 RVQ for the co
   bf16-valued operands and rounds the result back to bf16 (what a bf16 GEMM computes, up to the order of
   accumulation): bf16 numbers on a CPU whose bf16 GEMM is emulated.
 
-Printed: audio seconds per second of each (features precomputed, one pass after a warm-up, best of
+The random encoder holds bf16-valued weights, as the published checkpoints do (``--fp32-weights``: full
+float32 random weights). Printed: audio seconds per second of each (features precomputed, one pass after a warm-up, best of
 ``--rounds``), the load average, and the share of level-0 codes identical to the bf16 variant's and to
 fp32's.
 
@@ -33,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import Gemma4AudioFeatureExtractor
 
-from bench_tokenize import FULL, QUICK, SeedRVQWrapper, make_clips
+from bench_tokenize import FULL, QUICK, SeedRVQWrapper, as_published, make_clips
 from gemma_rvq.testing import tiny_rvq_model
 
 
@@ -59,11 +60,15 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=0.5)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--fp32-weights", action="store_true",
+                        help="keep float32 random encoder weights (default: bf16 values, as published)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model = tiny_rvq_model(num_quantizers=8, codebook_size=2048, seed=0,
                            encoder_kwargs=dict(QUICK if args.quick else FULL)).eval()
     encoder = model.get_audio_encoder()
+    if not args.fp32_weights:
+        as_published(encoder)
     layers = len(encoder.layers)
     clips, durations, rate = make_clips(args.minutes, 0)
     total = sum(durations)

@@ -5,6 +5,10 @@ codebooks, over the same clips (the committed espeak-ng corpus at 22.05 kHz, con
 1-20 s), stored as FLAC bytes in an ``Audio(decode=False)`` column. The encoder is full size by default
 (``Gemma4AudioConfig()``: hidden 1024, 12 conformer layers, 8 heads, ~300M parameters, as in Gemma 4);
 ``--quick`` takes the tiny test encoder (hidden 64, 2 layers), where the conv front end dominates.
+The random encoder's weights are rounded to bfloat16 values, as the published Gemma 4 checkpoints store
+them (``audio_config.dtype`` is ``"bfloat16"``): a float32 run then computes with exactly the weights a
+user loads, and only the activations' rounding separates it from the snippet's bf16 run
+(``--fp32-weights`` keeps full float32 random weights, as before 2026-11-29).
 
 (a)  ``ds.map(SpeechTokenizer(model), batched=True)`` with the defaults (``dtype="auto"``,
      ``cpu_streams="auto"``) end to end: FLAC decode, resampling to 16 kHz, log-mel features, encoder,
@@ -68,6 +72,20 @@ CORPUS = Path(__file__).resolve().parents[1] / "data" / "corpus"
 FULL = {"hidden_size": 1024, "num_hidden_layers": 12, "num_attention_heads": 8,
         "subsampling_conv_channels": [128, 32], "output_proj_dims": 1536}  # Gemma4AudioConfig() defaults
 QUICK = {"hidden_size": 64, "num_hidden_layers": 2}  # gemma_rvq.testing.tiny_gemma4_audio_config
+
+
+@torch.no_grad()
+def as_published(encoder: nn.Module) -> nn.Module:
+    """Round what ``encoder``'s checkpoint would hold (its state dict) to bfloat16 values, in place, kept in fp32.
+
+    The published Gemma 4 checkpoints store the audio tower in bfloat16, so a user's float32 encoder holds
+    bf16-valued weights; a random float32 encoder would differ from the snippet's bf16 one in every weight.
+    Buffers outside the state dict (the positional timescales) are computed at load time and stay as they are.
+    """
+    for tensor in encoder.state_dict().values():
+        if tensor.is_floating_point():
+            tensor.copy_(tensor.to(torch.bfloat16).to(tensor.dtype))
+    return encoder
 
 
 def make_clips(minutes: float, seed: int) -> tuple[list[bytes], list[float], int]:
@@ -233,6 +251,8 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=None, help="encoder hidden size (default: 1024, --quick: 64)")
     parser.add_argument("--layers", type=int, default=None, help="encoder layers (default: 12, --quick: 2)")
     parser.add_argument("--profile", action="store_true", help="cProfile one (a) run, print the top entries")
+    parser.add_argument("--fp32-weights", action="store_true",
+                        help="keep float32 random encoder weights (default: bf16 values, as published)")
     args = parser.parse_args()
     minutes = args.minutes if args.minutes is not None else (3.0 if args.quick else 1.0)
     rounds = args.rounds if args.rounds is not None else (3 if args.quick else 2)
@@ -256,10 +276,12 @@ def main() -> None:
     )
     model = tiny_rvq_model(num_quantizers=8, codebook_size=2048, seed=args.seed, encoder_kwargs=encoder_kwargs).eval()
     encoder = model.get_audio_encoder()
+    if not args.fp32_weights:
+        as_published(encoder)
     params = sum(p.numel() for p in encoder.parameters())
     print(
         f"model: random Gemma 4 audio encoder (hidden {hidden}, {len(encoder.layers)} layers, "
-        f"{params / 1e6:.0f}M parameters), RVQ {model.config.num_quantizers} x {model.config.codebook_size}",
+        f"{params / 1e6:.0f}M parameters, {'float32' if args.fp32_weights else 'bf16-valued'} weights), RVQ {model.config.num_quantizers} x {model.config.codebook_size}",
         flush=True,
     )
     seed = SeedSnippet(model, torch.bfloat16)
