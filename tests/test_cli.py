@@ -258,3 +258,16 @@ def test_one_parser_per_task_for_the_example_and_the_subcommand(tmp_path, capsys
     with pytest.raises(SystemExit):
         main(["sft", "--help"])
     assert "--recipe" in capsys.readouterr().out  # SemanticSFTArguments, through TrlParser
+
+
+def test_tokenize_dtype_reaches_the_tokenizer(model_dir, tmp_path, capsys):
+    """``--dtype`` (default auto) is used on the local path too, not only with --executor."""
+    out = tmp_path / "t.jsonl"
+    assert main(["tokenize", str(CLIPS[0]), "-m", str(model_dir), "-o", str(out), "--dtype", "bogus"]) == 1
+    assert "unknown dtype 'bogus'" in capsys.readouterr().err
+    rows = {}
+    for dtype in ("float32", "none"):
+        assert main(["tokenize", str(CLIPS[0]), "-m", str(model_dir), "-o", str(out), "--dtype", dtype]) == 0
+        rows[dtype] = json.loads(out.read_text())["semantic_tokens"]
+    assert rows["float32"] == rows["none"]  # the saved tiny model is float32: casting to it changes nothing
+    assert build_parser().parse_args(["tokenize", "a.wav", "-m", "x", "-o", "o.jsonl"]).dtype == "auto"

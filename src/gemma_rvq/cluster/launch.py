@@ -166,8 +166,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--audio-root", default=None,
                    help="folder or URL that relative audio paths of manifests are read from "
                         "(default: the manifests' folder)")
-    g.add_argument("--dtype", default=None, help="compute dtype, e.g. bfloat16 (default: the model's)")
-    g.add_argument("--num-threads", type=int, default=None, help="torch CPU threads per task")
     g.add_argument("--cpus-per-task", type=int, default=None, help="slurm/ray: CPUs per task")
     g.add_argument("--mem-per-cpu-gb", type=float, default=None, help="slurm/ray: memory per CPU in GB")
     g.add_argument("--gpus-per-task", type=int, default=None, help="slurm/ray: GPUs per task")
@@ -223,6 +221,7 @@ def executor_options(args: argparse.Namespace) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> int:
     """``gemma-rvq tokenize --executor ...``: build the pipeline, write the dataset card, run (or submit)."""
     _require_datatrove()
+    from ..commands.tokenize import encoder_dtype
     from ..transforms import SpeechTokenizer
     from .output import LOGS_DIR, write_dataset_card
 
@@ -267,7 +266,7 @@ def run(args: argparse.Namespace) -> int:
         num_quantizers=args.num_quantizers,
         on_error=args.on_error,
         device=args.device,
-        dtype=args.dtype,
+        dtype=encoder_dtype(args.dtype),
         num_threads=args.num_threads,
     )
     options = executor_options(args)

@@ -42,6 +42,13 @@ def make_parser(subparsers: argparse._SubParsersAction | None = None, prog: str 
     parser.add_argument("--batch-size", type=int, default=64, help="examples per map batch")
     parser.add_argument("--device", default=None, help="torch device (default: cpu)")
     parser.add_argument(
+        "--dtype",
+        default="auto",
+        help="encoder compute dtype: auto (bf16 where the device runs it natively and faster, else float32; "
+        "see SpeechTokenizer), float32, bfloat16, or none (the model as loaded)",
+    )
+    parser.add_argument("--num-threads", type=int, default=None, help="torch CPU threads (per task with --executor)")
+    parser.add_argument(
         "--on-error", choices=["raise", "skip"], default="raise", help="bad audio: stop, or skip"
     )
     parser.add_argument(
@@ -124,6 +131,11 @@ def _write_output(ds, output: Path, fmt: str) -> None:
         ds.to_parquet(str(output))
 
 
+def encoder_dtype(value: str) -> str | None:
+    """``--dtype`` as ``SpeechTokenizer(dtype=...)`` takes it: ``"none"`` -> ``None`` (the model as loaded)."""
+    return None if value.lower() == "none" else value
+
+
 def main(args: argparse.Namespace) -> int:
     """Tokenize the files or dataset ``args`` names and write ``args.output``; returns the exit status."""
     if getattr(args, "executor", None) is not None:  # a datatrove pipeline on local processes, Slurm or Ray
@@ -147,6 +159,8 @@ def main(args: argparse.Namespace) -> int:
         return_num_frames=True,
         num_quantizers=args.num_quantizers,
         on_error=args.on_error,
+        dtype=encoder_dtype(args.dtype),
+        num_threads=args.num_threads,
     )
     out = ds.map(tokenizer, batched=True, batch_size=args.batch_size, with_indices=True, desc="Tokenizing speech")
     out = out.remove_columns([c for c in [args.audio_column] if c in out.column_names])
@@ -159,4 +173,4 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["AUDIO_SUFFIXES", "OUTPUT_FORMATS", "audio_files", "main", "make_parser"]
+__all__ = ["AUDIO_SUFFIXES", "OUTPUT_FORMATS", "audio_files", "encoder_dtype", "main", "make_parser"]
