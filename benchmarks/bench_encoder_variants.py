@@ -6,7 +6,9 @@ Variants (the encoder's last hidden state, then the same 8 x 2048 RVQ for the co
 - ``bf16``: the encoder in bfloat16, eager (the seed card's dtype);
 - ``bf16-fp32-kernels``: the bf16 model, but every ``Linear`` / ``Conv`` runs the float32 kernel on its
   bf16-valued operands and rounds the result back to bf16 (what a bf16 GEMM computes, up to the order of
-  accumulation): bf16 numbers on a CPU whose bf16 GEMM is emulated.
+  accumulation): bf16 numbers on a CPU whose bf16 GEMM is emulated;
+- ``fp32-compiled`` (with ``--compile``): the fp32 encoder under ``torch.compile`` (inductor, default mode;
+  compile time printed separately, not counted in the rate).
 
 The random encoder holds bf16-valued weights, as the published checkpoints do (``--fp32-weights``: full
 float32 random weights). Printed: audio seconds per second of each (features precomputed, one pass after a warm-up, best of
@@ -60,6 +62,7 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=0.5)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile(fp32 encoder)")
     parser.add_argument("--fp32-weights", action="store_true",
                         help="keep float32 random encoder weights (default: bf16 values, as published)")
     args = parser.parse_args()
@@ -83,6 +86,8 @@ def main() -> None:
         "bf16": (copy.deepcopy(encoder).to(torch.bfloat16), torch.bfloat16),
         "bf16-fp32-kernels": (fp32_kernels(copy.deepcopy(encoder).to(torch.bfloat16)), torch.bfloat16),
     }
+    if args.compile:
+        variants["fp32-compiled"] = (torch.compile(encoder), torch.float32)
 
     @torch.no_grad()
     def run(name: str) -> list[np.ndarray]:
@@ -96,7 +101,10 @@ def main() -> None:
 
     codes, best = {}, {}
     for name in variants:
-        codes[name] = run(name)  # warm-up
+        start = time.perf_counter()
+        codes[name] = run(name)  # warm-up (and, for the compiled variant, compilation)
+        if name == "fp32-compiled":
+            print(f"torch.compile + first pass: {time.perf_counter() - start:.0f} s")
     for _ in range(args.rounds):
         for name in variants:  # alternating
             start = time.perf_counter()
