@@ -442,3 +442,69 @@ def test_stream_works_as_remote_code_without_the_package(tiny_gemma4_rvq, make_s
     fmt = format_for_model("ichigo", codebook_size=16, num_quantizers=2)
     assert out.stdout.strip() == fmt.render(tiny_gemma4_rvq.encode(wave, sampling_rate=SR).audio_codes[0])
     assert json.loads((tmp_path / "ckpt" / "config.json").read_text())["auto_map"]
+
+
+# ------------------------------------------------------------------------------ per-push fast paths
+def test_packed_weights_stream_equals_offline_and_follow_weight_updates(tiny_gemma4_rvq, make_speech, monkeypatch):
+    """Large fp32 CPU weights are packed once (oneDNN) for the few-frame products of a push; here every
+    weight of the tiny encoder is packed. The codes stay the offline ones, and an in-place update of a
+    weight (fine-tuning, load_state_dict) repacks it instead of streaming with the stale copy."""
+    import copy
+
+    from gemma_rvq import streaming
+
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("no oneDNN in this torch build")
+    monkeypatch.setattr(streaming, "PACK_MIN_ELEMENTS", 0)
+    model = copy.deepcopy(tiny_gemma4_rvq)
+    wave = make_speech(2.0, SR, seed=21)
+    codes, _ = _stream(model, wave, [2560])
+    assert torch.equal(codes, model.encode(wave, sampling_rate=SR).audio_codes[0])
+    encoder = model._encoder_adapter().model
+    linear = encoder.layers[0].feed_forward1.ffw_layer_1.linear
+    packed = streaming._PACKED.get(linear)
+    assert packed is not None, "the stream did not use the packed weight"
+    x = torch.randn(3, linear.in_features, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(streaming._linear(linear, x), torch.nn.functional.linear(x, linear.weight))
+
+    with torch.no_grad():
+        linear.weight.mul_(1.5)  # in place: same storage, new version
+    codes, _ = _stream(model, wave, [2560])
+    assert streaming._PACKED[linear][0] != packed[0]
+    offline = model.embed(wave, sampling_rate=SR)[0][0]
+    adapter = model._encoder_adapter()
+    stream = Gemma4StreamingEncoder(adapter.model, adapter.feature_extractor)
+    emb = torch.cat([stream.push(wave[i : i + 2560]) for i in range(0, len(wave), 2560)] + [stream.flush()])
+    torch.testing.assert_close(emb, offline, rtol=1e-4, atol=1e-5)
+    assert torch.equal(codes, model.encode(wave, sampling_rate=SR).audio_codes[0])
+
+
+def test_finite_clipping_bounds_are_applied_like_offline(tiny_gemma4_rvq, make_speech):
+    """Gemma 4's clippable linears clamp their input and output; the stream skips clamps to (-inf, inf)
+    only. With finite bounds (as real checkpoints have) the streamed embeddings equal the offline ones."""
+    import copy
+
+    model = copy.deepcopy(tiny_gemma4_rvq)
+    encoder = model._encoder_adapter().model
+    clippable = [m for m in encoder.modules() if type(m).__name__ == "Gemma4ClippableLinear"]
+    assert clippable and all(m.use_clipped_linears for m in clippable)
+    with torch.no_grad():
+        for module in clippable:
+            module.input_min.fill_(-0.5)
+            module.input_max.fill_(0.5)
+            module.output_min.fill_(-0.3)
+            module.output_max.fill_(0.3)
+    wave = make_speech(2.0, SR, seed=22)
+    offline = model.embed(wave, sampling_rate=SR)[0][0]
+    assert not torch.allclose(offline, tiny_gemma4_rvq.embed(wave, sampling_rate=SR)[0][0], atol=1e-2)  # it clips
+    adapter = model._encoder_adapter()
+    stream = Gemma4StreamingEncoder(adapter.model, adapter.feature_extractor)
+    emb = torch.cat([stream.push(wave[i : i + 1000]) for i in range(0, len(wave), 1000)] + [stream.flush()])
+    torch.testing.assert_close(emb, offline, rtol=1e-4, atol=1e-5)
+    assert all(bound is not None for bounds in stream._clip_bounds.values() for bound in bounds)
+    # the unclipped original: every clamp skipped, the same embeddings as its offline forward
+    base = tiny_gemma4_rvq._encoder_adapter()
+    unclipped = Gemma4StreamingEncoder(base.model, base.feature_extractor)
+    emb = torch.cat([unclipped.push(wave[i : i + 1000]) for i in range(0, len(wave), 1000)] + [unclipped.flush()])
+    torch.testing.assert_close(emb, tiny_gemma4_rvq.embed(wave, sampling_rate=SR)[0][0], rtol=1e-4, atol=1e-5)
+    assert all(bound is None for bounds in unclipped._clip_bounds.values() for bound in bounds)
