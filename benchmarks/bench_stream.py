@@ -17,7 +17,7 @@ the whole clip (same model, device and dtype):
 stream. It prints one line per measurement and writes JSON to ``--out``.
 
     python benchmarks/bench_stream.py                                  # tiny Gemma 4, 20 s, CPU
-    python benchmarks/bench_stream.py --size full --seconds 10 --chunk-ms 160 640 2000
+    python benchmarks/bench_stream.py --size full --seconds 8 --chunk-ms 160 640 2000 --roofline
     python benchmarks/bench_stream.py --family hubert --lookahead-ms 500 --chunk-ms 160   # windowed
     python benchmarks/bench_stream.py --model ./my-rvq --seconds 30                       # a real checkpoint
     python benchmarks/bench_stream.py --check --device cuda --out stream_check.json
@@ -177,11 +177,19 @@ def flops(model, wave: np.ndarray, chunk: int) -> tuple[float, float]:
     with FlopCounterMode(display=False) as counter:
         model.encode(wave, sampling_rate=SR)
     offline_flops = counter.get_total_flops()
-    handle = model.stream(SR)
-    with FlopCounterMode(display=False) as counter:
-        for i in range(0, len(wave), chunk):
-            handle.push(wave[i : i + chunk])
-        handle.flush()
+    import gemma_rvq.streaming as streaming
+
+    # the counter knows aten's products, not oneDNN's packed-weight linear: count the same products unpacked
+    packing = getattr(streaming, "PACK_WEIGHTS", False)
+    streaming.PACK_WEIGHTS = False
+    try:
+        handle = model.stream(SR)
+        with FlopCounterMode(display=False) as counter:
+            for i in range(0, len(wave), chunk):
+                handle.push(wave[i : i + chunk])
+            handle.flush()
+    finally:
+        streaming.PACK_WEIGHTS = packing
     return offline_flops, counter.get_total_flops()
 
 
@@ -210,6 +218,53 @@ def compare(model, wave, device, chunkings, repeats, log, label="", **kwargs) ->
             f"p95 {run['p95_ms']:.1f} max {run['max_ms']:.1f} ms ({run['pushes']} pushes), agreement {agree:.5f}, "
             f"{len(gaps)} differing frames (max gap {row['max_gap']:.1e}), state {run['state_bytes']} B")
     return rows
+
+
+def memory_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> tuple[float, float]:
+    """Read bandwidth of one thread in bytes per second of wall time and of process CPU time: best of
+    ``repeats`` sums over ``nbytes`` of fp32 (larger than any cache; a sum does one add per 4 bytes read, far
+    below what a core computes). On a shared machine the CPU-time figure is the steadier one."""
+    x = torch.ones(nbytes // 4)
+    best = best_cpu = float("inf")
+    for _ in range(repeats):
+        start, start_cpu = time.perf_counter(), time.process_time()
+        x.sum()
+        best = min(best, time.perf_counter() - start)
+        best_cpu = min(best_cpu, time.process_time() - start_cpu)
+    return nbytes / best, nbytes / best_cpu
+
+
+def roofline(model, rows: list[dict], seconds: float, log) -> dict:
+    """The memory bound of a push: every push reads every weight of the encoder, the projection and the
+    codebooks once, whatever its frame count, so no push can take less than weight bytes / bandwidth.
+    Per chunk size: the lowest possible cost ratio (pushes x bound / offline time) and the measured push
+    against the bound, both in wall time and in process CPU time."""
+    # what a push reads: the encoder's layers and subsampling, the input projection and the codebooks (not the
+    # relative position projections, computed once per stream, nor the decoder side)
+    skip = ("out_", "encoder.output_proj.", "encoder.rel_pos")
+    read = [p for name, p in model.named_parameters() if not name.startswith(skip) and "relative_k_proj" not in name]
+    read.append(model.quantizer.codebooks)
+    nbytes = sum(p.numel() * p.element_size() for p in read)
+    bandwidth, bandwidth_cpu = memory_bandwidth()
+    bound, bound_cpu = nbytes / bandwidth, nbytes / bandwidth_cpu
+    log(f"roofline: {nbytes / 1e9:.3f} GB of weights read per push; one-thread read bandwidth {bandwidth / 1e9:.2f} "
+        f"GB/s wall ({bandwidth_cpu / 1e9:.2f} GB/s per CPU second): at least {bound * 1000:.0f} ms per push "
+        f"({bound_cpu * 1000:.0f} ms of CPU time)")
+    out = {"weight_bytes": nbytes, "bandwidth": bandwidth, "bandwidth_cpu": bandwidth_cpu, "bound_s": bound,
+           "bound_cpu_s": bound_cpu, "chunks": []}
+    for row in rows:
+        if row["chunk_ms"] == "random":
+            continue
+        pushes = seconds * 1000 / float(row["chunk_ms"])
+        lowest, lowest_cpu = pushes * bound / row["offline_s"], pushes * bound_cpu / row["offline_cpu_s"]
+        push_cpu = row["cpu_seconds"] / row["pushes"]
+        out["chunks"].append({"chunk_ms": row["chunk_ms"], "lowest_ratio": lowest, "lowest_cpu_ratio": lowest_cpu,
+                              "p50_over_bound": row["p50_ms"] / 1000 / bound, "cpu_per_push_over_bound": push_cpu / bound_cpu})
+        log(f"roofline at {row['chunk_ms']!s:>6} ms chunks: lowest cost ratio {lowest:.2f}x wall, {lowest_cpu:.2f}x CPU "
+            f"(measured {row['cost_ratio']:.2f}x, {row['cpu_ratio']:.2f}x); push p50 {row['p50_ms']:.0f} ms = "
+            f"{row['p50_ms'] / 1000 / bound:.2f}x the bound, CPU per push {push_cpu * 1000:.0f} ms = "
+            f"{push_cpu / bound_cpu:.2f}x the CPU bound")
+    return out
 
 
 def long_audio_memory(model, device: str, log) -> dict:
@@ -303,6 +358,8 @@ def main() -> None:
                         "and on a loaded machine OpenMP waits make them several times slower")
     parser.add_argument("--repeats", type=int, default=3, help="offline encodes; the best counts")
     parser.add_argument("--memory", action="store_true", help="also: peak memory of 1 min vs 10 min offline")
+    parser.add_argument("--roofline", action="store_true",
+                        help="also: memory bandwidth and the lowest possible per-push time (weights / bandwidth)")
     parser.add_argument("--check", action="store_true", help="the CUDA check (see above)")
     parser.add_argument("--check-sizes", nargs="*", default=["tiny", "full"], help="--check: encoder sizes")
     parser.add_argument("--out", default=None, help="write the results as JSON")
@@ -327,9 +384,11 @@ def main() -> None:
             off_flops, stream_flops = flops(model, speech(5.0), 2560)
             print(f"FLOPs (5 s, 160 ms chunks): stream / offline = {stream_flops / off_flops:.3f}")
         memory = long_audio_memory(model, args.device, print) if args.memory else None
+        bound = roofline(model, rows, args.seconds, print) if args.roofline and args.device == "cpu" else None
+    print(f"load average after: {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else "", flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps({"rows": rows, "flops_ratio": stream_flops / off_flops,
-                                              "memory": memory}, indent=1, default=str))
+                                              "memory": memory, "roofline": bound}, indent=1, default=str))
 
 
 if __name__ == "__main__":

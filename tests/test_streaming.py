@@ -464,7 +464,7 @@ def test_packed_weights_stream_equals_offline_and_follow_weight_updates(tiny_gem
     linear = encoder.layers[0].feed_forward1.ffw_layer_1.linear
     packed = streaming._PACKED.get(linear)
     assert packed is not None, "the stream did not use the packed weight"
-    x = torch.randn(3, linear.in_features, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(5, linear.in_features, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(streaming._linear(linear, x), torch.nn.functional.linear(x, linear.weight))
 
     with torch.no_grad():

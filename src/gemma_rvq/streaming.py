@@ -116,7 +116,7 @@ PACK_WEIGHTS = True
 _PACKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 #: weights from this many elements on (4 MiB of fp32, more than a core's L2 cache) are packed
 PACK_MIN_ELEMENTS = 1 << 20
-#: products of at most this many rows use the packed weight (larger ones are compute-bound: plain GEMM)
+#: products of 4 to this many rows use the packed weight (larger ones are compute-bound: plain GEMM)
 PACK_MAX_ROWS = 48
 _PACK_FAILED = False
 
@@ -154,7 +154,8 @@ def _packed_weight(linear: nn.Linear) -> torch.Tensor | None:
 def _linear(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """``linear(x)`` for ``x [..., K]`` of a few rows, through the packed weight when there is one."""
     rows = x.numel() // x.shape[-1]
-    packed = _packed_weight(linear) if 0 < rows <= PACK_MAX_ROWS else None
+    # up to 3 rows MKL's plain product already reads the weight at the bandwidth (a matrix-vector kernel)
+    packed = _packed_weight(linear) if 4 <= rows <= PACK_MAX_ROWS else None
     if packed is None:
         return F.linear(x, linear.weight, linear.bias)
     out = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, -1), packed, linear.bias, "none", [], "")
