@@ -193,6 +193,8 @@ class Gemma4StreamingEncoder:
     per-layer caches: attention keys/values of the last ``attention_context_left - 1`` frames and the
     depthwise convolution's input tail (``conv_kernel_size - 1`` frames). Memory is bounded by that context,
     not the stream length. Not thread-safe; keep the model on one device and dtype while a stream is open.
+    On CPU the large fp32 weights are multiplied through copies packed once by oneDNN (``PACK_WEIGHTS``):
+    a push reads every weight, and the packed product of a few frames reads it at the memory bandwidth.
 
     Args:
         model: the frozen ``Gemma4AudioModel`` (layers already cut to the wanted one).
