@@ -18,12 +18,14 @@ extra memory of each method (CPU: peak resident set after resetting it through
 
 Data: ``--codebooks random`` (default): correlated Gaussian frames and seed-shaped codebooks (level l =
 residuals of fresh frames after levels < l, so no code is a copy of another). ``--model DIR --frames
-CACHE``: a trained gemma-rvq model's codebooks and real frames from an embedding cache.
+CACHE``: a trained gemma-rvq model's codebooks and real frames from an embedding cache. ``--kmeans TRAIN
+--frames CACHE``: codebooks fitted by residual k-means on one cache (any ``-Q``/``-K``), frames of another.
 
 Examples::
 
     python benchmarks/bench_encode.py                    # Q=8, K=2048, D=1024, N=20000, 2 threads
     python benchmarks/bench_encode.py --model runs/logmel/best --frames cache/dev -N 20000
+    python benchmarks/bench_encode.py --kmeans cache/train --frames cache/dev -K 2048   # k-means codebooks
     python benchmarks/bench_encode.py --device cuda -N 1000000 --check-frames 8192   # the GPU benchmark
 """
 
@@ -120,13 +122,27 @@ def _make_data(args, device: torch.device) -> tuple[ResidualQuantizer, torch.Ten
 
 
 def _load_data(args, device: torch.device) -> tuple[ResidualQuantizer, torch.Tensor]:
-    """A trained model's quantizer and real frames (projected as the model does) from an embedding cache."""
+    """A trained model's quantizer (``--model``) or codebooks fitted by k-means (``--kmeans``) and real frames
+    (projected as the model does) from an embedding cache."""
     from gemma_rvq import GemmaRVQModel
     from gemma_rvq.training.cache import EmbeddingCache
 
-    model = GemmaRVQModel.from_pretrained(args.model).eval()
     if not args.frames:
-        raise SystemExit("--model needs --frames (an embedding cache folder)")
+        raise SystemExit("--model and --kmeans need --frames (an embedding cache folder)")
+    if args.kmeans:
+        train = EmbeddingCache(args.kmeans)
+        rq = ResidualQuantizer(train.dim, args.num_quantizers, args.codebook_size, search_chunk_size=args.chunk_size,
+                               search_precision=args.precision).eval()
+        start = time.perf_counter()
+        rq.kmeans_init(train.sample_frames(None, seed=args.seed).float(), num_iters=args.kmeans_iters,
+                       seed=args.seed, init="random")
+        print(f"k-means codebooks: {args.num_quantizers} x {args.codebook_size} on {train.num_frames} frames of "
+              f"{args.kmeans} in {time.perf_counter() - start:.0f} s")
+        frames = EmbeddingCache(args.frames).sample_frames(args.num_frames, seed=args.seed).float()
+        args.dim = rq.dim
+        args.num_frames = frames.shape[0]
+        return rq.to(device), frames.to(device)
+    model = GemmaRVQModel.from_pretrained(args.model).eval()
     frames = EmbeddingCache(args.frames).sample_frames(args.num_frames, seed=args.seed)
     with torch.no_grad():
         x = model.project_in(frames.to(model.dtype)).float()
@@ -300,7 +316,13 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--check-frames", type=int, default=4096, help="frames compared with exhaustive search")
     p.add_argument("--skip-vqtorch", action="store_true")
     p.add_argument("--model", default=None, help="a trained gemma-rvq model folder: use its codebooks")
-    p.add_argument("--frames", default=None, help="with --model: an embedding cache folder to take frames from")
+    p.add_argument("--frames", default=None,
+                   help="with --model or --kmeans: an embedding cache folder to take frames from")
+    p.add_argument("--kmeans", default=None, metavar="CACHE",
+                   help="codebooks trained by residual k-means (-Q levels of -K codes; gemma-rvq's training "
+                        "initialisation: --kmeans-iters Lloyd iterations per level, random seeding) on all "
+                        "frames of this embedding cache; encodes --frames")
+    p.add_argument("--kmeans-iters", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--compile", action="store_true",
                    help="also time torch.compile(encode) (default backend, inductor: the traceable search) "
@@ -321,7 +343,7 @@ def main(argv: list[str] | None = None) -> dict:
         torch.backends.cuda.matmul.allow_tf32 = False  # exact fp32 everywhere, as the quantizer does
     torch.manual_seed(args.seed)
 
-    rq, x = _load_data(args, device) if args.model else _make_data(args, device)
+    rq, x = _load_data(args, device) if args.model or args.kmeans else _make_data(args, device)
     rq32 = copy.copy(rq)  # shares the codebooks; its own search cache
     rq32.search_precision = "fp32"
     rq32._search_cache = None

@@ -253,3 +253,29 @@ def test_torch_compile_of_the_model_with_inductor_matches_eager():
     assert torch.equal(compiled.audio_codes, eager.audio_codes)
     assert torch.equal(compiled.codes_mask, eager.codes_mask)
     torch.testing.assert_close(compiled.loss, eager.loss)
+
+
+@pytest.mark.parametrize("shape", [(3, 8), (64, 64), (1000, 64), (257, 40), (100, 37)])
+def test_flat_nonzero_and_block_candidates_match_a_dense_compare(shape):
+    gen = torch.Generator().manual_seed(1)
+    mask = torch.rand(shape, generator=gen) > 0.97
+    assert torch.equal(search._flat_nonzero(mask), mask.view(-1).nonzero().squeeze(1))
+    # candidates with one threshold per row and block == the dense compare
+    n, b, nb = 300, 64, 32
+    scores = torch.randn(n, nb * b, generator=gen)
+    thr = torch.randn(n, nb, generator=gen) + 2
+    bm = scores.view(n, nb, b).amax(2)
+    rows, codes, vals = search._candidates(scores, thr, bm, b)
+    want_rows, want_codes = (scores >= thr.repeat_interleave(b, dim=1)).nonzero().unbind(1)
+    assert torch.equal(rows, want_rows) and torch.equal(codes, want_codes)
+    assert torch.equal(vals, scores[want_rows, want_codes])
+
+
+def test_block_thresholds_are_below_every_real_threshold():
+    gen = torch.Generator().manual_seed(2)
+    bm = torch.randn(500, 32, generator=gen) * torch.logspace(-30, 30, 500)[:, None]
+    eb = torch.rand(500, 32, generator=gen, dtype=torch.float64) * bm.abs().double().amax(1, keepdim=True)
+    thr = search._block_thresholds(bm, eb)
+    best = (bm.double() - eb).amax(1, keepdim=True)  # float64 here; the real value within 2^-52 of it
+    assert thr.dtype == torch.float32
+    assert bool((thr.double() <= best - eb - (best.abs() + eb) * 2.0 ** -50).all())

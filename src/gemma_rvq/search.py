@@ -335,6 +335,10 @@ class _Int8Tables:
         self.code_norm: list[Tensor] = []
         self.err_max: list[float] = []
         self.code_max: list[float] = []
+        # per-block maxima of the two norms (blocks of the CPU search's two-stage argmax; none when padded)
+        self.block = 0 if padded else _argmax_block(k)
+        self.err_block_max: list[Tensor] = []
+        self.code_block_max: list[Tensor] = []
         up = 1 + _gamma(d + 4)  # an fp32 norm errs by at most gamma_{D+2} (relative)
         for level in range(q):
             w = weight[level]
@@ -362,6 +366,9 @@ class _Int8Tables:
             self.code_norm.append(code_p)
             self.err_max.append(float(err.max()))
             self.code_max.append(float(code.max()))
+            if self.block:
+                self.err_block_max.append(err.view(-1, self.block).amax(1))
+                self.code_block_max.append(code.view(-1, self.block).amax(1))
 
 
 class _SearchTables:
@@ -506,21 +513,64 @@ def _threshold(m: Tensor, bound: Tensor) -> Tensor:
 
 
 def _candidates(scores: Tensor, thr: Tensor, bm: Tensor, b: int) -> tuple[Tensor, Tensor, Tensor]:
-    """``(rows, codes, scores)`` of the entries ``scores[i, k] >= thr[i]``, sorted by row, then code.
+    """``(rows, codes, scores)`` of the entries ``scores[i, k] >= thr[i]`` (``thr [n]``), or ``>= thr[i, k // b]``
+    (``thr [n, K/b]``: one threshold per row and block), sorted by row, then code.
 
     ``bm [n, K/b]``: block maxima of ``scores`` (blocks of ``b`` columns): only blocks whose maximum
     reaches the threshold are looked into, so the work beyond one pass over ``scores`` is small.
     """
     n, nb = bm.shape
     if nb == 1:  # one block (CUDA, or K without a good divisor): one compare over the scores
-        rows, codes = (scores >= thr[:, None]).nonzero().unbind(1)
+        rows, codes = (scores >= thr.view(n, 1)).nonzero().unbind(1)
         return rows, codes, scores[rows, codes]
-    hit_rows, hit_blocks = (bm >= thr[:, None]).nonzero().unbind(1)  # [Pb] each
-    vals = scores.view(n * nb, b).index_select(0, hit_rows * nb + hit_blocks)  # [Pb, b]
-    pair, col = (vals >= thr.index_select(0, hit_rows)[:, None]).nonzero().unbind(1)  # [P] each
+    per_block = thr.dim() == 2
+    hit = _flat_nonzero(bm >= (thr if per_block else thr[:, None]))  # [Pb]: row * nb + block
+    hit_rows, hit_blocks = _divmod(hit, nb)
+    vals = scores.view(n * nb, b).index_select(0, hit)  # [Pb, b]
+    hit_thr = thr.view(-1).index_select(0, hit) if per_block else thr.index_select(0, hit_rows)
+    flat = _flat_nonzero(vals >= hit_thr[:, None])  # [P]: pair * b + column
+    pair, col = _divmod(flat, b)
     rows = hit_rows.index_select(0, pair)
-    codes = hit_blocks.index_select(0, pair) * b + col
-    return rows, codes, vals.view(-1).index_select(0, pair * b + col)
+    codes = hit_blocks.index_select(0, pair).mul_(b).add_(col)
+    return rows, codes, vals.view(-1).index_select(0, flat)
+
+
+def _divmod(i: Tensor, m: int) -> tuple[Tensor, Tensor]:
+    """``(i // m, i % m)`` of non-negative int64 ``i``; shifts for a power of two (int64 division is slow)."""
+    if m & (m - 1) == 0:
+        return i >> (m.bit_length() - 1), i & (m - 1)
+    q = torch.div(i, m, rounding_mode="floor")
+    return q, i - q * m
+
+
+def _flat_nonzero(mask: Tensor) -> Tensor:
+    """Flat indices of the true entries of a contiguous bool ``mask [P, b]``, ascending.
+
+    ``nonzero`` costs a few ns per entry on CPU whatever the density; the masks here are sparse (a few
+    true entries per row), so the 8-byte words with any true byte are found first, then the bytes in them.
+    """
+    flat = mask.reshape(-1)
+    if flat.numel() % 8 or flat.numel() < 4096 or flat.device.type != "cpu":
+        return flat.nonzero().squeeze(1)
+    words = flat.view(torch.int64).nonzero().squeeze(1)  # words with any true byte
+    part, byte = flat.view(-1, 8).index_select(0, words).nonzero().unbind(1)
+    return words.index_select(0, part) * 8 + byte
+
+
+def _block_thresholds(bm: Tensor, eb: Tensor) -> Tensor:
+    """fp32 thresholds ``[n, K/b]`` per row and block from the block maxima ``bm [n, K/b]`` of the scores
+    and upper bounds ``eb [n, K/b]`` (float64) of the error bound ``E_ik`` over each block's codes.
+
+    The top code of block ``b`` has a true score ``>= bm_ib - eb_ib``, so the best score of the row is at
+    least ``L_i = max_b (bm_ib - eb_ib)``, and a code ``k`` of block ``b`` can be the nearest only if
+    ``A_ik >= S_ik - E_ik >= L_i - eb_ib``. Tighter than ``max_k A_ik - 2 max_k E_ik`` wherever the
+    codes' norms differ between blocks. The relative 2^-20 (and absolute 2^-140) margins cover the float64
+    rounding here (2^-53 per operation) and the final rounding to fp32 (2^-24 relative, 2^-149 absolute),
+    so the fp32 thresholds are below the real ``L_i - eb_ib``.
+    """
+    best = (bm.double() - eb).amax(1, keepdim=True)
+    best = best - best.abs() * 2.0 ** -20 - 2.0 ** -140
+    return (best - eb * (1 + 2.0 ** -20)).float()
 
 
 def _exact_best(tables: _SearchTables, r: Tensor, level: int, rows: Tensor, codes: Tensor, n: int) -> Tensor:
@@ -538,6 +588,12 @@ def _first_max(s: Tensor, rows: Tensor, codes: Tensor, n: int, k: int) -> Tensor
     top = s == best.index_select(0, rows)
     return torch.full((n,), k, dtype=torch.long, device=s.device).scatter_reduce(
         0, rows[top], codes[top], "amin", include_self=True)
+
+
+def _take(mask: Tensor, *tensors: Tensor) -> tuple[Tensor, ...]:
+    """``tuple(t[mask] for t in tensors)`` with one ``nonzero`` for all of them."""
+    idx = mask.nonzero().squeeze(1)
+    return tuple(t.index_select(0, idx) for t in tensors)
 
 
 def _survivors(s: Tensor, e: Tensor, rows: Tensor, n: int) -> Tensor:
@@ -568,8 +624,7 @@ def _rescore32(tables: _SearchTables, r: Tensor, level: int, rows: Tensor, codes
     # the dot product errs by gamma_Dc |r| |c_k|, the bias by gamma_Dc |c_k|^2/2
     e = _gamma(r.shape[1] + 2) * (rn.index_select(0, rows) * tables.code_norms[level].index_select(0, codes).double()
                                   + tables.half_norms[level].index_select(0, codes).double())
-    keep = _survivors(s, e * (1 + 1e-6), rows, n)
-    return rows[keep], codes[keep]
+    return _take(_survivors(s, e * (1 + 1e-6), rows, n), rows, codes)
 
 
 def _exhaustive64(tables: _SearchTables, r: Tensor, level: int) -> Tensor:
@@ -589,24 +644,24 @@ def _decide(tables: _SearchTables, r: Tensor, level: int, rows: Tensor, codes: T
     n = r.shape[0]
     counts = torch.bincount(rows, minlength=n)
     if fallback is not None:
-        take = ~fallback.index_select(0, rows)
-        rows, codes = rows[take], codes[take]
+        rows, codes = _take(~fallback.index_select(0, rows), rows, codes)
         counts = counts.masked_fill(fallback, 0)
     out = torch.empty(n, dtype=torch.long, device=r.device)
     lone = counts.index_select(0, rows) == 1
-    out[rows[lone]] = codes[lone]
-    multi = ~lone
+    lrows, lcodes = _take(lone, rows, codes)
+    out[lrows] = lcodes
     rescored = exact = 0
-    if bool(multi.any()):
-        mrows, mcodes = rows[multi], codes[multi]
+    if lrows.numel() < rows.numel():
+        mrows, mcodes = _take(~lone, rows, codes)
         many = counts > 1
         rescored = int(many.sum())
         if rn is not None:
             mrows, mcodes = _rescore32(tables, r, level, mrows, mcodes, n, rn)
             left = torch.bincount(mrows, minlength=n)
             one = left.index_select(0, mrows) == 1
-            out[mrows[one]] = mcodes[one]
-            mrows, mcodes = mrows[~one], mcodes[~one]
+            orows, ocodes = _take(one, mrows, mcodes)
+            out[orows] = ocodes
+            mrows, mcodes = _take(~one, mrows, mcodes)
             many = left > 1
         if mrows.numel():
             best = _exact_best(tables, r, level, mrows, mcodes, n)
@@ -669,6 +724,12 @@ class _Int8Bound:
         self.slack = 8 * _U * (rn + dn) * t8.code_max[level] + (8 * _U + _gamma(t8.dim)) * half_max
         self.row = (rn * t8.err_max[level] + dn * t8.code_max[level] + self.slack) * (1 + 1e-6)
 
+    def blocks(self) -> Tensor:
+        """Upper bounds of ``E_ik`` over each block of ``t8.block`` codes ``[n, K/b]`` (float64)."""
+        t8, level = self.t8, self.level
+        return ((self.rn[:, None] * t8.err_block_max[level] + self.dn[:, None] * t8.code_block_max[level])
+                .add_(self.slack[:, None]).mul_(1 + 1e-6))
+
     def at(self, rows: Tensor, codes: Tensor) -> Tensor:
         t8, level = self.t8, self.level
         return (self.rn.index_select(0, rows) * t8.err_norm[level].index_select(0, codes)
@@ -688,9 +749,12 @@ def _int8_scores(tables: _SearchTables, r: Tensor, level: int) -> tuple[Tensor, 
     t8 = tables.int8
     lev = t8.levels[level]
     rn = torch.linalg.vector_norm(r, dim=1)
-    amax = torch.maximum(r.amax(1), r.amin(1).neg_())  # (vector_norm(ord=inf) is several times slower)
-    s = torch.where(amax > _TINY, amax / 127, torch.ones_like(amax))  # |r_i / s| <= 127 (1 + 2u): rounds to 127
-    y = torch.div(r, s[:, None]).round_()  # integers in [-127, 127]
+    amax = torch.maximum(r.amax(1), r.amin(1).neg_())  # (vector_norm(ord=inf), aminmax: several times slower)
+    big = amax > _TINY
+    s = torch.where(big, amax / 127, torch.ones_like(amax))
+    # any integers y_i work (d_i = r_i - s_i y_i is measured below); multiplying by fl(127 / amax) is faster
+    # than dividing, and |r_ij * fl(127 / amax_i)| <= 127 (1 + 2u)^2 still rounds to at most 127
+    y = torch.mul(r, torch.where(big, 127 / amax, torch.ones_like(amax))[:, None]).round_()
     xq = lev.quantize(y)
     if t8.dim_pad:
         xq = torch.nn.functional.pad(xq, (0, t8.dim_pad), value=128 if t8.kernel == "qlinear" else 0)
@@ -707,20 +771,27 @@ def _int8_scores(tables: _SearchTables, r: Tensor, level: int) -> tuple[Tensor, 
 def _nearest_int8(tables: _SearchTables, r: Tensor, level: int) -> Tensor:
     """Exact nearest codes ``[n]`` of ``r [n, Dc]`` (fp32) at ``level``, scored by the int8 GEMM.
 
-    Candidates under the row bound ``max_k E_ik``, then per code: ``k`` stays only if ``A_ik + E_ik >=
-    max_j (A_ij - E_ij)`` over the candidates ``j``. Rows left with more than ``MAX_INT8_CANDIDATES``
+    Candidates under per-block thresholds (:func:`_block_thresholds`; the row bound ``max_k E_ik`` where
+    the codes are not in blocks), then per code: ``k`` stays only if ``A_ik + E_ik >= max_j (A_ij - E_ij)``
+    over the candidates ``j``. Rows left with more than ``MAX_INT8_CANDIDATES``
     are searched again with fp32 scores.
     """
     n = r.shape[0]
     scores, bound = _int8_scores(tables, r, level)
     kp = scores.shape[1]
-    b = tables.block if tables.block and kp == tables.codebook_size else kp
-    bm = scores.view(n, -1, b).amax(2)
-    rows, codes, vals = _candidates(scores, _threshold(bm.amax(1), bound.row), bm, b)
-    keep = _survivors(vals.double(), bound.at(rows, codes), rows, n)
-    rows, codes = rows[keep], codes[keep]
+    t8 = tables.int8
+    if t8.block and t8.block == tables.block and kp == tables.codebook_size:
+        b = t8.block
+        bm = scores.view(n, -1, b).amax(2)
+        thr = _block_thresholds(bm, bound.blocks())
+    else:
+        b = tables.block if tables.block and kp == tables.codebook_size else kp
+        bm = scores.view(n, -1, b).amax(2)
+        thr = _threshold(bm.amax(1), bound.row)
+    rows, codes, vals = _candidates(scores, thr, bm, b)
+    rows, codes = _take(_survivors(vals.double(), bound.at(rows, codes), rows, n), rows, codes)
     fallback = torch.bincount(rows, minlength=n) > MAX_INT8_CANDIDATES
-    return _decide(tables, r, level, rows, codes, bound.rn, fallback)
+    return _decide(tables, r, level, rows, codes, bound.rn, fallback if bool(fallback.any()) else None)
 
 
 def _search_block(tables: _SearchTables, x: Tensor, levels: range, step: int, residual: bool) -> Tensor:
