@@ -353,7 +353,9 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"machine: {_machine(device)}; torch {torch.__version__}, threads={torch.get_num_threads()}, "
           f"device={device}")
     print(f"shape: Q={q} K={k} D={d} N={n}; one frame = {flop_per_frame / 1e6:.1f} MOP of score GEMMs; data: "
-          + (f"model {args.model}, frames {args.frames}" if args.model else "random seed-shaped codebooks"))
+          + (f"model {args.model}, frames {args.frames}" if args.model
+             else f"k-means codebooks on {args.kmeans}, frames {args.frames}" if args.kmeans
+             else "random seed-shaped codebooks"))
     print(f"gemma-rvq search: precision={tables.precision} (requested {args.precision})"
           + (f", int8 kernel {tables.int8.kernel}" if tables.int8 is not None else "")
           + f", fp32 kernel {tables.backend}, search_chunk_size={rq.search_chunk_size}")
