@@ -279,3 +279,40 @@ def test_block_thresholds_are_below_every_real_threshold():
     best = (bm.double() - eb).amax(1, keepdim=True)  # float64 here; the real value within 2^-52 of it
     assert thr.dtype == torch.float32
     assert bool((thr.double() <= best - eb - (best.abs() + eb) * 2.0 ** -50).all())
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_exact_rescoring_in_slices_equals_one_slice(precision, monkeypatch):
+    """Rows with many candidates are re-scored in float64 slices: same codes as all at once."""
+    cb, x = _near_tie_codebook()
+    whole = _quantizer(64, 1, 256, cb[None], search_precision=precision).encode(x)
+    monkeypatch.setattr(search, "EXACT_RESCORE_ELEMENTS", 64 * 7)  # 7 candidates per slice
+    sliced = _quantizer(64, 1, 256, cb[None], search_precision=precision).encode(x)
+    assert torch.equal(sliced, whole) and torch.equal(sliced, reference_codes(x, cb[None]))
+
+
+@pytest.mark.parametrize("spread", [0.0, 1e-6])
+def test_codebooks_of_equal_or_nearly_equal_codes_search_in_bounded_memory(spread):
+    """Every code equal (silence frames, dead codes reset to one point) or nearly equal: each row has all K
+    codes as candidates. Gathering them at once took tens of GB at K=2048, D=256 (a training run was killed
+    at 24 GB); equal codes are now dropped but the first, and the rest re-scored in slices."""
+    import subprocess
+    import sys
+
+    script = (
+        "import resource, torch\n"
+        "from gemma_rvq.quantization import ResidualQuantizer\n"
+        "torch.set_num_threads(1)\n"
+        "rq = ResidualQuantizer(256, 1, 2048, search_precision='fp32').eval()\n"
+        f"rq.codebooks.data[:] = torch.randn(256) + {spread} * torch.randn(1, 2048, 256)\n"
+        "rq.invalidate_cache()\n"
+        "x = torch.randn(256, 256)\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "codes = rq.encode(x)\n"
+        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)\n"
+    )
+    if spread == 0:
+        script += "assert bool((codes == 0).all()), 'equal codes: the first wins every tie'\n"
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert int(out.stdout.split()[0]) < 400, f"peak grew by {out.stdout.split()[0]} MiB"

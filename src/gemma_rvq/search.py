@@ -573,12 +573,44 @@ def _block_thresholds(bm: Tensor, eb: Tensor) -> Tensor:
     return (best - eb * (1 + 2.0 ** -20)).float()
 
 
+# float64 elements per temporary of the exact re-scoring (32 MiB): codebooks with many equal or nearly equal
+# codes give rows with hundreds of candidates, and gathering them all at once took tens of GB (K=2048, D=256).
+EXACT_RESCORE_ELEMENTS = 1 << 22
+
+
 def _exact_best(tables: _SearchTables, r: Tensor, level: int, rows: Tensor, codes: Tensor, n: int) -> Tensor:
     """First maximum of the float64 score ``r·c_k - |c_k|^2/2`` among candidates -> ``[n]`` (rows without
-    candidates get ``K``). Products of two fp32 numbers are exact in float64; the sums err by ~1e-16."""
-    c = tables.weight[level].index_select(0, codes).double()
-    s = (r.index_select(0, rows).double() * c).sum(1) - 0.5 * c.square().sum(1)
+    candidates get ``K``). Products of two fp32 numbers are exact in float64; the sums err by ~1e-16.
+    The candidates are scored in slices of at most ``EXACT_RESCORE_ELEMENTS / Dc`` (same arithmetic)."""
+    step = max(1, EXACT_RESCORE_ELEMENTS // max(1, r.shape[1]))
+    parts = []
+    for start in range(0, rows.numel(), step):
+        c = tables.weight[level].index_select(0, codes[start:start + step]).double()
+        parts.append((r.index_select(0, rows[start:start + step]).double() * c).sum(1) - 0.5 * c.square().sum(1))
+    s = torch.cat(parts) if len(parts) != 1 else parts[0]
     return _first_max(s, rows, codes, n, tables.codebook_size)
+
+
+def _drop_repeated_codes(weight: Tensor, rows: Tensor, codes: Tensor) -> tuple[Tensor, Tensor]:
+    """The candidates without those whose code equals a smaller candidate code (``weight [K, Dc]``).
+
+    Equal codes score equally, so the smallest of them wins any tie; and whenever one of them could be
+    a row's nearest code, the bound makes every one of them a candidate of that row, the smallest
+    included. Codebooks with repeated codes (silence frames, dead codes reset to one point) otherwise
+    give every such row all of them to re-score.
+    """
+    unique_codes, inverse = torch.unique(codes, return_inverse=True)  # sorted
+    u = unique_codes.numel()
+    if u < 2:
+        return rows, codes
+    _, group = torch.unique(weight.index_select(0, unique_codes), dim=0, return_inverse=True)  # [U]
+    position = torch.arange(u, device=codes.device)
+    first = torch.full((u,), u, dtype=torch.long, device=codes.device).scatter_reduce(
+        0, group, position, "amin", include_self=True)
+    keep = first.index_select(0, group) == position  # the smallest code of its group
+    if bool(keep.all()):
+        return rows, codes
+    return _take(keep.index_select(0, inverse), rows, codes)
 
 
 def _first_max(s: Tensor, rows: Tensor, codes: Tensor, n: int, k: int) -> Tensor:
@@ -664,6 +696,7 @@ def _decide(tables: _SearchTables, r: Tensor, level: int, rows: Tensor, codes: T
             mrows, mcodes = _take(~one, mrows, mcodes)
             many = left > 1
         if mrows.numel():
+            mrows, mcodes = _drop_repeated_codes(tables.weight[level], mrows, mcodes)
             best = _exact_best(tables, r, level, mrows, mcodes, n)
             out[many] = best[many]
             exact = int(many.sum())
