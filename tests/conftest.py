@@ -2,9 +2,29 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+import types
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_script(relative: str, name: str | None = None) -> types.ModuleType:
+    """The repository script ``relative`` (``"examples/sft.py"``, ``"benchmarks/bench_train.py"``...) imported
+    as a module named ``name`` (default: its stem) and registered in ``sys.modules`` under that name, as
+    dataclasses need to resolve their annotations."""
+    path = REPO / relative
+    name = name or path.stem
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def speech_like(seconds: float, sampling_rate: int = 22050, seed: int = 0) -> np.ndarray:

@@ -4,24 +4,17 @@ configuration per kind, one reported seed: seconds)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import load_script
 
 pytest.importorskip("sacrebleu", reason="bench_distill scores answers with sacrebleu (gemma-rvq[bench])")
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("bench_distill", ROOT / "benchmarks" / "bench_distill.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_distill"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/bench_distill.py")
 
 
 def test_splits_are_disjoint_by_voice_and_question():

@@ -2,22 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_encode.py"
+from conftest import load_script
 
 
 @pytest.fixture(scope="module")
 def bench_encode():
-    spec = importlib.util.spec_from_file_location("bench_encode", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_encode"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/bench_encode.py")
 
 
 def test_bench_encode_runs_at_tiny_sizes(bench_encode, capsys):

@@ -2,27 +2,21 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
-import sys
 import warnings
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import load_script
+
 ESPEAK_MISSING = ("espeak-ng is not installed: the training benchmark's speech generator (and "
                   "tests/test_corpus.py's regeneration checks) cannot run. `make test` installs it with apt-get "
                   "where it can; otherwise `apt-get install espeak-ng`.")
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("bench_train", ROOT / "benchmarks" / "bench_train.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_train"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/bench_train.py")
 
 
 TINY = ["--languages", "en", "sw", "--per-language", "3", "--dev-variations", "2", "--test-variations", "2",

@@ -5,7 +5,6 @@ The committed-file checks need only soundfile; the generator checks are skipped 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -14,19 +13,14 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from conftest import load_script
+
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT / "data" / "corpus"
 needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng not installed")
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("make_corpus", ROOT / "scripts" / "make_corpus.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-make_corpus = _load_script()
+make_corpus = load_script("scripts/make_corpus.py")
 
 
 def _rows(name: str) -> list[dict]:

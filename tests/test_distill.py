@@ -9,7 +9,6 @@ random ``LlamaForCausalLM`` / ``Gemma3ForCausalLM`` models.
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -18,6 +17,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import load_script
 from gemma_rvq.recipes import RECIPE_FILE
 from gemma_rvq.recipes.distill import (
     PROJECTIONS_FILE,
@@ -51,15 +51,8 @@ FORMAT = get_format("gemma_rvq", codebook_size=8, num_levels=2)
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"{name}_script", ROOT / "examples" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-DISTILL = _load("distill")
-SFT = _load("sft")
+DISTILL = load_script("examples/distill.py", "distill_script")
+SFT = load_script("examples/sft.py", "sft_script")
 
 
 def parse(script, config: str, **overrides):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import pytest
 import soundfile
 from datasets import Dataset
 
+from conftest import load_script
 from gemma_rvq.downstream import evaluate_speech_llm, evaluate_stage2, text_metrics
 from gemma_rvq.formats import attach_format, load_format_record
 from gemma_rvq.metrics import module_path
@@ -116,10 +116,7 @@ def test_evaluate_stage2_parses_everything_and_scores_units():
 
 # ----------------------------------------------------------------------------- stage 3 through the pipeline
 def _sft_script():
-    spec = importlib.util.spec_from_file_location("sft_script_downstream", ROOT / "examples" / "sft.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("examples/sft.py", "sft_script_downstream")
 
 
 @pytest.fixture(scope="module")

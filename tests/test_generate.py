@@ -7,14 +7,13 @@ back to codes, with failures reported in an error column.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from datasets import Dataset, load_from_disk
 
+from conftest import load_script
 from gemma_rvq.recipes import (
     SemanticVocabularyLogitsProcessor,
     generate_semantic_dataset,
@@ -32,11 +31,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _script(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses resolve their annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
+    return load_script(f"examples/{name}.py")
 
 
 @pytest.fixture(scope="module")

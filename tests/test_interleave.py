@@ -5,7 +5,6 @@ Llama and wav2vec2 CTC model.
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import json
 import re
@@ -16,6 +15,7 @@ import pytest
 import torch
 from datasets import Dataset
 
+from conftest import load_script
 from gemma_rvq import build_interleaved_dataset
 from gemma_rvq.alignment import CTCWordAligner, ctc_forced_align, ctc_token_spans, ctc_word_timings
 from gemma_rvq.recipes.interleave import (
@@ -182,10 +182,7 @@ def test_render_kinds_and_exact_mixture_ratios(corpus_tokens):
 
 # ---------------------------------------------------------------------------------------------- cpt recipe
 def _load_sft():
-    spec = importlib.util.spec_from_file_location("sft_script", ROOT / "examples" / "sft.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("examples/sft.py", "sft_script")
 
 
 def test_cpt_recipe_packs_documents_without_crossing_them(tmp_path):

@@ -6,7 +6,6 @@ from the tiny YAML recipes, as ``accelerate launch examples/sft.py --config ...`
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import pytest
 import torch
 from datasets import Dataset
 
+from conftest import load_script
 from gemma_rvq.formats import dataset_format, save_format
 from gemma_rvq.recipes import (
     RECIPE_FILE,
@@ -38,14 +38,7 @@ FORMAT = {"token_format": "gemma_rvq", "codebook_size": 8, "num_levels": 2}
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("sft_script", ROOT / "examples" / "sft.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-SFT = _load_script()
+SFT = load_script("examples/sft.py", "sft_script")
 
 
 def parse(config: str, **overrides):
