@@ -15,7 +15,9 @@ Every search runs the same three steps, per level and chunk of frames:
    re-scored in float64 (products of fp32 numbers are exact there) and the first maximum wins.
 
 So the codes are those of a float64 exhaustive search over the fp32 residual, whichever kernel scored
-them: the kernel choice changes the speed, never the codes. ``docs/benchmarks.md`` derives the bounds.
+them: the kernel choice changes the speed, never the codes. A search of a few rows against a small
+codebook (a stream's push) skips the three steps and runs that float64 exhaustive search itself
+(``_search_few``, on CPU): fewer operations, the same codes. ``docs/benchmarks.md`` derives the bounds.
 
 Copied next to saved checkpoints with ``quantization.py`` (remote code), so it imports only torch at
 module level.
@@ -422,6 +424,7 @@ class _SearchTables:
         # fp32 re-scoring of int8 candidates: sampled_addmm on CPU (no gathered rows); on other devices the
         # gathered rows, which their fast memory handles well
         self.sparse_rescore = self.device.type == "cpu"
+        self._float64: tuple[Tensor, Tensor] | None = None  # for _search_few, built on first use
         self.int8 = None
         self.stats: SearchStats | None = None
         self.precision = "fp32"
@@ -842,6 +845,43 @@ def _search_block(tables: _SearchTables, x: Tensor, levels: range, step: int, re
     return out
 
 
+#: searches of at most this many (row, code, dimension) products per level run as one float64 exhaustive
+#: search (:func:`_search_few`): a stream's few frames against a small codebook (512 KiB of float64)
+FEW_ROWS_ELEMENTS = 1 << 16
+
+
+def _float64_codebooks(tables: _SearchTables) -> tuple[Tensor, Tensor]:
+    """float64 codebooks ``[Q, K, Dc]`` and ``|c_k|^2/2`` ``[Q, K]`` (exact copies of the fp32 codes), cached
+    on ``tables``."""
+    cached = tables._float64
+    if cached is None:
+        weight = tables.weight.double()
+        cached = tables._float64 = (weight, 0.5 * weight.square().sum(-1))
+    return cached
+
+
+def _search_few(tables: _SearchTables, x: Tensor, levels: range, residual: bool) -> Tensor:
+    """Codes ``[len(levels), n]`` of a few rows ``x [n, Dc]`` by the defining search itself: per level the
+    float64 score ``r·c_k - |c_k|^2/2`` of every code (each product exact, each row-code pair summed on its
+    own, as :func:`_exact_best` sums candidates) and the first maximum, the residual kept in fp32.
+
+    For ``n K Dc`` up to ``FEW_ROWS_ELEMENTS`` this is a handful of operations per level where the bound
+    path takes about fifty (GEMM, bound, block maxima, candidates, decision): a stream's push of a few
+    frames with a small codebook is dispatch-bound, not compute-bound. The same codes by definition.
+    """
+    weight64, half64 = _float64_codebooks(tables)
+    r = x.to(device=tables.device, dtype=torch.float32, copy=True)
+    out = torch.empty(len(levels), r.shape[0], dtype=torch.long, device=tables.device)
+    last = len(levels) - 1
+    for i, level in enumerate(levels):
+        scores = (r.double()[:, None, :] * weight64[level][None]).sum(-1) - half64[level]  # [n, K]
+        idx = scores.argmax(dim=1)  # the first maximum
+        out[i] = idx
+        if residual and i < last:
+            r.sub_(tables.weight[level].index_select(0, idx))
+    return out
+
+
 def _search(tables: _SearchTables, x: Tensor, levels: range, step: int, residual: bool) -> Tensor:
     """Exact (residual) nearest-code search -> codes ``[len(levels), N]``.
 
@@ -853,6 +893,9 @@ def _search(tables: _SearchTables, x: Tensor, levels: range, step: int, residual
     overlap the GEMMs of the others. Codes are identical either way.
     """
     n = x.shape[0]
+    if (tables.device.type == "cpu" and tables.stats is None
+            and n * tables.codebook_size * tables.dim <= FEW_ROWS_ELEMENTS):
+        return _search_few(tables, x, levels, residual)
     if tables.int8 is not None and tables.int8.kernel == "int_mm" and tables.device.type == "cpu":
         step = max(1, step // 2)  # int32 + fp32 scores: the same memory as one fp32 [step, K] matrix
     workers = _pipeline_workers(tables, n)

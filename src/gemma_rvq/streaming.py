@@ -156,9 +156,19 @@ def _linear(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     rows = x.numel() // x.shape[-1]
     # up to 3 rows MKL's plain product already reads the weight at the bandwidth (a matrix-vector kernel)
     packed = _packed_weight(linear) if 4 <= rows <= PACK_MAX_ROWS else None
+    return _product(x, linear.weight, linear.bias, packed)
+
+
+def _product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+             packed: torch.Tensor | None) -> torch.Tensor:
+    """``x [..., K] @ weight.T + bias``: through ``packed`` (``weight`` packed by oneDNN, or None) for 4 to
+    ``PACK_MAX_ROWS`` rows, the plain product otherwise."""
     if packed is None:
-        return F.linear(x, linear.weight, linear.bias)
-    out = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, -1), packed, linear.bias, "none", [], "")
+        return F.linear(x, weight, bias)
+    rows = x.numel() // x.shape[-1]
+    if not 4 <= rows <= PACK_MAX_ROWS:
+        return F.linear(x, weight, bias)
+    out = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, -1), packed, bias, "none", [], "")
     return out.view(*x.shape[:-1], out.shape[-1])
 
 
@@ -169,6 +179,13 @@ def _rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if norm.with_scale:
         hidden = hidden * norm.weight.float()
     return hidden.type_as(x)
+
+
+def _norm_step(hidden: torch.Tensor, eps: float, weight: torch.Tensor | None) -> torch.Tensor:
+    """``Gemma4RMSNorm`` on fp32 ``hidden`` with its ``eps`` and fp32 ``weight`` (None: no scale): the same
+    operations as [`_rms_norm`] without its dtype round trips and module attribute look-ups."""
+    hidden = hidden * torch.pow(hidden.pow(2).mean(-1, keepdim=True) + eps, -0.5)
+    return hidden * weight if weight is not None else hidden
 
 
 def _clip_bounds(module: nn.Module) -> tuple[tuple | None, tuple | None]:
@@ -235,6 +252,7 @@ class Gemma4StreamingEncoder:
         # Frame u needs mel frames up to 4u + 3: sample 4u*hop + 3*hop + reach must exist.
         self.lookahead_samples = (self.SUBSAMPLING - 1) * self.hop + self._mel_reach + 1
         self.min_samples = self.samples_per_frame if min_samples is None else int(min_samples)
+        self._direct_mel = hasattr(feature_extractor, "_extract_spectrogram")  # see _mel
         layer = model.layers[0] if len(model.layers) else None
         self._past = config.attention_context_left - 1  # keys a query sees: itself and past - 1 before it
         self._chunk = config.attention_chunk_size
@@ -257,6 +275,9 @@ class Gemma4StreamingEncoder:
         self._constants: list[dict[str, torch.Tensor]] | None = None
         self._masks: dict[tuple[int, bool], torch.Tensor] = {}
         self._clip_bounds: dict[int, tuple] = {}  # per Gemma4ClippableLinear: (input, output) clamp bounds
+        # what a push reads from the modules, resolved on first use (see _product_of, _norm)
+        self._products: dict[int, tuple] = {}  # per linear: (input bounds, output bounds, weight, bias, packed)
+        self._norms: dict[int, tuple] = {}  # per Gemma4RMSNorm: (eps, fp32 weight or None)
 
     @property
     def state_nbytes(self) -> int:
@@ -278,10 +299,22 @@ class Gemma4StreamingEncoder:
         return next(self.model.parameters()).dtype
 
     # ------------------------------------------------------------------ push / flush
-    @torch.no_grad()
     def push(self, wave: np.ndarray) -> torch.Tensor:
         """Append float32 samples ``[S]`` (at ``sampling_rate``) -> embeddings ``[n, D]`` of the frames that
         became final (``n`` may be 0)."""
+        return self._push(wave).clone()  # a normal tensor: the stream computes in inference mode
+
+    def flush(self) -> torch.Tensor:
+        """End of the utterance -> embeddings ``[n, D]`` of the remaining frames, computed as the offline
+        forward computes a clip's last frames (zero mel frames past the end). Fewer than ``min_samples``
+        samples in all give no frame (``model.encode`` refuses such a clip)."""
+        return self._flush().clone()
+
+    # The work runs in inference mode (no autograd bookkeeping: about a tenth of a tiny encoder's push, whose
+    # hundreds of small operations cost more in dispatch than in arithmetic). Its tensors, the state
+    # included, are inference tensors: callers (AudioCodeStream) return normal tensors made outside it.
+    @torch.inference_mode()
+    def _push(self, wave: np.ndarray) -> torch.Tensor:
         if wave.size:
             # a copy either way: the caller may reuse its buffer (audio callbacks do)
             self._wave = np.concatenate([self._wave, wave]) if self._wave.size else wave.copy()
@@ -290,11 +323,8 @@ class Gemma4StreamingEncoder:
         final = self._mel_done // self.SUBSAMPLING
         return self._frames(self.frames_done, final, self._mel_done)
 
-    @torch.no_grad()
-    def flush(self) -> torch.Tensor:
-        """End of the utterance -> embeddings ``[n, D]`` of the remaining frames, computed as the offline
-        forward computes a clip's last frames (zero mel frames past the end). Fewer than ``min_samples``
-        samples in all give no frame (``model.encode`` refuses such a clip)."""
+    @torch.inference_mode()
+    def _flush(self) -> torch.Tensor:
         self._compute_mel()
         if self.num_samples < self.min_samples:
             return self._empty()
@@ -313,10 +343,7 @@ class Gemma4StreamingEncoder:
         skip = min(start, self._mel_skip)
         first = (start - skip) * self.hop  # global sample index of the slice
         piece = self._wave[first - self._wave_start :]
-        feats = self.feature_extractor(
-            [piece], truncation=False, padding="longest", return_attention_mask=True, return_tensors="np"
-        )
-        mel = feats["input_features"][0, skip : skip + stop - start]
+        mel = self._mel(piece, skip + stop - start)[skip:]
         if mel.shape[0] != stop - start:  # pragma: no cover - a feature extractor with other arithmetic
             raise RuntimeError(f"expected {stop - start} mel frames from the feature extractor, got {mel.shape[0]}")
         mel = torch.from_numpy(np.ascontiguousarray(mel)).to(self._device, self._dtype)[None, None]
@@ -329,6 +356,27 @@ class Gemma4StreamingEncoder:
             self._wave = self._wave[keep_from - self._wave_start :].copy()
             self._wave_start = keep_from
 
+    def _mel(self, piece: np.ndarray, frames: int) -> np.ndarray:
+        """The first ``frames`` mel frames ``[frames, bins]`` (float32) of the samples ``piece``, computed by the
+        feature extractor.
+
+        Straight through its spectrogram step (``_extract_spectrogram``: the framing, FFT, mel and log of
+        ``__call__``, without its batching, padding to a multiple of 128 samples and masking, which leave
+        the valid frames as they are): half the time of ``__call__`` for a push's few frames. ``__call__``
+        where that step is missing or gives fewer frames (``_check_against_offline`` compares the result
+        with the offline forward once per model)."""
+        extractor = self.feature_extractor
+        if self._direct_mel:
+            try:
+                mel, _ = extractor._extract_spectrogram(piece[None], np.ones(piece.shape[0], dtype=np.int32))
+                if mel.ndim == 2 and mel.shape[0] >= frames:
+                    return mel[:frames].astype(np.float32, copy=False)
+            except (AttributeError, TypeError, ValueError):  # another transformers version: its public call
+                pass
+            self._direct_mel = False
+        feats = extractor([piece], truncation=False, padding="longest", return_attention_mask=True, return_tensors="np")
+        return feats["input_features"][0, :frames]
+
     def _frames(self, start: int, stop: int, num_mel: int) -> torch.Tensor:
         """Frames ``[start, stop)`` through the subsampling and every layer; ``num_mel`` mel frames are valid
         (at the end of the utterance the frames past them are zeros, as in the offline forward)."""
@@ -340,7 +388,7 @@ class Gemma4StreamingEncoder:
         layer0 = self._stage(sub.layer0, "mel", "l0", 2 * stop, valid=num_mel)
         hidden = self._stage(sub.layer1, "l0", "l1", stop, valid=-(-num_mel // 2), new=layer0)
         hidden = hidden.permute(0, 2, 3, 1).contiguous().reshape(1, stop - start, -1)
-        hidden = _linear(sub.input_proj_linear, hidden)
+        hidden = self._clippable(sub.input_proj_linear, hidden)
         if self._constants is None:
             position_embeddings = self.model.rel_pos_enc(hidden)
             self._constants = [self._layer_constants(layer.self_attn, position_embeddings) for layer in self.model.layers]
@@ -395,24 +443,46 @@ class Gemma4StreamingEncoder:
         clip = min(layer.gradient_clipping, torch.finfo(layer.norm_pre_attn.weight.dtype).max)
         hidden = self._feed_forward(layer.feed_forward1, x)
         residual = hidden
-        hidden = _rms_norm(layer.norm_pre_attn, torch.clamp(hidden, -clip, clip))
+        hidden = self._norm(layer.norm_pre_attn, torch.clamp(hidden, -clip, clip))
         hidden = self._attention(layer.self_attn, hidden, cache, constants, pos)
-        hidden = _rms_norm(layer.norm_post_attn, torch.clamp(hidden, -clip, clip))
+        hidden = self._norm(layer.norm_post_attn, torch.clamp(hidden, -clip, clip))
         hidden += residual
         hidden = self._light_conv(layer.lconv1d, hidden, cache)
         hidden = self._feed_forward(layer.feed_forward2, hidden)
-        return _rms_norm(layer.norm_out, torch.clamp(hidden, -clip, clip))
+        return self._norm(layer.norm_out, torch.clamp(hidden, -clip, clip))
+
+    def _norm(self, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """``Gemma4RMSNorm.forward`` (see [`_rms_norm`]) with its eps and fp32 weight looked up once per stream."""
+        entry = self._norms.get(id(norm))
+        if entry is None:
+            weight = norm.weight.detach().float() if norm.with_scale else None
+            entry = self._norms[id(norm)] = (norm.eps, weight)
+        if x.dtype == torch.float32:
+            return _norm_step(x, *entry)
+        return _norm_step(x.float(), *entry).type_as(x)
+
+    def _product_of(self, module: nn.Module) -> tuple:
+        """(input clamp, output clamp, weight, bias, packed weight or None) of a ``Gemma4ClippableLinear`` or a
+        plain ``nn.Linear``, resolved once per stream: the module look-ups and the packed-weight check cost
+        more than the product of a tiny encoder's few frames."""
+        entry = self._products.get(id(module))
+        if entry is None:
+            plain = isinstance(module, nn.Linear)
+            bounds = (None, None) if plain else _clip_bounds(module)
+            if not plain:
+                self._clip_bounds[id(module)] = bounds
+            linear = module if plain else module.linear
+            packed = _packed_weight(linear)
+            entry = self._products[id(module)] = (*bounds, linear.weight, linear.bias, packed)
+        return entry
 
     def _clippable(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """``Gemma4ClippableLinear.forward``. Clamps to infinite bounds (a checkpoint without clipping values)
-        are identities and are skipped; the product goes through [`_linear`]."""
-        bounds = self._clip_bounds.get(id(module))
-        if bounds is None:
-            bounds = self._clip_bounds[id(module)] = _clip_bounds(module)
-        before, after = bounds
+        """``Gemma4ClippableLinear.forward`` (or ``nn.Linear.forward``). Clamps to infinite bounds (a checkpoint
+        without clipping values) are identities and are skipped; the product goes through [`_product`]."""
+        before, after, weight, bias, packed = self._product_of(module)
         if before is not None:
             x = torch.clamp(x, *before)
-        x = _linear(module.linear, x)
+        x = _product(x, weight, bias, packed)
         if after is not None:
             x = torch.clamp(x, *after)
         return x
@@ -420,9 +490,9 @@ class Gemma4StreamingEncoder:
     def _feed_forward(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """``Gemma4AudioFeedForward.forward``, its products through [`_clippable`]."""
         clip = min(block.gradient_clipping, torch.finfo(x.dtype).max)
-        hidden = _rms_norm(block.pre_layer_norm, torch.clamp(x, -clip, clip))
+        hidden = self._norm(block.pre_layer_norm, torch.clamp(x, -clip, clip))
         hidden = self._clippable(block.ffw_layer_2, block.act_fn(self._clippable(block.ffw_layer_1, hidden)))
-        hidden = _rms_norm(block.post_layer_norm, torch.clamp(hidden, -clip, clip))
+        hidden = self._norm(block.post_layer_norm, torch.clamp(hidden, -clip, clip))
         hidden *= block.post_layer_scale
         hidden += x
         return hidden
@@ -494,7 +564,7 @@ class Gemma4StreamingEncoder:
         """``Gemma4AudioLightConv1d.forward`` on new frames, the causal convolution's left padding replaced
         by the previous frames' inputs."""
         residual = x
-        hidden = self._clippable(conv_block.linear_start, _rms_norm(conv_block.pre_layer_norm, x))
+        hidden = self._clippable(conv_block.linear_start, self._norm(conv_block.pre_layer_norm, x))
         hidden = F.glu(hidden, dim=-1).transpose(1, 2)
         conv = conv_block.depthwise_conv1d
         tail = cache.get("conv")
@@ -504,7 +574,7 @@ class Gemma4StreamingEncoder:
         cache["conv"] = hidden[:, :, hidden.shape[2] - self._conv_tail :].clone()
         hidden = _causal_depthwise(conv, hidden).transpose(1, 2)
         clip = min(conv_block.gradient_clipping, torch.finfo(hidden.dtype).max)
-        hidden = _rms_norm(conv_block.conv_norm, torch.clamp(hidden, -clip, clip))
+        hidden = self._norm(conv_block.conv_norm, torch.clamp(hidden, -clip, clip))
         # contiguous: a transposed [1, n, D] input makes the product a broadcast batched GEMM, 5x slower at
         # full size than the plain one
         hidden = self._clippable(conv_block.linear_end, conv_block.act_fn(hidden).contiguous())
@@ -682,21 +752,39 @@ class AudioCodeStream:
             raise RuntimeError("this stream was flushed: call reset() to start a new utterance")
         wave = _as_samples(samples)
         self.samples_received += int(wave.size)
-        return self._codes(self.encoder.push(self._resampler(wave)))
+        return self._step(self._resampler(wave))
 
     def flush(self) -> torch.Tensor:
         """End the utterance: ``LongTensor [Q, n]``, the codes of every frame not returned yet. An utterance
         shorter than one frame (``model.encode`` would refuse it) gives ``[Q, 0]``."""
         if self.finished:
             raise RuntimeError("this stream was already flushed: call reset() to start a new utterance")
-        tail = self.encoder.push(self._resampler(np.zeros(0, dtype=np.float32), last=True))
-        hidden = torch.cat([tail, self.encoder.flush()])
+        codes = self._step(self._resampler(np.zeros(0, dtype=np.float32), last=True), last=True)
         self.finished = True
-        return self._codes(hidden)
+        return codes
+
+    def _step(self, wave: np.ndarray, last: bool = False) -> torch.Tensor:
+        """Codes ``[Q, n]`` of the frames that ``wave`` (at the encoder's rate) makes final, and of all the
+        remaining ones when ``last``. The exact encoder computes in inference mode (see
+        ``Gemma4StreamingEncoder._push``); the codes returned are a normal tensor made outside it."""
+        if self.exact:
+            encoder = self.encoder
+            with torch.inference_mode():
+                hidden = encoder._push(wave)
+                if last:
+                    hidden = torch.cat([hidden, encoder._flush()])
+                codes = self._codes(hidden)
+        else:
+            hidden = self.encoder.push(wave)
+            if last:
+                hidden = torch.cat([hidden, self.encoder.flush()])
+            codes = self._codes(hidden)
+        return torch.clone(codes.t(), memory_format=torch.contiguous_format)
 
     def _codes(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Codes ``[n, Q]`` of the embeddings ``hidden [n, D]``."""
         if hidden.shape[0] == 0:
-            return torch.zeros(self._levels, 0, dtype=torch.long, device=self.model.device)
+            return torch.zeros(0, self._levels, dtype=torch.long, device=self.model.device)
         # What model.encode(embeddings=hidden[None]) does with an all-valid mask, without its batch wrapping
         # (mask, gather / scatter, output dataclass): a few milliseconds per push, as much as a tiny
         # encoder's layers. The same codes.
@@ -707,7 +795,7 @@ class AudioCodeStream:
         with torch.no_grad():
             codes = model.quantizer.encode(model.project_in(x), self.num_quantizers)  # [n, Q']
         self.frames_emitted += hidden.shape[0]
-        return codes.t().contiguous()
+        return codes
 
 
 class StreamingTokenRenderer:
