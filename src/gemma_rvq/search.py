@@ -424,7 +424,7 @@ class _SearchTables:
         # fp32 re-scoring of int8 candidates: sampled_addmm on CPU (no gathered rows); on other devices the
         # gathered rows, which their fast memory handles well
         self.sparse_rescore = self.device.type == "cpu"
-        self._float64: tuple[Tensor, Tensor] | None = None  # for _search_few, built on first use
+        self._float64: tuple | None = None  # for _search_few, built on first use
         self.int8 = None
         self.stats: SearchStats | None = None
         self.precision = "fp32"
@@ -850,13 +850,14 @@ def _search_block(tables: _SearchTables, x: Tensor, levels: range, step: int, re
 FEW_ROWS_ELEMENTS = 1 << 16
 
 
-def _float64_codebooks(tables: _SearchTables) -> tuple[Tensor, Tensor]:
-    """float64 codebooks ``[Q, K, Dc]`` and ``|c_k|^2/2`` ``[Q, K]`` (exact copies of the fp32 codes), cached
-    on ``tables``."""
+def _float64_codebooks(tables: _SearchTables) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+    """Per level: the float64 codebook ``[1, K, Dc]`` (an exact copy of the fp32 codes), ``|c_k|^2/2`` ``[K]``
+    (float64) and the fp32 codebook ``[K, Dc]``; cached on ``tables``."""
     cached = tables._float64
     if cached is None:
         weight = tables.weight.double()
-        cached = tables._float64 = (weight, 0.5 * weight.square().sum(-1))
+        half = 0.5 * weight.square().sum(-1)
+        cached = tables._float64 = (list(weight.unsqueeze(1)), list(half), list(tables.weight))
     return cached
 
 
@@ -869,17 +870,16 @@ def _search_few(tables: _SearchTables, x: Tensor, levels: range, residual: bool)
     path takes about fifty (GEMM, bound, block maxima, candidates, decision): a stream's push of a few
     frames with a small codebook is dispatch-bound, not compute-bound. The same codes by definition.
     """
-    weight64, half64 = _float64_codebooks(tables)
+    weight64, half64, weight = _float64_codebooks(tables)
     r = x.to(device=tables.device, dtype=torch.float32, copy=True)
-    out = torch.empty(len(levels), r.shape[0], dtype=torch.long, device=tables.device)
+    out = []
     last = len(levels) - 1
     for i, level in enumerate(levels):
-        scores = (r.double()[:, None, :] * weight64[level][None]).sum(-1) - half64[level]  # [n, K]
-        idx = scores.argmax(dim=1)  # the first maximum
-        out[i] = idx
+        scores = torch.mul(r.double().unsqueeze(1), weight64[level]).sum(-1).sub_(half64[level])  # [n, K]
+        out.append(scores.argmax(dim=1))  # the first maximum
         if residual and i < last:
-            r.sub_(tables.weight[level].index_select(0, idx))
-    return out
+            r.sub_(weight[level].index_select(0, out[-1]))
+    return torch.stack(out)
 
 
 def _search(tables: _SearchTables, x: Tensor, levels: range, step: int, residual: bool) -> Tensor:

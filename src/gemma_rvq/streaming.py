@@ -88,25 +88,32 @@ class _Resampler:
 
 
 # ============================================================================================ Gemma 4: exact
-def _causal_depthwise(conv: nn.Conv1d, x: torch.Tensor) -> torch.Tensor:
+def _depthwise_taps(conv: nn.Conv1d) -> list[torch.Tensor]:
+    """The fp32 weights of a depthwise ``conv``'s taps, each ``[1, C, 1]`` (for [`_causal_depthwise`])."""
+    weight = conv.weight.detach()[:, 0].float()  # [C, kernel]
+    return [weight[None, :, tap, None] for tap in range(weight.shape[1])]
+
+
+def _causal_depthwise(conv: nn.Conv1d, x: torch.Tensor, taps: list[torch.Tensor] | None = None) -> torch.Tensor:
     """``conv`` (depthwise, stride 1, no bias) over ``x [B, C, pad + n]`` whose first ``pad`` frames are the
     left context -> ``[B, C, n]``.
 
     On CPU a oneDNN convolution call costs ~1 ms whatever its size, more than the rest of a layer for a few
     frames; the same products summed in the same order (one multiply-add per tap, first tap first: what
-    the convolution computes) cost microseconds. Elsewhere the convolution itself runs.
+    the convolution computes) cost microseconds. Elsewhere the convolution itself runs. ``taps``: the
+    [`_depthwise_taps`] of ``conv``, if the caller holds them.
     """
     kernel = conv.kernel_size[0]
     if x.device.type != "cpu" or conv.bias is not None or conv.stride[0] != 1 or conv.groups != x.shape[1]:
         return nn.Conv1d.forward(conv, x)
     dilation = conv.dilation[0]
     n = x.shape[2] - (kernel - 1) * dilation
-    weight = conv.weight[:, 0].float()  # [C, kernel]
-    source = x.float()
-    out = source[:, :, :n] * weight[None, :, 0, None]
+    taps = _depthwise_taps(conv) if taps is None else taps
+    source = x if x.dtype == torch.float32 else x.float()
+    out = source[:, :, :n] * taps[0]
     for tap in range(1, kernel):
-        out = torch.addcmul(out, source[:, :, tap * dilation : tap * dilation + n], weight[None, :, tap, None])
-    return out.to(x.dtype)
+        out = torch.addcmul(out, source[:, :, tap * dilation : tap * dilation + n], taps[tap])
+    return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
 #: pack the encoder's large fp32 CPU weights for the stream's few-frame products (see ``_packed_weight``);
@@ -183,9 +190,14 @@ def _rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def _norm_step(hidden: torch.Tensor, eps: float, weight: torch.Tensor | None) -> torch.Tensor:
     """``Gemma4RMSNorm`` on fp32 ``hidden`` with its ``eps`` and fp32 ``weight`` (None: no scale): the same
-    operations as [`_rms_norm`] without its dtype round trips and module attribute look-ups."""
-    hidden = hidden * torch.pow(hidden.pow(2).mean(-1, keepdim=True) + eps, -0.5)
-    return hidden * weight if weight is not None else hidden
+    operations as [`_rms_norm`] (in place on temporaries) without its dtype round trips and module look-ups."""
+    hidden = hidden * hidden.pow(2).mean(-1, keepdim=True).add_(eps).pow_(-0.5)
+    return hidden.mul_(weight) if weight is not None else hidden
+
+
+def _fp32(x: torch.Tensor) -> torch.Tensor:
+    """``x.float()`` without the call when ``x`` already is fp32."""
+    return x if x.dtype == torch.float32 else x.float()
 
 
 def _clip_bounds(module: nn.Module) -> tuple[tuple | None, tuple | None]:
@@ -278,6 +290,7 @@ class Gemma4StreamingEncoder:
         # what a push reads from the modules, resolved on first use (see _product_of, _norm)
         self._products: dict[int, tuple] = {}  # per linear: (input bounds, output bounds, weight, bias, packed)
         self._norms: dict[int, tuple] = {}  # per Gemma4RMSNorm: (eps, fp32 weight or None)
+        self._taps: dict[int, list] = {}  # per depthwise convolution: _depthwise_taps
 
     @property
     def state_nbytes(self) -> int:
@@ -504,9 +517,9 @@ class Gemma4StreamingEncoder:
         batch, n, _ = x.shape
         heads, head_dim, chunk, past = attn.num_heads, attn.head_dim, self._chunk, self._past
         shape = (batch, n, heads, head_dim)
-        query = self._clippable(attn.q_proj, x).float().view(shape) * attn.q_scale * constants["query_scale"]
-        key = self._clippable(attn.k_proj, x).float().view(shape) * attn.k_scale
-        value = self._clippable(attn.v_proj, x).float().view(shape)
+        query = _fp32(self._clippable(attn.q_proj, x)).view(shape) * attn.q_scale * constants["query_scale"]
+        key = _fp32(self._clippable(attn.k_proj, x)).view(shape) * attn.k_scale
+        value = _fp32(self._clippable(attn.v_proj, x)).view(shape)
         if "key" in cache:
             key = torch.cat([cache["key"], key], 1)
             value = torch.cat([cache["value"], value], 1)
@@ -516,8 +529,7 @@ class Gemma4StreamingEncoder:
         first_block, stop_block = pos // chunk, (pos + n - 1) // chunk + 1
         blocks = stop_block - first_block
         offset = pos - first_block * chunk  # of the first new query inside the blocks
-        queries = query.new_zeros(batch, blocks * chunk, heads, head_dim)
-        queries[:, offset : offset + n] = query
+        queries = F.pad(query, (0, 0, 0, 0, offset, blocks * chunk - offset - n))  # zero rows around the new ones
         queries = queries.view(batch, blocks, chunk, heads, head_dim)
         # keys/values over frames [first_block*chunk - past, stop_block*chunk): zeros where nothing is
         # attended (before the stream, beyond the cache, in the future), as masked there
@@ -525,12 +537,15 @@ class Gemma4StreamingEncoder:
         span = blocks * chunk + context - chunk
         low = first_block * chunk - past
         begin = max(low, pos - held)
-        keys = key.new_zeros(batch, span, heads, head_dim)
-        values = value.new_zeros(batch, span, heads, head_dim)
-        keys[:, begin - low : pos + n - low] = key[:, begin - (pos - held) :]
-        values[:, begin - low : pos + n - low] = value[:, begin - (pos - held) :]
-        keys = torch.movedim(keys.unfold(1, context, chunk), -1, 2).contiguous()
-        values = torch.movedim(values.unfold(1, context, chunk), -1, 2).contiguous()
+        around = (0, 0, 0, 0, begin - low, low + span - pos - n)
+        keys = F.pad(key[:, begin - (pos - held) :], around)  # [batch, span, heads, head_dim]
+        values = F.pad(value[:, begin - (pos - held) :], around)
+        if blocks == 1:  # the one window is the whole span (what unfold + movedim + contiguous give)
+            keys = keys.view(batch, 1, context, heads, head_dim)
+            values = values.view(batch, 1, context, heads, head_dim)
+        else:
+            keys = torch.movedim(keys.unfold(1, context, chunk), -1, 2).contiguous()
+            values = torch.movedim(values.unfold(1, context, chunk), -1, 2).contiguous()
 
         queries = queries.permute(0, 3, 1, 2, 4)
         matrix_ac = queries @ keys.permute(0, 3, 1, 4, 2)
@@ -538,10 +553,10 @@ class Gemma4StreamingEncoder:
         matrix_bd = attn._rel_shift(matrix_bd.reshape(batch, heads, blocks, chunk, -1))
         weights = torch.tanh((matrix_ac + matrix_bd) / attn.softcap) * attn.softcap
         weights = weights.masked_fill(self._mask(first_block, blocks, weights.device), attn.config.attention_invalid_logits_value)
-        weights = F.softmax(weights, dim=-1, dtype=torch.float32).to(values.dtype)
+        weights = F.softmax(weights, dim=-1, dtype=torch.float32)  # values are fp32
         out = weights @ values.permute(0, 3, 1, 2, 4)
         out = out.permute(0, 2, 3, 1, 4).reshape(batch, blocks * chunk, -1)[:, offset : offset + n]
-        return self._clippable(attn.post, out.to(x.dtype))
+        return self._clippable(attn.post, out if out.dtype == x.dtype else out.to(x.dtype))
 
     def _mask(self, first_block: int, blocks: int, device: torch.device) -> torch.Tensor:
         """True where a query may NOT attend: ``[1, 1, blocks, chunk, context]`` (only the stream's first
@@ -572,7 +587,10 @@ class Gemma4StreamingEncoder:
             tail = hidden.new_zeros(hidden.shape[0], hidden.shape[1], self._conv_tail)
         hidden = torch.cat([tail, hidden], dim=2)
         cache["conv"] = hidden[:, :, hidden.shape[2] - self._conv_tail :].clone()
-        hidden = _causal_depthwise(conv, hidden).transpose(1, 2)
+        taps = self._taps.get(id(conv))
+        if taps is None:
+            taps = self._taps[id(conv)] = _depthwise_taps(conv)
+        hidden = _causal_depthwise(conv, hidden, taps).transpose(1, 2)
         clip = min(conv_block.gradient_clipping, torch.finfo(hidden.dtype).max)
         hidden = self._norm(conv_block.conv_norm, torch.clamp(hidden, -clip, clip))
         # contiguous: a transposed [1, n, D] input makes the product a broadcast batched GEMM, 5x slower at
