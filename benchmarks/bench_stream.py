@@ -18,6 +18,7 @@ stream. It prints one line per measurement and writes JSON to ``--out``.
 
     python benchmarks/bench_stream.py                                  # tiny Gemma 4, 20 s, CPU
     python benchmarks/bench_stream.py --size full --seconds 8 --chunk-ms 160 640 2000 --roofline
+    python benchmarks/bench_stream.py --size full --seconds 4 --chunk-ms 160 --batch 1 4 8  # StreamBatch
     python benchmarks/bench_stream.py --family hubert --lookahead-ms 500 --chunk-ms 160   # windowed
     python benchmarks/bench_stream.py --model ./my-rvq --seconds 30                       # a real checkpoint
     python benchmarks/bench_stream.py --check --device cuda --out stream_check.json
@@ -220,6 +221,39 @@ def compare(model, wave, device, chunkings, repeats, log, label="", **kwargs) ->
     return rows
 
 
+def batch_compare(model, seconds: float, counts: list[int], chunk_ms: float, repeats: int, log) -> list[dict]:
+    """``StreamBatch`` of ``n`` utterances (different clips of ``seconds``) pushed in ``chunk_ms`` chunks, for each
+    ``n`` in ``counts``: cost per utterance against one offline encode (best of ``repeats``, timed just before),
+    agreement of every utterance's codes with its offline ones, and the near-tie gap of any differing frame."""
+    from gemma_rvq.streaming import StreamBatch
+
+    waves = np.stack([speech(seconds, seed=s) for s in range(max(counts))])
+    offline_runs = [offline(model, w, "cpu", 1) for w in waves]
+    chunk = max(1, round(chunk_ms * SR / 1000))
+    rows = []
+    for n in counts:
+        offline_s, offline_cpu, _, _ = offline(model, waves[0], "cpu", repeats)
+        batch = StreamBatch(model, n, SR)
+        start, start_cpu = time.perf_counter(), time.process_time()
+        pieces = [batch.push(waves[:n, i : i + chunk]) for i in range(0, waves.shape[1], chunk)] + [batch.flush()]
+        total, total_cpu = time.perf_counter() - start, time.process_time() - start_cpu
+        codes = torch.cat(pieces, 2)
+        agree, gaps = [], []
+        for b in range(n):
+            _, _, ref, emb = offline_runs[b]
+            agree.append(float((codes[b] == ref).float().mean()))
+            gaps += near_ties(model, emb, ref, codes[b])
+        row = {"streams": n, "chunk_ms": chunk_ms, "seconds": total, "cpu_seconds": total_cpu,
+               "cost_ratio_per_stream": total / n / offline_s, "cpu_ratio_per_stream": total_cpu / n / offline_cpu,
+               "push_ms": total / len(pieces) * 1000, "agreement": float(np.mean(agree)),
+               "differing_frames": len(gaps), "max_gap": max(gaps, default=0.0)}
+        rows.append(row)
+        log(f"batch of {n:2d} streams, {chunk_ms:g} ms chunks: cost per stream {row['cost_ratio_per_stream']:5.2f}x offline "
+            f"(CPU time {row['cpu_ratio_per_stream']:.2f}x), push {row['push_ms']:.1f} ms for all {n}, agreement "
+            f"{row['agreement']:.5f}, {len(gaps)} differing frames (max gap {row['max_gap']:.1e})")
+    return rows
+
+
 def memory_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> tuple[float, float]:
     """Read bandwidth of one thread in bytes per second of wall time and of process CPU time: best of
     ``repeats`` sums over ``nbytes`` of fp32 (larger than any cache; a sum does one add per 4 bytes read, far
@@ -360,6 +394,8 @@ def main() -> None:
     parser.add_argument("--memory", action="store_true", help="also: peak memory of 1 min vs 10 min offline")
     parser.add_argument("--roofline", action="store_true",
                         help="also: memory bandwidth and the lowest possible per-push time (weights / bandwidth)")
+    parser.add_argument("--batch", type=int, nargs="*", default=None,
+                        help="also: StreamBatch of each number of streams (e.g. 1 4 8) at the first --chunk-ms")
     parser.add_argument("--check", action="store_true", help="the CUDA check (see above)")
     parser.add_argument("--check-sizes", nargs="*", default=["tiny", "full"], help="--check: encoder sizes")
     parser.add_argument("--out", default=None, help="write the results as JSON")
@@ -384,11 +420,16 @@ def main() -> None:
             off_flops, stream_flops = flops(model, speech(5.0), 2560)
             print(f"FLOPs (5 s, 160 ms chunks): stream / offline = {stream_flops / off_flops:.3f}")
         memory = long_audio_memory(model, args.device, print) if args.memory else None
+        batches = None
+        if args.batch:
+            first = next((c for c in chunkings if c != "random"), 160.0)
+            batches = batch_compare(model, args.seconds, args.batch, float(first), args.repeats, print)
         bound = roofline(model, rows, args.seconds, print) if args.roofline and args.device == "cpu" else None
     print(f"load average after: {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else "", flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps({"rows": rows, "flops_ratio": stream_flops / off_flops,
-                                              "memory": memory, "roofline": bound}, indent=1, default=str))
+                                              "memory": memory, "roofline": bound, "batches": batches}, indent=1,
+                                             default=str))
 
 
 if __name__ == "__main__":

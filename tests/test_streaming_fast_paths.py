@@ -144,3 +144,84 @@ def test_depthwise_taps_equal_the_convolution(make_speech):
     taps = streaming._depthwise_taps(conv)
     torch.testing.assert_close(streaming._causal_depthwise(conv, x, taps), conv(x), rtol=1e-6, atol=1e-6)
     assert torch.equal(streaming._causal_depthwise(conv, x, taps), streaming._causal_depthwise(conv, x))
+
+
+# ------------------------------------------------------------------------------ several streams per forward
+def _push_batch(batch, waves: np.ndarray, sizes: list[int]) -> torch.Tensor:
+    """Push ``waves [B, S]`` in chunks of ``sizes`` (cycled) -> codes ``[B, Q, T]``."""
+    pieces, i, k = [], 0, 0
+    while i < waves.shape[1]:
+        size = sizes[k % len(sizes)]
+        pieces.append(batch.push(waves[:, i : i + size]))
+        i, k = i + size, k + 1
+    pieces.append(batch.flush())
+    assert all(not p.is_inference() and p.shape[:2] == (waves.shape[0], batch._levels) for p in pieces)
+    return torch.cat(pieces, 2)
+
+
+def test_stream_batch_codes_equal_each_utterances_offline_codes(tiny_gemma4_rvq, make_speech):
+    from gemma_rvq.streaming import StreamBatch
+
+    model = tiny_gemma4_rvq
+    waves = np.stack([make_speech(2.3, SR, seed=40 + b) for b in range(3)])
+    references = [model.encode(w, sampling_rate=SR).audio_codes[0] for w in waves]
+    rng = np.random.default_rng(2)
+    edge = [1] * 400 + [4000] * ((waves.shape[1] - 800) // 4000) + [(waves.shape[1] - 800) % 4000] + [1] * 400
+    batch = StreamBatch(model, 3, sampling_rate=SR)
+    for sizes in ([2560], rng.integers(1, 6000, size=40).tolist(), edge):
+        codes = _push_batch(batch, waves, sizes)
+        for b in range(3):
+            assert torch.equal(codes[b], references[b]), (sizes[:3], b)
+        batch.reset()
+    assert batch.lookahead_ms == pytest.approx(40.0625)
+    # one utterance in a batch of one: the single stream's codes
+    single = StreamBatch(model, 1, sampling_rate=SR)
+    assert torch.equal(_push_batch(single, waves[:1], [2560])[0], references[0])
+
+
+def test_stream_batch_resamples_and_flushes_short_utterances(tiny_gemma4_rvq, make_speech):
+    from gemma_rvq.streaming import StreamBatch
+
+    model = tiny_gemma4_rvq
+    waves = np.stack([make_speech(1.2, 22050, seed=50 + b) for b in range(2)])
+    batch = StreamBatch(model, 2, sampling_rate=22050, num_quantizers=1)
+    codes = _push_batch(batch, waves, [3528])
+    for b in range(2):
+        assert torch.equal(codes[b], model.encode(waves[b], sampling_rate=22050).audio_codes[0][:1])
+    short = StreamBatch(model, 2, sampling_rate=SR)
+    short.push(np.zeros((2, 100), dtype=np.float32))
+    assert short.state_nbytes >= 2 * 100 * 4
+    assert tuple(short.flush().shape) == (2, 2, 0)  # shorter than one frame: no frame (encode refuses it)
+
+
+def test_stream_batch_refusals(tiny_gemma4_rvq, tiny_hubert_rvq):
+    from gemma_rvq.streaming import StreamBatch
+
+    with pytest.raises(ValueError, match="batch_size"):
+        StreamBatch(tiny_gemma4_rvq, 0, sampling_rate=SR)
+    with pytest.raises(ValueError, match="Gemma 4"):
+        StreamBatch(tiny_hubert_rvq, 2, sampling_rate=SR)
+    with pytest.raises(ValueError, match="num_quantizers"):
+        StreamBatch(tiny_gemma4_rvq, 2, sampling_rate=SR, num_quantizers=5)
+    batch = StreamBatch(tiny_gemma4_rvq, 2, sampling_rate=SR)
+    with pytest.raises(ValueError, match=r"\[2, S\]"):
+        batch.push(np.zeros(100, dtype=np.float32))
+    with pytest.raises(ValueError, match=r"\[2, S\]"):
+        batch.push(np.zeros((3, 100), dtype=np.float32))
+    with pytest.raises(ValueError, match=r"samples\[1\]"):
+        batch.push(np.array([[0.0, 0.1], [np.nan, 0.0]], dtype=np.float32))
+    batch.reset()
+    batch.flush()
+    with pytest.raises(RuntimeError, match="flushed"):
+        batch.push(np.zeros((2, 10), dtype=np.float32))
+
+
+def test_bench_stream_measures_stream_batches(tiny_gemma4_rvq):
+    """``bench_stream.py --batch``: the per-stream cost and agreement of a StreamBatch of each size."""
+    from conftest import load_script
+
+    bench = load_script("benchmarks/bench_stream.py")
+    lines: list[str] = []
+    rows = bench.batch_compare(tiny_gemma4_rvq, 1.0, [1, 2], 160.0, 1, lines.append)
+    assert [row["streams"] for row in rows] == [1, 2] and len(lines) == 2
+    assert all(row["agreement"] == 1.0 and row["cpu_ratio_per_stream"] > 0 for row in rows)

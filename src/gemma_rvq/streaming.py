@@ -230,12 +230,16 @@ class Gemma4StreamingEncoder:
         feature_extractor: its ``Gemma4AudioFeatureExtractor``.
         min_samples: fewest samples an utterance needs to give frames (``model.encode`` refuses shorter
             audio); default: one frame.
+        batch_size: None for one utterance (``push`` takes ``[S]``, returns ``[n, D]``); ``B`` for ``B``
+            utterances pushed in lockstep, the same number of samples each push (``push`` takes ``[B, S]``,
+            returns ``[B, n, D]``): one pass over the weights serves all of them (see [`StreamBatch`]).
     """
 
     #: output frames per mel frame (two stride-2 convolutions)
     SUBSAMPLING = 4
 
-    def __init__(self, model: nn.Module, feature_extractor: Any, min_samples: int | None = None) -> None:
+    def __init__(self, model: nn.Module, feature_extractor: Any, min_samples: int | None = None,
+                 batch_size: int | None = None) -> None:
         config = model.config
         if getattr(config, "attention_context_right", 0) != 0:
             raise ValueError(
@@ -253,6 +257,8 @@ class Gemma4StreamingEncoder:
             raise ValueError("the feature extractor adds random dither (dither > 0): its features are not reproducible")
         self.model = model
         self.feature_extractor = feature_extractor
+        self.batch_size = batch_size
+        self._rows = 1 if batch_size is None else int(batch_size)  # utterances computed together
         self.sampling_rate = int(feature_extractor.sampling_rate)
         self.hop = int(feature_extractor.hop_length)
         self.samples_per_frame = self.hop * self.SUBSAMPLING
@@ -274,10 +280,10 @@ class Gemma4StreamingEncoder:
     # ------------------------------------------------------------------ state
     def reset(self) -> None:
         """Forget the utterance: the next push starts a new one."""
-        self._wave = np.zeros(0, dtype=np.float32)  # samples from global index _wave_start on
+        self._wave = np.zeros((self._rows, 0), dtype=np.float32)  # [B, samples] from global index _wave_start on
         self._wave_start = 0
-        self.num_samples = 0  # samples received (at `sampling_rate`)
-        # subsampling inputs not consumed yet, [1, C, frames, F] from a global frame index on
+        self.num_samples = 0  # samples received (at `sampling_rate`), per utterance
+        # subsampling inputs not consumed yet, [B, C, frames, F] from a global frame index on
         self._buffers: dict[str, tuple[torch.Tensor | None, int]] = {"mel": (None, 0), "l0": (None, 0)}
         self._done = {"l0": 0, "l1": 0}  # frames made by each subsampling convolution
         self._mel_done = 0  # mel frames computed
@@ -313,25 +319,34 @@ class Gemma4StreamingEncoder:
 
     # ------------------------------------------------------------------ push / flush
     def push(self, wave: np.ndarray) -> torch.Tensor:
-        """Append float32 samples ``[S]`` (at ``sampling_rate``) -> embeddings ``[n, D]`` of the frames that
-        became final (``n`` may be 0)."""
-        return self._push(wave).clone()  # a normal tensor: the stream computes in inference mode
+        """Append float32 samples ``[S]`` (``[B, S]`` with ``batch_size``; at ``sampling_rate``) -> embeddings
+        ``[n, D]`` (``[B, n, D]``) of the frames that became final (``n`` may be 0)."""
+        return self._unbatch(self._push(wave)).clone()  # a normal tensor: the stream computes in inference mode
 
     def flush(self) -> torch.Tensor:
-        """End of the utterance -> embeddings ``[n, D]`` of the remaining frames, computed as the offline
-        forward computes a clip's last frames (zero mel frames past the end). Fewer than ``min_samples``
-        samples in all give no frame (``model.encode`` refuses such a clip)."""
-        return self._flush().clone()
+        """End of the utterance -> embeddings ``[n, D]`` (``[B, n, D]``) of the remaining frames, computed as
+        the offline forward computes a clip's last frames (zero mel frames past the end). Fewer than
+        ``min_samples`` samples in all give no frame (``model.encode`` refuses such a clip)."""
+        return self._unbatch(self._flush()).clone()
+
+    def _unbatch(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``[B, n, D]`` -> ``[n, D]`` for a single utterance (``batch_size`` None)."""
+        return hidden[0] if self.batch_size is None else hidden
 
     # The work runs in inference mode (no autograd bookkeeping: about a tenth of a tiny encoder's push, whose
     # hundreds of small operations cost more in dispatch than in arithmetic). Its tensors, the state
     # included, are inference tensors: callers (AudioCodeStream) return normal tensors made outside it.
     @torch.inference_mode()
     def _push(self, wave: np.ndarray) -> torch.Tensor:
+        """``wave [S]`` or ``[B, S]`` -> ``[B, n, D]``."""
+        if self.batch_size is not None and (wave.ndim != 2 or wave.shape[0] != self.batch_size):
+            raise ValueError(f"a batch of {self.batch_size} streams takes samples [{self.batch_size}, S], got "
+                             f"shape {tuple(wave.shape)}")
+        wave = wave.reshape(self._rows, -1)
         if wave.size:
             # a copy either way: the caller may reuse its buffer (audio callbacks do)
-            self._wave = np.concatenate([self._wave, wave]) if self._wave.size else wave.copy()
-            self.num_samples += int(wave.size)
+            self._wave = np.concatenate([self._wave, wave], axis=1) if self._wave.size else wave.copy()
+            self.num_samples += wave.shape[1]
         self._compute_mel()
         final = self._mel_done // self.SUBSAMPLING
         return self._frames(self.frames_done, final, self._mel_done)
@@ -345,7 +360,7 @@ class Gemma4StreamingEncoder:
         return self._frames(self.frames_done, total, self._mel_done)
 
     def _empty(self) -> torch.Tensor:
-        return torch.zeros(0, self.model.config.hidden_size, device=self._device, dtype=self._dtype)
+        return torch.zeros(self._rows, 0, self.model.config.hidden_size, device=self._device, dtype=self._dtype)
 
     def _compute_mel(self) -> None:
         """Mel frames for every sample received, through the model's own feature extractor."""
@@ -355,18 +370,18 @@ class Gemma4StreamingEncoder:
             return
         skip = min(start, self._mel_skip)
         first = (start - skip) * self.hop  # global sample index of the slice
-        piece = self._wave[first - self._wave_start :]
-        mel = self._mel(piece, skip + stop - start)[skip:]
-        if mel.shape[0] != stop - start:  # pragma: no cover - a feature extractor with other arithmetic
-            raise RuntimeError(f"expected {stop - start} mel frames from the feature extractor, got {mel.shape[0]}")
-        mel = torch.from_numpy(np.ascontiguousarray(mel)).to(self._device, self._dtype)[None, None]
+        piece = self._wave[:, first - self._wave_start :]
+        mel = np.stack([self._mel(row, skip + stop - start)[skip:] for row in piece])  # [B, frames, bins]
+        if mel.shape[1] != stop - start:  # pragma: no cover - a feature extractor with other arithmetic
+            raise RuntimeError(f"expected {stop - start} mel frames from the feature extractor, got {mel.shape[1]}")
+        mel = torch.from_numpy(mel).to(self._device, self._dtype)[:, None]
         buffer, origin = self._buffers["mel"]
         self._buffers["mel"] = (mel if buffer is None else torch.cat([buffer, mel], dim=2), origin)
         self._mel_done = stop
         # keep the samples the next mel frame starts from
         keep_from = max(0, (stop - self._mel_skip) * self.hop)
         if keep_from > self._wave_start:
-            self._wave = self._wave[keep_from - self._wave_start :].copy()
+            self._wave = self._wave[:, keep_from - self._wave_start :].copy()
             self._wave_start = keep_from
 
     def _mel(self, piece: np.ndarray, frames: int) -> np.ndarray:
@@ -400,7 +415,7 @@ class Gemma4StreamingEncoder:
         # computed once, from the previous stage's frames kept in a buffer (one frame of left context).
         layer0 = self._stage(sub.layer0, "mel", "l0", 2 * stop, valid=num_mel)
         hidden = self._stage(sub.layer1, "l0", "l1", stop, valid=-(-num_mel // 2), new=layer0)
-        hidden = hidden.permute(0, 2, 3, 1).contiguous().reshape(1, stop - start, -1)
+        hidden = hidden.permute(0, 2, 3, 1).contiguous().reshape(self._rows, stop - start, -1)
         hidden = self._clippable(sub.input_proj_linear, hidden)
         if self._constants is None:
             position_embeddings = self.model.rel_pos_enc(hidden)
@@ -408,7 +423,7 @@ class Gemma4StreamingEncoder:
         for layer, cache, constants in zip(self.model.layers, self._caches, self._constants):
             hidden = self._layer(layer, hidden, cache, constants, start)
         self.frames_done = stop
-        return hidden[0]
+        return hidden
 
     def _stage(self, layer: nn.Module, source: str, target: str, stop: int, valid: int,
                new: torch.Tensor | None = None) -> torch.Tensor:
@@ -816,6 +831,113 @@ class AudioCodeStream:
         return codes
 
 
+class StreamBatch:
+    """``B`` utterances streamed together through a Gemma 4 [`GemmaRVQModel`], in lockstep: every ``push``
+    gives each of them the same number of samples, and one pass over the encoder's weights computes the new
+    frames of all of them.
+
+    A single stream's push is bound by reading every weight once (the full-size encoder: 1.2 GB per push in
+    fp32) or by the dispatch of a few hundred small operations (small encoders); a batch pays either once for
+    ``B`` streams. For synchronised sources: the channels of a multi-microphone recording, or calls that a
+    server collects on one clock (streams that start later open a batch of their own, or wait for one).
+    Each utterance's codes are those of ``model.encode`` of its own clip (float near-ties aside), as with
+    [`AudioCodeStream`].
+
+    ```python
+    batch = StreamBatch(model, 4, sampling_rate=16000)
+    codes = batch.push(chunks)     # chunks [4, S] -> LongTensor [4, Q, n]
+    codes = batch.flush()          # the rest of every utterance
+    ```
+
+    Args:
+        model: a [`GemmaRVQModel`] with a Gemma 4 audio encoder (the exact stream).
+        batch_size: number of utterances ``B``.
+        sampling_rate: rate of the pushed samples (resampled to the model's rate on the fly, per utterance).
+        num_quantizers: emit only the first levels (default: all).
+    """
+
+    def __init__(self, model: nn.Module, batch_size: int, sampling_rate: Any, num_quantizers: int | None = None) -> None:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        if model.config.encoder_family != "gemma4_audio":
+            raise ValueError(
+                f"StreamBatch streams exactly and needs a Gemma 4 audio encoder, not {model.config.encoder_family!r}; "
+                "open one model.stream(..., lookahead_ms=...) per utterance for bidirectional encoders"
+            )
+        self.sampling_rate = check_sampling_rate(sampling_rate)
+        _check_num_quantizers(model, num_quantizers)
+        adapter = model._encoder_adapter()
+        _check_against_offline(Gemma4StreamingEncoder(adapter.model, adapter.feature_extractor, adapter.min_samples),
+                               adapter)
+        self.model = model
+        self.batch_size = batch_size
+        self.encoder = Gemma4StreamingEncoder(adapter.model, adapter.feature_extractor, adapter.min_samples, batch_size)
+        self.num_quantizers = num_quantizers
+        self._levels = model.config.num_quantizers if num_quantizers is None else num_quantizers
+        self.frame_rate = self.encoder.sampling_rate / self.encoder.samples_per_frame
+        self.lookahead_ms = 1000.0 * self.encoder.lookahead_samples / self.encoder.sampling_rate
+        self.reset()
+
+    def reset(self) -> None:
+        """Start new utterances (after ``flush``, or to drop the current ones)."""
+        self.encoder.reset()
+        self._resamplers = [_Resampler(self.sampling_rate, self.encoder.sampling_rate) for _ in range(self.batch_size)]
+        self.frames_emitted = 0
+        self.samples_received = 0
+        self.finished = False
+
+    @property
+    def state_nbytes(self) -> int:
+        """Bytes of audio, features and per-layer caches held for all ``B`` utterances."""
+        return self.encoder.state_nbytes
+
+    def _samples(self, samples: Any) -> np.ndarray:
+        """``[B, S]`` chunks -> float32 ``[B, S']`` at the encoder's rate (every row read as ``push`` reads one)."""
+        shape = tuple(getattr(samples, "shape", np.shape(samples)))
+        if len(shape) != 2 or shape[0] != self.batch_size:
+            raise ValueError(f"push takes one chunk per utterance, [{self.batch_size}, S]; got shape {shape}")
+        rows = [_as_samples(samples[b], name=f"samples[{b}]") for b in range(self.batch_size)]
+        self.samples_received += int(rows[0].size)
+        return np.stack([resample(row) for resample, row in zip(self._resamplers, rows)])
+
+    def push(self, samples: Any) -> torch.Tensor:
+        """Append one chunk per utterance, ``[B, S]`` (float or integer PCM at ``sampling_rate``).
+
+        Returns:
+            ``LongTensor [B, Q, n]``: codes of the frames that became final with this chunk (``n`` may be 0).
+        """
+        if self.finished:
+            raise RuntimeError("this stream batch was flushed: call reset() to start new utterances")
+        return self._step(self._samples(samples))
+
+    def flush(self) -> torch.Tensor:
+        """End the utterances: ``LongTensor [B, Q, n]``, the codes of every frame not returned yet."""
+        if self.finished:
+            raise RuntimeError("this stream batch was already flushed: call reset() to start new utterances")
+        tail = np.stack([resample(np.zeros(0, dtype=np.float32), last=True) for resample in self._resamplers])
+        codes = self._step(tail, last=True)
+        self.finished = True
+        return codes
+
+    def _step(self, wave: np.ndarray, last: bool = False) -> torch.Tensor:
+        """``wave [B, S]`` at the encoder's rate -> codes ``[B, Q, n]`` (a normal tensor, as in ``AudioCodeStream``)."""
+        batch, model = self.batch_size, self.model
+        with torch.inference_mode():
+            hidden = self.encoder._push(wave)
+            if last:
+                hidden = torch.cat([hidden, self.encoder._flush()], dim=1)
+            n = hidden.shape[1]
+            if n == 0:
+                codes = torch.zeros(batch, 0, self._levels, dtype=torch.long, device=model.device)
+            else:
+                x = hidden.reshape(batch * n, -1).to(model._param_dtype())
+                if not bool(torch.isfinite(x).all()):
+                    raise ValueError("the encoder gave NaN or infinite embeddings for this chunk")
+                codes = model.quantizer.encode(model.project_in(x), self.num_quantizers).view(batch, n, -1)
+        self.frames_emitted += n
+        return torch.clone(codes.permute(0, 2, 1), memory_format=torch.contiguous_format)
+
+
 class StreamingTokenRenderer:
     """Renders codes ``[Q, n]`` that arrive in pieces with a [`SemanticTokenFormat`]: the concatenation of
     every ``feed`` and the final ``close`` equals ``format.render`` of all the codes at once.
@@ -972,6 +1094,14 @@ def _check_against_offline(encoder: Gemma4StreamingEncoder, adapter: Any) -> Non
     model._gemma_rvq_stream_checked = True
 
 
+def _check_num_quantizers(model: nn.Module, num_quantizers: Any) -> None:
+    if num_quantizers is not None and (
+        isinstance(num_quantizers, bool) or not isinstance(num_quantizers, int)
+        or not 1 <= num_quantizers <= model.config.num_quantizers
+    ):
+        raise ValueError(f"num_quantizers must be an int in [1, {model.config.num_quantizers}], got {num_quantizers!r}")
+
+
 def open_stream(
     model: nn.Module,
     sampling_rate: Any,
@@ -983,11 +1113,7 @@ def open_stream(
 ) -> AudioCodeStream | TokenStream:
     """The stream behind [`GemmaRVQModel.stream`] (see there)."""
     rate = check_sampling_rate(sampling_rate)
-    if num_quantizers is not None and (
-        isinstance(num_quantizers, bool) or not isinstance(num_quantizers, int)
-        or not 1 <= num_quantizers <= model.config.num_quantizers
-    ):
-        raise ValueError(f"num_quantizers must be an int in [1, {model.config.num_quantizers}], got {num_quantizers!r}")
+    _check_num_quantizers(model, num_quantizers)
     family = model.config.encoder_family
     adapter = model._encoder_adapter()
     if family == "gemma4_audio":
@@ -1027,6 +1153,7 @@ def open_stream(
 __all__ = [
     "AudioCodeStream",
     "Gemma4StreamingEncoder",
+    "StreamBatch",
     "StreamingTokenRenderer",
     "TokenStream",
     "WindowedStreamingEncoder",
