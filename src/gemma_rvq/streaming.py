@@ -222,6 +222,8 @@ class Gemma4StreamingEncoder:
     per-layer caches: attention keys/values of the last ``attention_context_left - 1`` frames and the
     depthwise convolution's input tail (``conv_kernel_size - 1`` frames). Memory is bounded by that context,
     not the stream length. Not thread-safe; keep the model on one device and dtype while a stream is open.
+    What a push reads from the modules (norm weights, clamp bounds, packed weights) is looked up once per
+    utterance: after changing the weights, ``reset()`` (or open a new stream).
     On CPU the large fp32 weights are multiplied through copies packed once by oneDNN (``PACK_WEIGHTS``):
     a push reads every weight, and the packed product of a few frames reads it at the memory bandwidth.
 
@@ -803,9 +805,9 @@ class AudioCodeStream:
         if self.exact:
             encoder = self.encoder
             with torch.inference_mode():
-                hidden = encoder._push(wave)
+                hidden = encoder._unbatch(encoder._push(wave))
                 if last:
-                    hidden = torch.cat([hidden, encoder._flush()])
+                    hidden = torch.cat([hidden, encoder._unbatch(encoder._flush())])
                 codes = self._codes(hidden)
         else:
             hidden = self.encoder.push(wave)
