@@ -14,6 +14,11 @@ Outputs:
   "file", "voice", "split"}``. Spoken rows point to a clip of the instruction; text-only rows have
   ``"file": null`` (stage 2 turns those into semantic tokens). ``split == "dev"`` rows are spoken by the
   held-out voice (the demo's unseen spoken prompt).
+* with ``--distill-benchmark``, instead: the spoken-question set of ``benchmarks/bench_distill.py --data
+  speech`` (:func:`generate_distill_benchmark`): the 24 questions of ``INSTRUCTIONS`` spoken by 12 voices,
+  16 kHz FLAC, ``metadata.jsonl`` rows ``{"id", "file", "question", "instruction", "response", "language",
+  "voice", "variant", "speed", "pitch", "split", "duration"}`` where ``split`` (``teacher``, ``dev``,
+  ``test``, ``transfer``) is fixed by the voice, so no voice is in two splits.
 * ``words.jsonl``: word timings of every clip ``{"id", "file", "words": [{"word", "start", "end"}]}``
   (seconds in the clip), read from espeak-ng's own word and phoneme events while it speaks (through
   libespeak-ng), so the clips themselves are exactly those of the command line.
@@ -23,6 +28,7 @@ Usage::
     python scripts/make_corpus.py --out data/corpus              # the committed corpus
     python scripts/make_corpus.py --out /tmp/big --utterances-per-language 100 --seed 1  # ~38 min
     python scripts/make_corpus.py --out data/corpus --word-timings-only   # add words.jsonl, clips unchanged
+    python scripts/make_corpus.py --distill-benchmark --out data/distill_speech   # benchmarks/bench_distill.py
 
 Benchmarks import it::
 
@@ -515,6 +521,76 @@ def generate_corpus(out_dir: str | os.PathLike, n_utterances_per_lang: int | Non
     return rows
 
 
+# ---------------------------------------------------------------------------------------------- distillation set
+# The spoken-question set of benchmarks/bench_distill.py --data speech: every question of INSTRUCTIONS (12 en,
+# 12 sw) in every voice below. A voice is an espeak-ng variant with its own speed (wpm) and pitch, and belongs to
+# one split only; fast speech (220-245 wpm) keeps the folder small. The students' labelled voices are m3 and f3 (the committed corpus' train voices); the
+# benchmark picks its rows from the teacher split.
+DISTILL_VOICES: dict[str, tuple[tuple[str, int, int], ...]] = {
+    "teacher": (("m1", 225, 45), ("m2", 240, 55), ("m3", 230, 50), ("f1", 235, 50), ("f2", 220, 60),
+                ("f3", 230, 50)),
+    "dev": (("m4", 235, 40), ("f4", 225, 55)),
+    "test": (("m5", 230, 45), ("f5", 240, 50)),
+    "transfer": (("m6", 220, 50), ("m7", 245, 45)),
+}
+DISTILL_SAMPLE_RATE = 16000
+
+
+def distill_benchmark_specs() -> list[dict]:
+    """The rows of the distillation benchmark set (no espeak needed): every question in every voice."""
+    rows = []
+    for split, voices in DISTILL_VOICES.items():
+        for variant, speed, pitch in voices:
+            for lang, pairs in INSTRUCTIONS.items():
+                for i, (instruction, response) in enumerate(pairs):
+                    clip_id = f"{lang}_q{i:02d}_{variant}"
+                    rows.append({"id": clip_id, "file": f"clips/{clip_id}.flac",
+                                 "question": f"{lang}_{i:02d}", "instruction": instruction, "response": response,
+                                 "language": lang, "voice": f"{LANGUAGES[lang]}+{variant}", "variant": variant,
+                                 "speed": speed, "pitch": pitch, "split": split})
+    return rows
+
+
+def generate_distill_benchmark(out_dir: str | os.PathLike, *, workers: int | None = None, progress: bool = True,
+                               specs: Sequence[dict] | None = None) -> list[dict]:
+    """Synthesise :func:`distill_benchmark_specs` (or the given ``specs`` of it) into ``out_dir`` (``clips/`` +
+    ``metadata.jsonl``), 16 kHz.
+
+    espeak-ng speaks at 22.05 kHz; each clip is trimmed (:func:`trim_silence`) and resampled to 16 kHz
+    (polyphase, ``scipy.signal.resample_poly``) to keep the committed folder small. Returns the rows written.
+    """
+    from math import gcd
+
+    from scipy.signal import resample_poly
+
+    out = Path(out_dir)
+    (out / "clips").mkdir(parents=True, exist_ok=True)
+    common = gcd(DISTILL_SAMPLE_RATE, SAMPLE_RATE)
+
+    def job(row: dict) -> dict:
+        wave, _ = synthesize(row["instruction"], row["voice"], speed=row["speed"], pitch=row["pitch"])
+        resampled = resample_poly(wave.astype(np.float64), DISTILL_SAMPLE_RATE // common, SAMPLE_RATE // common)
+        clip = np.clip(np.round(resampled), -32768, 32767).astype(np.int16)
+        _write_clip(out / row["file"], clip, DISTILL_SAMPLE_RATE)
+        return {**row, "duration": round(len(clip) / DISTILL_SAMPLE_RATE, 6)}
+
+    specs = list(distill_benchmark_specs() if specs is None else specs)
+    with ThreadPoolExecutor(max_workers=max(1, workers or os.cpu_count() or 1)) as pool:
+        done = pool.map(job, specs)
+        if progress:
+            from tqdm.auto import tqdm
+
+            done = tqdm(done, total=len(specs), desc="espeak-ng", unit="clip")
+        rows = list(done)
+    _write_jsonl(out / "metadata.jsonl", rows)
+    info = {"generator": "scripts/make_corpus.py --distill-benchmark", "espeak_ng_version": espeak_version(),
+            "sample_rate": DISTILL_SAMPLE_RATE, "format": "FLAC PCM_16 mono",
+            "voices": {split: [{"variant": v, "speed": s, "pitch": p} for v, s, p in voices]
+                       for split, voices in DISTILL_VOICES.items()}}
+    (out / "generation.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    return rows
+
+
 def _words_row(row: dict) -> dict:
     return {"id": row["id"], "file": row["file"], "words": row.get("words")}
 
@@ -580,9 +656,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, default=None)
     parser.add_argument("--no-instructions", action="store_true")
     parser.add_argument("--no-word-timings", action="store_true", help="do not write words.jsonl")
+    parser.add_argument("--distill-benchmark", action="store_true",
+                        help="write the spoken-question set of benchmarks/bench_distill.py --data speech to --out "
+                             "(e.g. data/distill_speech) instead of the corpus")
     parser.add_argument("--word-timings-only", action="store_true",
                         help="only add words.jsonl to the existing corpus in --out (clips are checked, not rewritten)")
     args = parser.parse_args(argv)
+    if args.distill_benchmark:
+        if Path(args.out).resolve() == Path("data/corpus").resolve():
+            parser.error("--distill-benchmark writes its own folder: pass --out data/distill_speech")
+        rows = generate_distill_benchmark(args.out, workers=args.workers)
+        total = sum(r["duration"] for r in rows)
+        print(f"wrote {len(rows)} clips, {total / 60:.1f} min of speech, to {args.out} ({espeak_version()})")
+        return
     if args.word_timings_only:
         rows = write_word_timings(args.out)
         print(f"wrote word timings of {len(rows)} clips to {Path(args.out) / WORDS_FILE}")

@@ -156,6 +156,41 @@ def test_generate_corpus(tmp_path):
     assert info["sample_rate"] == 22050 and info["espeak_ng_version"]
 
 
+DISTILL_SPEECH = ROOT / "data" / "distill_speech"
+
+
+def test_distill_benchmark_set_matches_its_generator_and_is_small():
+    """data/distill_speech (make_corpus.py --distill-benchmark): the rows the generator plans, each voice in one
+    split, 16 kHz clips, and small enough to commit."""
+    rows = make_corpus.load_metadata(DISTILL_SPEECH)
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("duration", "path")} for r in rows]  # noqa: E731
+    assert strip(make_corpus.distill_benchmark_specs()) == strip(rows)
+    splits: dict[str, set] = {}  # a speaker (espeak variant, its speed and pitch) speaks both languages
+    for row in rows:
+        splits.setdefault((row["variant"], row["speed"], row["pitch"]), set()).add(row["split"])
+    assert all(len(s) == 1 for s in splits.values()), splits
+    assert len({variant for variant, _, _ in splits}) == len(splits) == 12
+    assert len(rows) == 24 * len(splits) and len({r["id"] for r in rows}) == len(rows)
+    for row in rows[::23]:
+        info = sf.info(DISTILL_SPEECH / row["file"])
+        assert (info.samplerate, info.channels, info.subtype) == (16000, 1, "PCM_16")
+        assert info.frames / info.samplerate == pytest.approx(row["duration"], abs=1e-5)
+    total = sum(p.stat().st_size for p in DISTILL_SPEECH.rglob("*") if p.is_file())
+    assert total < 8_000_000, f"data/distill_speech is {total} bytes"
+
+
+@needs_espeak
+def test_generate_distill_benchmark_reproduces_committed_clips(tmp_path):
+    specs = [make_corpus.distill_benchmark_specs()[i] for i in (0, 200)]
+    rows = make_corpus.generate_distill_benchmark(tmp_path, specs=specs, workers=1, progress=False)
+    for row in rows:
+        fresh, sr = sf.read(tmp_path / row["file"], dtype="int16")
+        committed, _ = sf.read(DISTILL_SPEECH / row["file"], dtype="int16")
+        assert sr == 16000 and np.array_equal(fresh, committed), row["id"]
+    with pytest.raises(SystemExit):
+        make_corpus.main(["--distill-benchmark", "--out", str(ROOT / "data" / "corpus")])
+
+
 @pytest.fixture(scope="module")
 def word_rows() -> list[dict]:
     return _rows("words.jsonl")
