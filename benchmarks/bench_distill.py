@@ -35,6 +35,27 @@ the amount of data are controlled exactly:
 Cost: 4 teachers x 400 steps, 18 tuning and 9 reported student runs of 60-120 steps; it prints its wall and CPU
 seconds and the load average (see docs/benchmarks.md for the measured run).
 
+``--data speech`` runs the same comparison at demo scale on real (synthetic espeak-ng) speech:
+
+    python benchmarks/bench_distill.py --data speech --demo-dir DEMO --output-dir /tmp/bench-distill-speech
+
+- Speech: ``data/distill_speech`` (``scripts/make_corpus.py --distill-benchmark``), the 24 questions of the demo
+  corpus' ``instructions.jsonl`` (12 English, 12 Swahili) spoken by 12 espeak-ng voices, one split per voice.
+- Tokens: the stage-1 RVQ model and format of a finished ``gemma-rvq demo`` run in ``--demo-dir`` (run there with
+  6-layer LMs when it holds none), through ``dataset.map(SpeechTokenizer(model, format=...))``.
+- Teacher: the demo's stage-3 recipe (``speech_instruct``, its system prompt, its continued-pretrained 6-layer
+  base LM) through ``run_sft``, fully fine-tuned (no LoRA) for 1500 steps of batch 8 at learning rate 2e-3 on every
+  question in the 6 teacher voices (144 rows). One teacher: the seeds change the students only.
+- Students: teacher layers 0 and 3 (``build_student``, stride 3). Labelled rows: the 14 questions the corpus
+  speaks, in its two train voices m3 and f3 (28 rows). ``distill+transfer`` also gets the 24 questions in the
+  transfer voices m6 and m7 as prompts without answers (48), answered by the teacher.
+- Dev: every question in voices m4 and f4 (48); test: in m5 and f5 (48). Held-out questions: the 10 the students
+  have no labels for (the corpus' text-only ones).
+- Tuning (seed 0, dev only): the same 6 configurations for each kind, learning rate {3e-4, 1e-3, 3e-3} x {60, 120}
+  steps of batch 8, distillation at the recipe's defaults; reported: seeds 1-3 on the test split.
+- The literal setting, for the record: students of the demo run's OWN stage-3 model (its LoRA merged), trained on
+  its own stage-3 rows (spoken + Speechless-generated) with the configurations chosen above, on the same test split.
+
 Needs sacrebleu (``pip install gemma-rvq[bench]``) and matplotlib.
 """
 
@@ -181,9 +202,9 @@ def _chat(tokenizer, tokens: str, response: str | None = None) -> list[int]:
 
 
 @torch.no_grad()
-def score(model, tokenizer, rows: list[dict], batch_size: int = 32) -> list[dict]:
+def score(model, tokenizer, rows: list[dict], batch_size: int = 32, max_new_tokens: int = 12) -> list[dict]:
     """Per row: the answer's summed cross-entropy under teacher forcing (answer tokens and end of turn), their
-    count, and the greedy answer (12 new tokens at most)."""
+    count, and the greedy answer (``max_new_tokens`` at most)."""
     model.eval()
     pad = tokenizer.pad_token_id
     results = []
@@ -213,7 +234,8 @@ def score(model, tokenizer, rows: list[dict], batch_size: int = 32) -> list[dict
         for b, p in enumerate(prompts):
             prompt_ids[b, width - len(p):] = torch.tensor(p)
             prompt_mask[b, width - len(p):] = 1
-        output = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, max_new_tokens=12, do_sample=False,
+        output = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, max_new_tokens=max_new_tokens,
+                                do_sample=False,
                                 pad_token_id=pad)
         for b, row in enumerate(chunk):
             answer = tokenizer.decode(output[b, width:], skip_special_tokens=True).strip()
@@ -318,6 +340,270 @@ class Bench:
         return {"train_seconds": seconds, "scores": {s: score(trainer.model, tokenizer, self.sets[s]) for s in splits}}
 
 
+# ---------------------------------------------------------------------------------------------- speech
+# --data speech: real (espeak-ng) speech tokenized by a `gemma-rvq demo` run's stage-1 model, the demo's own
+# stage-3 recipe and base LM. The clips: data/distill_speech (scripts/make_corpus.py --distill-benchmark).
+SPEECH_DIR = Path(__file__).resolve().parents[1] / "data" / "distill_speech"
+SPEECH_STUDENT_VOICES = ("m3", "f3")  # the students' labelled voices (the committed corpus' train voices)
+SPOKEN_QUESTIONS = 7  # per language, the questions the committed corpus speaks (the demo's spoken stage-3 rows)
+SPEECH_SPLITS = ("teacher", "dev", "test", "transfer")
+# tuning: the same grid for every kind (distillation at the recipe's defaults), as many configurations (6) as
+# the synthetic mode gives each kind
+SPEECH_GRID = tuple((lr, steps) for lr in (3e-4, 1e-3, 3e-3) for steps in (60, 120))
+SPEECH_BATCH = 8
+SPEECH_MAX_NEW_TOKENS = 16
+
+
+def load_speech_rows(folder: str | os.PathLike = SPEECH_DIR) -> list[dict]:
+    """Rows of ``metadata.jsonl`` in ``folder``, each with ``path`` (absolute) and ``group``."""
+    folder = Path(folder)
+    path = folder / "metadata.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: generate it with `python scripts/make_corpus.py "
+                                f"--distill-benchmark --out {folder}`")
+    rows = []
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            if line.strip():
+                row = json.loads(line)
+                index = int(row["question"].rsplit("_", 1)[1])
+                rows.append({**row, "path": str(folder / row["file"]), "semantic_tokens": None,
+                             "group": "student-questions" if index < SPOKEN_QUESTIONS else "held-out-questions"})
+    return rows
+
+
+def speech_sets(rows: list[dict]) -> dict[str, list[dict]]:
+    """The benchmark's sets from the clips' ``split`` (fixed by the voice) and the students' subset.
+
+    ``teacher``, ``dev``, ``test``, ``transfer``: the rows of that split; ``student``: the teacher-split rows in
+    :data:`SPEECH_STUDENT_VOICES` of the spoken questions (the first :data:`SPOKEN_QUESTIONS` per language).
+    A voice is an espeak-ng variant (``m3``), which speaks both languages. Raises ``ValueError`` when a voice is
+    in two splits or a split is empty.
+    """
+    sets = {name: [r for r in rows if r["split"] == name] for name in SPEECH_SPLITS}
+    voices = {name: {r["variant"] for r in part} for name, part in sets.items()}
+    for a in SPEECH_SPLITS:
+        if not sets[a]:
+            raise ValueError(f"the speech set has no {a!r} rows")
+        for b in SPEECH_SPLITS[SPEECH_SPLITS.index(a) + 1:]:
+            if voices[a] & voices[b]:
+                raise ValueError(f"voices {sorted(voices[a] & voices[b])} are in both the {a} and {b} splits")
+    sets["student"] = [r for r in sets["teacher"]
+                       if r["variant"] in SPEECH_STUDENT_VOICES and r["group"] == "student-questions"]
+    return sets
+
+
+def _sft_args(**values) -> tuple[tuple, str]:
+    """``(script_args, training_args, model_args)`` parsed as ``examples/sft.py`` parses them, and the command."""
+    import shlex
+
+    from trl import ModelConfig, SFTConfig, TrlParser
+
+    from gemma_rvq.recipes import SemanticSFTArguments
+
+    argv = [item for key, value in values.items() for item in (f"--{key}", str(value))]
+    parsed = TrlParser((SemanticSFTArguments, SFTConfig, ModelConfig)).parse_args_and_config(argv)
+    return parsed, shlex.join(["python", "examples/sft.py", *argv])
+
+
+def ensure_demo(folder: Path, stride: int, quick: bool) -> dict:
+    """The ``results.json`` of a finished ``gemma-rvq demo`` run in ``folder`` (run now, 6-layer LMs, if none)."""
+    path = folder / "results.json"
+    if not path.is_file():
+        import dataclasses
+
+        from gemma_rvq.demo import DemoSettings, run_demo
+
+        settings = dataclasses.replace(DemoSettings.quick() if quick else DemoSettings(), lm_layers=2 * stride)
+        print(f"no demo run in {folder}: running gemma-rvq demo there with {settings.lm_layers}-layer LMs", flush=True)
+        run_demo(folder, settings=settings)
+    state = json.loads(path.read_text(encoding="utf-8"))
+    layers = state["settings"]["lm_layers"]
+    if layers < 2 * stride:
+        raise ValueError(f"the demo run in {folder} has {layers}-layer LMs: a student keeping every {stride}-th "
+                         f"layer needs at least {2 * stride} (run_demo(settings=DemoSettings(lm_layers=6)))")
+    return state
+
+
+class SpeechBench(Bench):
+    """The speech setting: one teacher (the demo's stage-3 recipe on many voices), students of it by seed."""
+
+    def __init__(self, args):
+        from gemma_rvq.formats import attach_format
+
+        self.args = args
+        self.out = Path(args.output_dir).resolve()
+        self.demo_dir = Path(args.demo_dir).resolve()
+        self.demo = ensure_demo(self.demo_dir, args.stride, args.quick)
+        self.rvq_folder = self.demo_dir / "hub" / "rvq-model"
+        self.base_lm = Path(self.demo["cpt"]["folder"]) if self.demo.get("cpt", {}).get("steps") \
+            else self.demo_dir / "work" / "base-lm"
+        rows = load_speech_rows(args.speech_dir)
+        self.fmt = self.tokenize(rows)
+        self.sets = speech_sets(rows)
+        if args.quick:
+            self.sets = {name: part if name == "student" else part[::6] for name, part in self.sets.items()}
+        data = self.out / "data"
+        self.paths = {}
+        for name in ("teacher", "student", "transfer"):
+            columns = ("semantic_tokens",) if name == "transfer" else ("semantic_tokens", "response")
+            dataset = _dataset([{c: r[c] for c in columns} for r in self.sets[name]])
+            self.paths[name] = data / name
+            attach_format(dataset, self.fmt, speech_tokenizer=str(self.rvq_folder)).save_to_disk(str(self.paths[name]))
+        self.teachers = {}
+        self.teacher_dir = self.out / "teacher"
+
+    def tokenize(self, rows: list[dict]):
+        """Every clip -> its token string (``dataset.map(SpeechTokenizer(...))``), cached in the output folder."""
+        import datasets
+        from transformers import AutoModel
+
+        import gemma_rvq  # noqa: F401  (registers the RVQ model with the Auto classes)
+        from gemma_rvq.formats import format_for_rvq_model
+        from gemma_rvq.transforms import SpeechTokenizer
+
+        model = AutoModel.from_pretrained(self.rvq_folder).eval()
+        fmt = format_for_rvq_model(None, model)
+        cache = self.out / "data" / "tokens.json"
+        key = {"rvq_model": str(self.rvq_folder), "speech_dir": str(Path(self.args.speech_dir).resolve())}
+        stored = json.loads(cache.read_text()) if cache.is_file() else {}
+        if stored.get("key") != key:
+            dataset = datasets.Dataset.from_list([{"id": r["id"], "audio": {"path": r["path"], "bytes": None}}
+                                                  for r in rows]).cast_column("audio", datasets.Audio(decode=False))
+            start = time.perf_counter()
+            dataset = dataset.map(SpeechTokenizer(model, format=fmt, batch_size=1), batched=True, batch_size=16,
+                                  remove_columns=["audio"], desc="Tokenizing speech")
+            print(f"tokenized {len(dataset)} clips in {time.perf_counter() - start:.0f} s", flush=True)
+            stored = {"key": key, "tokens": dict(zip(dataset["id"], dataset["semantic_tokens"], strict=True))}
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            cache.write_text(json.dumps(stored))
+        for row in rows:
+            row["semantic_tokens"] = stored["tokens"][row["id"]]
+        return fmt
+
+    def steps(self, steps: int) -> int:
+        return 2 if self.args.quick else steps
+
+    def trainer(self, seed: int, data: str, teacher, tokenizer, student, config: dict, teacher_dir: Path | None = None):
+        from gemma_rvq.recipes.distill import DistillArguments, LayerDistillationConfig, build_distill_trainer
+
+        config = dict(config)
+        steps = self.steps(config.pop("max_steps"))
+        transfer = config.pop("transfer", False)
+        script_args = DistillArguments(
+            dataset_name=str(self.paths[data]), recipe="speech_instruct", tokens_column="semantic_tokens",
+            response_column="response", system_prompt=SYSTEM_PROMPT,
+            teacher_model_name_or_path=str(teacher_dir or self.teacher_dir), layer_stride=self.args.stride,
+            layer_map=config.pop("layer_map", None),
+            transfer_dataset_name=str(self.paths["transfer"]) if transfer else None)
+        training_args = LayerDistillationConfig(
+            output_dir=str(self.out / "run"), max_steps=steps, per_device_train_batch_size=SPEECH_BATCH,
+            lr_scheduler_type="cosine", warmup_steps=0, max_length=1024, bf16=False, use_cpu=True,
+            activation_checkpointing=False, report_to="none", save_strategy="no", logging_steps=steps, seed=seed,
+            data_seed=seed, disable_tqdm=True, dataloader_num_workers=0, ce_weight=1.0,
+            transfer_max_new_tokens=SPEECH_MAX_NEW_TOKENS, transfer_batch_size=16, **config)
+        return build_distill_trainer(script_args, training_args, teacher=teacher, tokenizer=tokenizer,
+                                     student=student)
+
+    def score(self, model, tokenizer, split: str) -> list[dict]:
+        return score(model, tokenizer, self.sets[split], batch_size=16, max_new_tokens=SPEECH_MAX_NEW_TOKENS)
+
+    def train_teacher(self) -> float:
+        """The demo's stage-3 recipe (``speech_instruct``, the demo's chat prompt, its CPT base LM), fully
+        fine-tuned (no LoRA) with ``run_sft`` on the teacher split; returns the training seconds."""
+        from gemma_rvq.recipes import run_sft
+
+        steps = self.steps(self.args.teacher_steps)
+        (script_args, training_args, model_args), command = _sft_args(
+            recipe="speech_instruct", model_name_or_path=self.base_lm, dataset_name=self.paths["teacher"],
+            output_dir=self.teacher_dir, tokens_column="semantic_tokens", response_column="response",
+            system_prompt=SYSTEM_PROMPT, use_peft="false", max_steps=steps, logging_steps=max(1, steps // 10),
+            learning_rate=self.args.teacher_lr, per_device_train_batch_size=SPEECH_BATCH,
+            lr_scheduler_type="cosine", warmup_steps=0, max_length=1024, bf16="false", embedding_pad_to_multiple_of=8,
+            activation_checkpointing="false", use_cpu="true", report_to="none", save_strategy="no", seed=TUNE_SEED,
+            data_seed=TUNE_SEED, dataloader_num_workers=0, disable_tqdm="true")
+        print(f"teacher: {command}", flush=True)
+        start = time.perf_counter()
+        run_sft(script_args, training_args, model_args)
+        seconds = time.perf_counter() - start
+        self.teacher_command = command
+        return seconds
+
+    def teacher(self, seed: int) -> tuple:
+        """``(model, tokenizer, record)`` of the one teacher (every seed: the students differ, not the teacher)."""
+        if "teacher" in self.teachers:
+            return self.teachers["teacher"]
+        from gemma_rvq.recipes.distill import load_teacher
+
+        marker = self.teacher_dir / "bench_teacher.json"
+        spec = {"steps": self.steps(self.args.teacher_steps), "lr": self.args.teacher_lr,
+                "rows": len(self.sets["teacher"]), "base": str(self.base_lm)}
+        cached = json.loads(marker.read_text()) if marker.is_file() else {}
+        if cached.get("spec") == spec:
+            seconds = cached["train_seconds"]
+            print(f"teacher: reusing {self.teacher_dir} ({spec})", flush=True)
+        else:
+            seconds = self.train_teacher()
+            marker.write_text(json.dumps({"spec": spec, "train_seconds": seconds}))
+        model, tokenizer = load_teacher(str(self.teacher_dir), attn_implementation="eager")
+        record = self._record(model, tokenizer, seconds, ("dev", "test", "transfer"))
+        self.teachers["teacher"] = (model, tokenizer, record)
+        return self.teachers["teacher"]
+
+    def _record(self, model, tokenizer, seconds: float, splits: tuple[str, ...]) -> dict:
+        from gemma_rvq.recipes.distill import build_student
+
+        pruned = build_student(model, layer_stride=self.args.stride)
+        record = {"train_seconds": seconds, "parameters": sum(p.numel() for p in model.parameters()),
+                  "student_parameters": sum(p.numel() for p in pruned.parameters()),
+                  "scores": {s: self.score(model, tokenizer, s) for s in splits},
+                  "pruned_scores": {s: self.score(pruned, tokenizer, s) for s in ("dev", "test")}}
+        print(f"teacher: {seconds:.0f} s of training, dev accuracy {summarize(record['scores']['dev'])['accuracy']:.1f} %"
+              f", test accuracy {summarize(record['scores']['test'])['accuracy']:.1f} %, test chrF "
+              f"{summarize(record['scores']['test'])['chrf']:.1f}", flush=True)
+        return record
+
+    def student(self, seed: int, config: dict, splits: tuple[str, ...]) -> dict:
+        from transformers import set_seed
+
+        from gemma_rvq.recipes.distill import build_student
+
+        teacher, tokenizer, _ = self.teacher(seed)
+        set_seed(seed)
+        student = build_student(teacher, layer_stride=self.args.stride)
+        trainer = self.trainer(seed, "student", teacher, tokenizer, student, config)
+        start = time.perf_counter()
+        trainer.train()
+        seconds = time.perf_counter() - start
+        return {"train_seconds": seconds, "scores": {s: self.score(trainer.model, tokenizer, s) for s in splits}}
+
+
+class DemoTeacherBench(SpeechBench):
+    """The literal setting: the demo run's OWN stage-3 model (its LoRA merged) as the teacher, and its own 24
+    stage-3 rows (14 spoken + 10 Speechless-generated) as the students' labelled data."""
+
+    def __init__(self, speech: SpeechBench):
+        self.__dict__.update({k: v for k, v in vars(speech).items() if k != "teachers"})
+        self.teachers = {}
+        self.teacher_dir = self.demo_dir / "hub" / "speech-instruct-lora"
+        self.paths = {**speech.paths, "student": self.demo_dir / "work" / "stage3-data"}
+
+    def teacher(self, seed: int) -> tuple:
+        if "teacher" in self.teachers:
+            return self.teachers["teacher"]
+        from gemma_rvq.recipes.distill import load_teacher
+
+        model, tokenizer = load_teacher(str(self.teacher_dir), attn_implementation="eager")
+        self.teachers["teacher"] = (model, tokenizer, self._record(model, tokenizer, 0.0, ("dev", "test")))
+        return self.teachers["teacher"]
+
+
+def _dataset(rows: list[dict]):
+    from datasets import Dataset
+
+    return Dataset.from_list(rows)
+
+
 # ---------------------------------------------------------------------------------------------- report
 def _mean_sd(values: list[float], digits: int) -> str:
     if any(v != v for v in values):  # NaN: e.g. the fraction kept of a teacher that got nothing right
@@ -326,13 +612,15 @@ def _mean_sd(values: list[float], digits: int) -> str:
     return f"{mean:.{digits}f} ± {statistics.stdev(values):.{digits}f}" if len(values) > 1 else f"{mean:.{digits}f}"
 
 
-KEYS = ("test/all/loss", "test/all/accuracy", "test/all/chrf", "test/all/kept", "test/student-questions/accuracy",
-        "test/held-out-questions/accuracy", "test/held-out-questions/loss")
-HEADER = ("test loss", "test acc. %", "test chrF", "kept", "acc., stud. q", "acc., held-out q", "loss, held-out q")
+KEYS = ("test/all/loss", "test/all/accuracy", "test/all/chrf", "test/all/kept", "test/all/kept_chrf",
+        "test/student-questions/accuracy", "test/held-out-questions/accuracy", "test/held-out-questions/loss",
+        "dev/all/loss")
+HEADER = ("test loss", "test acc. %", "test chrF", "kept (acc.)", "kept (chrF)", "acc., stud. q", "acc., held-out q",
+          "loss, held-out q", "dev loss")
 
 
 def _cell(key: str, values: list[float]) -> str:
-    return _mean_sd(values, 3 if key.endswith(("loss", "kept")) else 1)
+    return _mean_sd(values, 3 if key.endswith("loss") or "kept" in key else 1)
 
 
 def plot(table: dict, seeds: list[int], labels: dict[str, str], path: Path) -> bool:
@@ -364,14 +652,59 @@ def plot(table: dict, seeds: list[int], labels: dict[str, str], path: Path) -> b
     return True
 
 
+def add_kept(table: dict) -> None:
+    """``test/all/kept`` (accuracy) and ``test/all/kept_chrf`` of every row: its test score / the teacher's."""
+    for row in table:
+        for key, metric in (("kept", "accuracy"), ("kept_chrf", "chrf")):
+            table[row][f"test/all/{key}"] = [s / t if t else float("nan") for s, t in zip(
+                table[row][f"test/all/{metric}"], table["teacher"][f"test/all/{metric}"], strict=True)]
+
+
+def paired_minus_ce(table: dict) -> tuple[dict, dict]:
+    """Each distillation kind minus ``ce`` seed by seed, and the number of seeds where it is better."""
+    paired = {kind: {key: [d - c for d, c in zip(table[kind][key], table["ce"][key], strict=True)]
+                     for key in table["ce"]} for kind in KINDS[1:]}
+    wins = {kind: {key: sum((d < 0) if key.endswith("loss") else (d > 0) for d in diffs[key]) for key in diffs}
+            for kind, diffs in paired.items()}
+    return paired, wins
+
+
+def print_table(table: dict, labels: dict, paired: dict, wins: dict, seeds: int) -> None:
+    print("| model | " + " | ".join(HEADER) + " |")
+    print("|---" * (len(HEADER) + 1) + "|")
+    for row in ("teacher", "pruned, untrained", *KINDS):
+        print(f"| {labels.get(row, row)} | " + " | ".join(_cell(k, table[row][k]) for k in KEYS) + " |")
+    for kind in KINDS[1:]:
+        print(f"| {kind} - ce, paired by seed | " + " | ".join(_cell(k, paired[kind][k]) for k in KEYS) + " |")
+        print(f"| seeds where {kind} is better (of {seeds}) | " + " | ".join(str(wins[kind][k]) for k in KEYS) + " |")
+
+
+def speech_grid(kind: str) -> dict[str, dict]:
+    return {f"{kind} lr={lr:g} steps={steps}": {"learning_rate": lr, "max_steps": steps, **STAGE1_TERMS[kind]}
+            for lr, steps in SPEECH_GRID}
+
+
+def _dataset_rows(folder) -> list:
+    from datasets import load_from_disk
+
+    return list(load_from_disk(str(folder)))
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output-dir", default="bench_distill_output")
     parser.add_argument("--teacher-layers", type=int, default=6)
     parser.add_argument("--stride", type=int, default=3, help="the students keep teacher layers 0, k, 2k, ...")
     parser.add_argument("--hidden-size", type=int, default=64)
-    parser.add_argument("--teacher-steps", type=int, default=400)
-    parser.add_argument("--teacher-lr", type=float, default=3e-3)
+    parser.add_argument("--data", choices=("synthetic", "speech"), default="synthetic",
+                        help="synthetic: the speaker model above; speech: espeak-ng clips (--speech-dir) tokenized by "
+                             "a gemma-rvq demo run's stage-1 model, the demo's stage-3 recipe and base LM (--demo-dir)")
+    parser.add_argument("--demo-dir", default="demo_output_6layers",
+                        help="speech: a finished `gemma-rvq demo` output folder with >= 2x stride LM layers (run "
+                             "there, with 6-layer LMs, when it holds none)")
+    parser.add_argument("--speech-dir", default=str(SPEECH_DIR), help="speech: the clips and their metadata.jsonl")
+    parser.add_argument("--teacher-steps", type=int, default=None, help="default: 400 (synthetic), 1500 (speech)")
+    parser.add_argument("--teacher-lr", type=float, default=None, help="default: 3e-3 (synthetic), 2e-3 (speech)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="seeds of the reported runs")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared)")
@@ -387,7 +720,10 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     load_start = os.getloadavg()
     start, cpu_start = time.perf_counter(), time.process_time()
-    bench = Bench(args)
+    speech = args.data == "speech"
+    defaults = {"speech": (1500, 2e-3), "synthetic": (400, 3e-3)}[args.data]
+    args.teacher_steps, args.teacher_lr = args.teacher_steps or defaults[0], args.teacher_lr or defaults[1]
+    bench = SpeechBench(args) if speech else Bench(args)
 
     # 1. tuning: seed 0's teacher, dev split only, the same number of configurations per kind
     tuning = {}
@@ -404,9 +740,9 @@ def main(argv: list[str] | None = None) -> dict:
         return min((n for n in tuning if tuning[n]["kind"] == kind), key=lambda n: tuning[n]["dev"]["loss"])
 
     for kind in KINDS:
-        grid = stage1_grid(kind)
+        grid = speech_grid(kind) if speech else stage1_grid(kind)
         tune(kind, dict(list(grid.items())[:1]) if args.quick else grid)
-        if not args.quick:
+        if not args.quick and not speech:
             tune(kind, stage2_grid(kind, tuning[best(kind)]["config"]))
     chosen = {kind: best(kind) for kind in KINDS}
     tune_seconds = time.perf_counter() - start
@@ -415,39 +751,46 @@ def main(argv: list[str] | None = None) -> dict:
     groups = (None, "student-questions", "held-out-questions")
     table: dict[str, dict[str, list[float]]] = {}
 
-    def add(row: str, per_row: list[dict], split: str):
+    def add(table: dict, row: str, per_row: list[dict], split: str):
         for group in groups:
             summary = summarize(per_row, group)
             for metric in ("loss", "accuracy", "chrf"):
                 table.setdefault(row, {}).setdefault(f"{split}/{group or 'all'}/{metric}", []).append(summary[metric])
 
     final_seconds = {}
-    for seed in args.seeds:
-        _, _, teacher = bench.teacher(seed)
-        for split in ("dev", "test"):
-            add("teacher", teacher["scores"][split], split)
-            add("pruned, untrained", teacher["pruned_scores"][split], split)
-        for kind, name in chosen.items():
-            result = bench.student(seed, tuning[name]["config"], ("dev", "test"))
-            final_seconds[f"{kind} seed {seed}"] = result["train_seconds"]
+
+    def report(which, table: dict, label: str) -> None:
+        for seed in args.seeds:
+            _, _, teacher = which.teacher(seed)
             for split in ("dev", "test"):
-                add(kind, result["scores"][split], split)
-    for row in table:
-        table[row]["test/all/kept"] = [s / t if t else float("nan") for s, t in
-                                       zip(table[row]["test/all/accuracy"], table["teacher"]["test/all/accuracy"],
-                                           strict=True)]
-    paired = {kind: {key: [d - c for d, c in zip(table[kind][key], table["ce"][key], strict=True)]
-                     for key in table["ce"]} for kind in KINDS[1:]}
-    wins = {kind: {key: sum((d < 0) if key.endswith("loss") else (d > 0) for d in diffs[key]) for key in diffs}
-            for kind, diffs in paired.items()}
+                add(table, "teacher", teacher["scores"][split], split)
+                add(table, "pruned, untrained", teacher["pruned_scores"][split], split)
+            for kind, name in chosen.items():
+                result = which.student(seed, tuning[name]["config"], ("dev", "test"))
+                final_seconds[f"{label}{kind} seed {seed}"] = result["train_seconds"]
+                for split in ("dev", "test"):
+                    add(table, kind, result["scores"][split], split)
+
+    report(bench, table, "")
+    add_kept(table)
+    paired, wins = paired_minus_ce(table)
+    # the literal setting (speech): students of the demo run's own stage-3 model, trained on its own 24 rows,
+    # with the configurations chosen above (no tuning of its own)
+    literal: dict[str, dict[str, list[float]]] = {}
+    if speech:
+        demo_bench = DemoTeacherBench(bench)
+        report(demo_bench, literal, "demo teacher: ")
+        add_kept(literal)
 
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     load_end = os.getloadavg()
     _, _, teacher0 = bench.teacher(args.seeds[0])
     print(f"\n{seconds:.0f} s in all ({tune_seconds:.0f} s tuning), {cpu_seconds:.0f} s of CPU; load average "
           f"{load_start[0]:.1f} at the start, {load_end[0]:.1f} at the end; torch threads {args.threads}")
-    print(f"teacher: {args.teacher_layers} layers, {teacher0['parameters']:,} parameters, {args.teacher_steps} steps "
-          f"on {len(bench.sets['teacher'])} rows; students: {args.teacher_layers // args.stride} layers, "
+    layers = bench.demo["settings"]["lm_layers"] if speech else args.teacher_layers
+    print(f"teacher: {layers} layers, {teacher0['parameters']:,} parameters, "
+          f"{bench.steps(args.teacher_steps)} steps "
+          f"on {len(bench.sets['teacher'])} rows; students: {layers // args.stride} layers, "
           f"{teacher0['student_parameters']:,} parameters, {len(bench.sets['student'])} rows (+ "
           f"{len(bench.sets['transfer'])} unlabelled transfer prompts for distill+transfer); dev "
           f"{len(bench.sets['dev'])} prompts, test {len(bench.sets['test'])} prompts")
@@ -460,21 +803,27 @@ def main(argv: list[str] | None = None) -> dict:
         mark = " *" if name in chosen.values() else ""
         print(f"{name + mark:<72} {entry['dev']['loss']:>9.3f} {entry['dev']['accuracy']:>10.1f} "
               f"{entry['dev']['chrf']:>9.1f} {entry['train_seconds']:>8.1f}")
-    print(f"\nTest split, seeds {args.seeds} (mean ± sd); kept = student test accuracy / teacher test accuracy")
     labels = {kind: f"{kind}: {chosen[kind][len(kind) + 1:]}" for kind in KINDS}
-    print("| model | " + " | ".join(HEADER) + " |")
-    print("|---" * (len(HEADER) + 1) + "|")
-    for row in ("teacher", "pruned, untrained", *KINDS):
-        print(f"| {labels.get(row, row)} | " + " | ".join(_cell(k, table[row][k]) for k in KEYS) + " |")
-    for kind in KINDS[1:]:
-        print(f"| {kind} - ce, paired by seed | " + " | ".join(_cell(k, paired[kind][k]) for k in KEYS) + " |")
-        print(f"| seeds where {kind} is better (of {len(args.seeds)}) | "
-              + " | ".join(str(wins[kind][k]) for k in KEYS) + " |")
+    print(f"\nTest split, seeds {args.seeds} (mean ± sd); kept = student test accuracy (chrF) / the teacher's")
+    print_table(table, labels, paired, wins, len(args.seeds))
+    if literal:
+        literal_paired, literal_wins = paired_minus_ce(literal)
+        print(f"\nThe literal setting: students of the demo run's own stage-3 model ({demo_bench.teacher_dir}), "
+              f"trained on its own {len(_dataset_rows(demo_bench.paths['student']))} stage-3 rows with the "
+              f"configurations chosen above; test split, seeds {args.seeds}")
+        print_table(literal, labels, literal_paired, literal_wins, len(args.seeds))
     drawn = plot(table, args.seeds, {"pruned, untrained": "pruned", "distill+transfer": "distill\n+transfer"},
                  bench.out / "results.png")
     results = {"args": vars(args), "seconds": seconds, "cpu_seconds": cpu_seconds,
                "load_average": {"start": load_start, "end": load_end},
-               "setup": {"student_questions": STUDENT_QUESTIONS, "dev_questions": DEV_QUESTIONS,
+               "setup": {"data": args.data, **({"demo_dir": str(bench.demo_dir), "teacher": str(bench.teacher_dir),
+                                                "teacher_base": str(bench.base_lm),
+                                                "student_voices": SPEECH_STUDENT_VOICES,
+                                                "voices": {name: sorted({r["voice"] for r in rows})
+                                                           for name, rows in bench.sets.items()},
+                                                "rows": {name: len(rows) for name, rows in bench.sets.items()}}
+                                             if speech else {}),
+                         "student_questions": STUDENT_QUESTIONS, "dev_questions": DEV_QUESTIONS,
                          "test_questions": TEST_QUESTIONS, "teacher_voices": TEACHER_VOICES,
                          "student_voices": STUDENT_VOICES, "dev_voices": DEV_VOICES, "test_voices": TEST_VOICES,
                          "transfer_voices": TRANSFER_VOICES,
@@ -482,6 +831,7 @@ def main(argv: list[str] | None = None) -> dict:
                "tuning": tuning, "chosen": chosen, "table": table, "paired_minus_ce": paired,
                "seeds_better_than_ce": wins, "teacher_transfer_accuracy": transfer_accuracy,
                "final_train_seconds": final_seconds,
+               "literal": {"table": literal, "paired_minus_ce": paired_minus_ce(literal)[0]} if literal else None,
                "plot": str(bench.out / "results.png") if drawn else None}
     (bench.out / "results.json").write_text(json.dumps(results, indent=1, default=str))
     return results

@@ -79,3 +79,37 @@ def test_bench_distill_quick_runs_tunes_on_dev_and_reports_test(tmp_path, capsys
         assert (tmp_path / "results.png").stat().st_size > 0
     with pytest.raises(SystemExit):
         bench.main(["--quick", "--seeds", "0", "--output-dir", str(tmp_path)])  # the tuning seed
+
+
+def test_speech_sets_from_the_committed_clips_keep_every_voice_in_one_split():
+    """--data speech: the committed data/distill_speech clips; dev/test voices are in no training set, the transfer
+    voices in no labelled set, and the students get the corpus' spoken questions in its two train voices."""
+    import soundfile as sf
+
+    bench = _bench()
+    rows = bench.load_speech_rows()
+    sets = bench.speech_sets(rows)
+    voices = {name: {row["variant"] for row in part} for name, part in sets.items()}  # a voice speaks en and sw
+    questions = {name: {row["question"] for row in part} for name, part in sets.items()}
+    for i, a in enumerate(bench.SPEECH_SPLITS):
+        for b in bench.SPEECH_SPLITS[i + 1:]:
+            assert not voices[a] & voices[b], (a, b)
+        assert len(questions[a]) == 24 and len(sets[a]) == 24 * len(voices[a])  # every question in every voice
+    assert voices["student"] <= voices["teacher"]
+    assert voices["student"] == set(bench.SPEECH_STUDENT_VOICES)
+    assert not voices["transfer"] & (voices["teacher"] | voices["student"] | voices["dev"] | voices["test"])
+    assert len(questions["student"]) == 2 * bench.SPOKEN_QUESTIONS and len(sets["student"]) == 28
+    assert {row["group"] for row in sets["student"]} == {"student-questions"}
+    assert {row["group"] for row in sets["test"]} == {"student-questions", "held-out-questions"}
+    assert len(sets["teacher"]) > 5 * len(sets["student"])  # the teacher knows more
+    for row in rows[::37]:
+        info = sf.info(row["path"])
+        assert (info.samplerate, info.channels, info.subtype) == (16000, 1, "PCM_16")
+        assert info.frames / 16000 == pytest.approx(row["duration"], abs=1e-5)
+    # the same tuning grid for every kind
+    grids = {kind: [(c["learning_rate"], c["max_steps"]) for c in bench.speech_grid(kind).values()]
+             for kind in bench.KINDS}
+    assert grids["ce"] == grids["distill"] == grids["distill+transfer"]
+    leaked = sets["test"][0]
+    with pytest.raises(ValueError, match=r"\['m5'\] are in both the dev and test splits"):
+        bench.speech_sets([*rows, dict(leaked, split="dev")])
