@@ -267,6 +267,7 @@ class Bench:
             self.sets = {name: rows if name == "student" else rows[::8] for name, rows in self.sets.items()}
         self.paths = write_sets(self.sets, self.out / "data")
         self.teachers: dict[int, tuple] = {}
+        self.report_splits = ("dev", "test")
 
     def steps(self, steps: int) -> int:
         return max(2, steps // 50) if self.args.quick else steps
@@ -346,7 +347,9 @@ class Bench:
 SPEECH_DIR = Path(__file__).resolve().parents[1] / "data" / "distill_speech"
 SPEECH_STUDENT_VOICES = ("m3", "f3")  # the students' labelled voices (the committed corpus' train voices)
 SPOKEN_QUESTIONS = 7  # per language, the questions the committed corpus speaks (the demo's spoken stage-3 rows)
-SPEECH_SPLITS = ("teacher", "dev", "test", "transfer")
+SPEECH_SPLITS = ("teacher", "dev", "test", "transfer", "confirm")
+# confirm: 2 voices added after the first results (see docs/benchmarks.md), in no training or tuning set and read
+# only by --confirm, which reports configurations chosen by an earlier run without any tuning
 # tuning: the same grid for every kind (distillation at the recipe's defaults), as many configurations (6) as
 # the synthetic mode gives each kind
 SPEECH_GRID = tuple((lr, steps) for lr in (3e-4, 1e-3, 3e-3) for steps in (60, 120))
@@ -375,7 +378,8 @@ def load_speech_rows(folder: str | os.PathLike = SPEECH_DIR) -> list[dict]:
 def speech_sets(rows: list[dict]) -> dict[str, list[dict]]:
     """The benchmark's sets from the clips' ``split`` (fixed by the voice) and the students' subset.
 
-    ``teacher``, ``dev``, ``test``, ``transfer``: the rows of that split; ``student``: the teacher-split rows in
+    ``teacher``, ``dev``, ``test``, ``transfer``, ``confirm``: the rows of that split (``confirm`` is read only by
+    ``--confirm``); ``student``: the teacher-split rows in
     :data:`SPEECH_STUDENT_VOICES` of the spoken questions (the first :data:`SPOKEN_QUESTIONS` per language).
     A voice is an espeak-ng variant (``m3``), which speaks both languages. Raises ``ValueError`` when a voice is
     in two splits or a split is empty.
@@ -451,7 +455,9 @@ class SpeechBench(Bench):
             self.paths[name] = data / name
             attach_format(dataset, self.fmt, speech_tokenizer=str(self.rvq_folder)).save_to_disk(str(self.paths[name]))
         self.teachers = {}
-        self.teacher_dir = self.out / "teacher"
+        self.teacher_dir = Path(args.teacher_dir).resolve() if args.teacher_dir else self.out / "teacher"
+        # the confirm split is scored only in a --confirm run: no tuning run ever looks at it
+        self.report_splits = ("dev", "test", "confirm") if args.confirm else ("dev", "test")
 
     def tokenize(self, rows: list[dict]):
         """Every clip -> its token string (``dataset.map(SpeechTokenizer(...))``), cached in the output folder."""
@@ -542,11 +548,14 @@ class SpeechBench(Bench):
         if cached.get("spec") == spec:
             seconds = cached["train_seconds"]
             print(f"teacher: reusing {self.teacher_dir} ({spec})", flush=True)
+        elif self.args.teacher_dir:
+            raise ValueError(f"--teacher-dir {self.teacher_dir}: its bench_teacher.json records "
+                             f"{cached.get('spec')}, not this run's teacher {spec}")
         else:
             seconds = self.train_teacher()
             marker.write_text(json.dumps({"spec": spec, "train_seconds": seconds}))
         model, tokenizer = load_teacher(str(self.teacher_dir), attn_implementation="eager")
-        record = self._record(model, tokenizer, seconds, ("dev", "test", "transfer"))
+        record = self._record(model, tokenizer, seconds, (*self.report_splits, "transfer"))
         self.teachers["teacher"] = (model, tokenizer, record)
         return self.teachers["teacher"]
 
@@ -557,7 +566,7 @@ class SpeechBench(Bench):
         record = {"train_seconds": seconds, "parameters": sum(p.numel() for p in model.parameters()),
                   "student_parameters": sum(p.numel() for p in pruned.parameters()),
                   "scores": {s: self.score(model, tokenizer, s) for s in splits},
-                  "pruned_scores": {s: self.score(pruned, tokenizer, s) for s in ("dev", "test")}}
+                  "pruned_scores": {s: self.score(pruned, tokenizer, s) for s in self.report_splits}}
         print(f"teacher: {seconds:.0f} s of training, dev accuracy {summarize(record['scores']['dev'])['accuracy']:.1f} %"
               f", test accuracy {summarize(record['scores']['test'])['accuracy']:.1f} %, test chrF "
               f"{summarize(record['scores']['test'])['chrf']:.1f}", flush=True)
@@ -594,7 +603,7 @@ class DemoTeacherBench(SpeechBench):
         from gemma_rvq.recipes.distill import load_teacher
 
         model, tokenizer = load_teacher(str(self.teacher_dir), attn_implementation="eager")
-        self.teachers["teacher"] = (model, tokenizer, self._record(model, tokenizer, 0.0, ("dev", "test")))
+        self.teachers["teacher"] = (model, tokenizer, self._record(model, tokenizer, 0.0, self.report_splits))
         return self.teachers["teacher"]
 
 
@@ -612,19 +621,26 @@ def _mean_sd(values: list[float], digits: int) -> str:
     return f"{mean:.{digits}f} ± {statistics.stdev(values):.{digits}f}" if len(values) > 1 else f"{mean:.{digits}f}"
 
 
-KEYS = ("test/all/loss", "test/all/accuracy", "test/all/chrf", "test/all/kept", "test/all/kept_chrf",
-        "test/student-questions/accuracy", "test/held-out-questions/accuracy", "test/held-out-questions/loss",
-        "dev/all/loss")
-HEADER = ("test loss", "test acc. %", "test chrF", "kept (acc.)", "kept (chrF)", "acc., stud. q", "acc., held-out q",
-          "loss, held-out q", "dev loss")
+def split_columns(split: str = "test") -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The table's keys and column titles for the reported ``split`` (``test``, or ``confirm``)."""
+    names = ("all/loss", "all/accuracy", "all/chrf", "all/kept", "all/kept_chrf", "student-questions/accuracy",
+             "held-out-questions/accuracy", "held-out-questions/loss")
+    keys = (*(f"{split}/{k}" for k in names), "dev/all/loss")
+    header = (f"{split} loss", f"{split} acc. %", f"{split} chrF", "kept (acc.)", "kept (chrF)", "acc., stud. q",
+              "acc., held-out q", "loss, held-out q", "dev loss")
+    return keys, header
+
+
+KEYS, HEADER = split_columns("test")
 
 
 def _cell(key: str, values: list[float]) -> str:
     return _mean_sd(values, 3 if key.endswith("loss") or "kept" in key else 1)
 
 
-def plot(table: dict, seeds: list[int], labels: dict[str, str], path: Path) -> bool:
-    """Test accuracy and loss per model, mean ± sd over seeds with each seed as a dot; False without matplotlib."""
+def plot(table: dict, seeds: list[int], labels: dict[str, str], path: Path, split: str = "test") -> bool:
+    """``split`` accuracy and loss per model, mean ± sd over seeds with each seed as a dot; False without
+    matplotlib."""
     try:
         import matplotlib
 
@@ -634,10 +650,10 @@ def plot(table: dict, seeds: list[int], labels: dict[str, str], path: Path) -> b
         return False
     rows = [r for r in ("teacher", "pruned, untrained", *KINDS) if r in table]
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
-    for ax, key, title in zip(axes, ("test/student-questions/accuracy", "test/held-out-questions/accuracy",
-                                     "test/all/loss"),
-                              ("test accuracy %, students' questions", "test accuracy %, held-out questions",
-                               "test answer loss (per token)"), strict=True):
+    for ax, key, title in zip(axes, (f"{split}/student-questions/accuracy", f"{split}/held-out-questions/accuracy",
+                                     f"{split}/all/loss"),
+                              (f"{split} accuracy %, students' questions", f"{split} accuracy %, held-out questions",
+                               f"{split} answer loss (per token)"), strict=True):
         for x, row in enumerate(rows):
             values = table[row][key]
             ax.bar(x, statistics.fmean(values), yerr=statistics.stdev(values) if len(values) > 1 else 0,
@@ -645,19 +661,21 @@ def plot(table: dict, seeds: list[int], labels: dict[str, str], path: Path) -> b
             ax.scatter([x] * len(values), values, color="k", s=10, zorder=3)
         ax.set_xticks(range(len(rows)), [labels.get(r, r) for r in rows], fontsize=7)
         ax.set_title(title, fontsize=9)
-    fig.suptitle(f"bench_distill: test split, seeds {seeds} (mean ± sd, dots = seeds)", fontsize=10)
+    fig.suptitle(f"bench_distill: {split} split, seeds {seeds} (mean ± sd, dots = seeds)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
 
 
-def add_kept(table: dict) -> None:
-    """``test/all/kept`` (accuracy) and ``test/all/kept_chrf`` of every row: its test score / the teacher's."""
+def add_kept(table: dict, splits: tuple[str, ...] = ("test",)) -> None:
+    """``<split>/all/kept`` (accuracy) and ``<split>/all/kept_chrf`` of every row and split: its score / the
+    teacher's."""
     for row in table:
-        for key, metric in (("kept", "accuracy"), ("kept_chrf", "chrf")):
-            table[row][f"test/all/{key}"] = [s / t if t else float("nan") for s, t in zip(
-                table[row][f"test/all/{metric}"], table["teacher"][f"test/all/{metric}"], strict=True)]
+        for split in splits:
+            for key, metric in (("kept", "accuracy"), ("kept_chrf", "chrf")):
+                table[row][f"{split}/all/{key}"] = [s / t if t else float("nan") for s, t in zip(
+                    table[row][f"{split}/all/{metric}"], table["teacher"][f"{split}/all/{metric}"], strict=True)]
 
 
 def paired_minus_ce(table: dict) -> tuple[dict, dict]:
@@ -669,14 +687,15 @@ def paired_minus_ce(table: dict) -> tuple[dict, dict]:
     return paired, wins
 
 
-def print_table(table: dict, labels: dict, paired: dict, wins: dict, seeds: int) -> None:
-    print("| model | " + " | ".join(HEADER) + " |")
-    print("|---" * (len(HEADER) + 1) + "|")
+def print_table(table: dict, labels: dict, paired: dict, wins: dict, seeds: int, split: str = "test") -> None:
+    keys, header = split_columns(split)
+    print("| model | " + " | ".join(header) + " |")
+    print("|---" * (len(header) + 1) + "|")
     for row in ("teacher", "pruned, untrained", *KINDS):
-        print(f"| {labels.get(row, row)} | " + " | ".join(_cell(k, table[row][k]) for k in KEYS) + " |")
+        print(f"| {labels.get(row, row)} | " + " | ".join(_cell(k, table[row][k]) for k in keys) + " |")
     for kind in KINDS[1:]:
-        print(f"| {kind} - ce, paired by seed | " + " | ".join(_cell(k, paired[kind][k]) for k in KEYS) + " |")
-        print(f"| seeds where {kind} is better (of {seeds}) | " + " | ".join(str(wins[kind][k]) for k in KEYS) + " |")
+        print(f"| {kind} - ce, paired by seed | " + " | ".join(_cell(k, paired[kind][k]) for k in keys) + " |")
+        print(f"| seeds where {kind} is better (of {seeds}) | " + " | ".join(str(wins[kind][k]) for k in keys) + " |")
 
 
 def speech_grid(kind: str) -> dict[str, dict]:
@@ -688,6 +707,40 @@ def _dataset_rows(folder) -> list:
     from datasets import load_from_disk
 
     return list(load_from_disk(str(folder)))
+
+
+def load_chosen(path: str | os.PathLike) -> dict:
+    """The configurations an earlier ``--data speech`` run chose, from its ``results.json``: ``{"chosen": {kind:
+    name}, "configs": {kind: config}, "args": its arguments, "folder": its output folder}``. ``--confirm`` trains
+    exactly these (no tuning). Raises ``ValueError`` naming the file when it is not such a run's results."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--confirm {path}: no such results.json")
+    results = json.loads(path.read_text(encoding="utf-8"))
+    run_args = results.get("args") or {}
+    if run_args.get("data") != "speech" or run_args.get("confirm"):
+        raise ValueError(f"--confirm {path}: not the results of a tuning `bench_distill.py --data speech` run "
+                         f"(data={run_args.get('data')!r}, confirm={run_args.get('confirm')!r})")
+    if run_args.get("quick"):
+        raise ValueError(f"--confirm {path}: the results of a --quick run choose nothing")
+    chosen = results.get("chosen") or {}
+    missing = [kind for kind in KINDS if kind not in chosen or chosen[kind] not in results.get("tuning", {})]
+    if missing:
+        raise ValueError(f"--confirm {path}: no chosen configuration for {missing}")
+    return {"chosen": {kind: chosen[kind] for kind in KINDS},
+            "configs": {kind: results["tuning"][chosen[kind]]["config"] for kind in KINDS},
+            "args": run_args, "folder": str(Path(run_args["output_dir"]))}
+
+
+def compare_tokens(bench, folder: str | os.PathLike) -> dict[str, int]:
+    """Clips of this run tokenized as in the earlier run's ``data/tokens.json`` in ``folder``, per split:
+    ``{split: number that differ}`` (clips it did not have, the confirm split's, are not compared)."""
+    cache = Path(folder) / "data" / "tokens.json"
+    if not cache.is_file():
+        return {}
+    earlier = json.loads(cache.read_text())["tokens"]
+    return {name: sum(earlier.get(r["id"], r["semantic_tokens"]) != r["semantic_tokens"] for r in rows)
+            for name, rows in bench.sets.items()}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -703,8 +756,18 @@ def main(argv: list[str] | None = None) -> dict:
                         help="speech: a finished `gemma-rvq demo` output folder with >= 2x stride LM layers (run "
                              "there, with 6-layer LMs, when it holds none)")
     parser.add_argument("--speech-dir", default=str(SPEECH_DIR), help="speech: the clips and their metadata.jsonl")
-    parser.add_argument("--teacher-steps", type=int, default=None, help="default: 400 (synthetic), 1500 (speech)")
-    parser.add_argument("--teacher-lr", type=float, default=None, help="default: 3e-3 (synthetic), 2e-3 (speech)")
+    parser.add_argument("--teacher-steps", type=int, default=None,
+                        help="default: 400 (synthetic), 1500 (speech), the earlier run's with --confirm")
+    parser.add_argument("--teacher-lr", type=float, default=None,
+                        help="default: 3e-3 (synthetic), 2e-3 (speech), the earlier run's with --confirm")
+    parser.add_argument("--confirm", default=None, metavar="RESULTS_JSON",
+                        help="speech: no tuning; train the configurations chosen in this results.json of an earlier "
+                             "--data speech run and report them on the confirm split (voices no choice has seen) "
+                             "and the test split")
+    parser.add_argument("--teacher-dir", default=None,
+                        help="speech: reuse this trained teacher (its bench_teacher.json must record this run's "
+                             "teacher steps, learning rate, rows and base LM) instead of training one in "
+                             "OUTPUT_DIR/teacher")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="seeds of the reported runs")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared)")
@@ -714,6 +777,16 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if TUNE_SEED in args.seeds:
         parser.error(f"seed {TUNE_SEED} is the tuning seed; report on other seeds")
+    if args.data != "speech" and (args.confirm or args.teacher_dir):
+        parser.error("--confirm and --teacher-dir need --data speech")
+    earlier = None
+    if args.confirm:
+        try:
+            earlier = load_chosen(args.confirm)
+        except (OSError, ValueError) as error:
+            parser.error(str(error))
+        args.teacher_steps = args.teacher_steps or earlier["args"].get("teacher_steps")
+        args.teacher_lr = args.teacher_lr or earlier["args"].get("teacher_lr")
     import transformers
 
     transformers.logging.set_verbosity_error()
@@ -724,8 +797,18 @@ def main(argv: list[str] | None = None) -> dict:
     defaults = {"speech": (1500, 2e-3), "synthetic": (400, 3e-3)}[args.data]
     args.teacher_steps, args.teacher_lr = args.teacher_steps or defaults[0], args.teacher_lr or defaults[1]
     bench = SpeechBench(args) if speech else Bench(args)
+    splits = bench.report_splits
+    reported = "confirm" if args.confirm else "test"
+    token_differences = {}
+    if earlier:
+        token_differences = compare_tokens(bench, earlier["folder"])
+        print(f"--confirm {args.confirm}: {earlier['chosen']}; clips tokenized differently from that run, by split: "
+              f"{token_differences or 'not compared (no data/tokens.json there)'}", flush=True)
+        if args.teacher_dir and any(token_differences.get(n) for n in ("teacher", "student", "transfer")):
+            raise ValueError(f"--teacher-dir {args.teacher_dir}: this run's training clips tokenize differently from "
+                             f"{earlier['folder']}: {token_differences}; drop --teacher-dir to train the teacher again")
 
-    # 1. tuning: seed 0's teacher, dev split only, the same number of configurations per kind
+    # 1. tuning: seed 0's teacher, dev split only, the same number of configurations per kind (none with --confirm)
     tuning = {}
 
     def tune(kind: str, grid: dict[str, dict]) -> None:
@@ -740,11 +823,14 @@ def main(argv: list[str] | None = None) -> dict:
         return min((n for n in tuning if tuning[n]["kind"] == kind), key=lambda n: tuning[n]["dev"]["loss"])
 
     for kind in KINDS:
+        if earlier:
+            tuning[earlier["chosen"][kind]] = {"kind": kind, "config": earlier["configs"][kind], "from": args.confirm}
+            continue
         grid = speech_grid(kind) if speech else stage1_grid(kind)
         tune(kind, dict(list(grid.items())[:1]) if args.quick else grid)
         if not args.quick and not speech:
             tune(kind, stage2_grid(kind, tuning[best(kind)]["config"]))
-    chosen = {kind: best(kind) for kind in KINDS}
+    chosen = earlier["chosen"] if earlier else {kind: best(kind) for kind in KINDS}
     tune_seconds = time.perf_counter() - start
 
     # 2. report: fresh seeds, each with its own teacher; the test split decides nothing
@@ -762,22 +848,22 @@ def main(argv: list[str] | None = None) -> dict:
     def report(which, table: dict, label: str) -> None:
         for seed in args.seeds:
             _, _, teacher = which.teacher(seed)
-            for split in ("dev", "test"):
+            for split in splits:
                 add(table, "teacher", teacher["scores"][split], split)
                 add(table, "pruned, untrained", teacher["pruned_scores"][split], split)
             for kind, name in chosen.items():
-                result = which.student(seed, tuning[name]["config"], ("dev", "test"))
+                result = which.student(seed, tuning[name]["config"], splits)
                 final_seconds[f"{label}{kind} seed {seed}"] = result["train_seconds"]
-                for split in ("dev", "test"):
+                for split in splits:
                     add(table, kind, result["scores"][split], split)
 
     report(bench, table, "")
-    add_kept(table)
+    add_kept(table, tuple(s for s in splits if s != "dev"))
     paired, wins = paired_minus_ce(table)
     # the literal setting (speech): students of the demo run's own stage-3 model, trained on its own 24 rows,
     # with the configurations chosen above (no tuning of its own)
     literal: dict[str, dict[str, list[float]]] = {}
-    if speech:
+    if speech and not args.confirm:
         demo_bench = DemoTeacherBench(bench)
         report(demo_bench, literal, "demo teacher: ")
         add_kept(literal)
@@ -793,19 +879,25 @@ def main(argv: list[str] | None = None) -> dict:
           f"on {len(bench.sets['teacher'])} rows; students: {layers // args.stride} layers, "
           f"{teacher0['student_parameters']:,} parameters, {len(bench.sets['student'])} rows (+ "
           f"{len(bench.sets['transfer'])} unlabelled transfer prompts for distill+transfer); dev "
-          f"{len(bench.sets['dev'])} prompts, test {len(bench.sets['test'])} prompts")
+          f"{len(bench.sets['dev'])} prompts, test {len(bench.sets['test'])} prompts"
+          + (f", confirm {len(bench.sets['confirm'])} prompts" if args.confirm else ""))
     transfer_accuracy = [summarize(bench.teacher(seed)[2]["scores"]["transfer"])["accuracy"] for seed in args.seeds]
     print(f"the teachers' answers to the transfer prompts (what distill+transfer learns from) are right "
           f"{_mean_sd(transfer_accuracy, 1)} % of the time (seeds {args.seeds})")
-    print(f"\nTuning (seed {TUNE_SEED}'s teacher, dev split; * = lowest dev answer loss of its kind)")
-    print(f"{'configuration':<72} {'dev loss':>9} {'dev acc. %':>10} {'dev chrF':>9} {'train s':>8}")
-    for name, entry in tuning.items():
-        mark = " *" if name in chosen.values() else ""
-        print(f"{name + mark:<72} {entry['dev']['loss']:>9.3f} {entry['dev']['accuracy']:>10.1f} "
-              f"{entry['dev']['chrf']:>9.1f} {entry['train_seconds']:>8.1f}")
+    if earlier:
+        print(f"\nNo tuning: the configurations chosen in {args.confirm}: {chosen}")
+    else:
+        print(f"\nTuning (seed {TUNE_SEED}'s teacher, dev split; * = lowest dev answer loss of its kind)")
+        print(f"{'configuration':<72} {'dev loss':>9} {'dev acc. %':>10} {'dev chrF':>9} {'train s':>8}")
+        for name, entry in tuning.items():
+            mark = " *" if name in chosen.values() else ""
+            print(f"{name + mark:<72} {entry['dev']['loss']:>9.3f} {entry['dev']['accuracy']:>10.1f} "
+                  f"{entry['dev']['chrf']:>9.1f} {entry['train_seconds']:>8.1f}")
     labels = {kind: f"{kind}: {chosen[kind][len(kind) + 1:]}" for kind in KINDS}
-    print(f"\nTest split, seeds {args.seeds} (mean ± sd); kept = student test accuracy (chrF) / the teacher's")
-    print_table(table, labels, paired, wins, len(args.seeds))
+    for split in (("confirm", "test") if args.confirm else ("test",)):
+        print(f"\n{split.capitalize()} split, seeds {args.seeds} (mean ± sd); kept = student {split} accuracy "
+              f"(chrF) / the teacher's")
+        print_table(table, labels, paired, wins, len(args.seeds), split)
     if literal:
         literal_paired, literal_wins = paired_minus_ce(literal)
         print(f"\nThe literal setting: students of the demo run's own stage-3 model ({demo_bench.teacher_dir}), "
@@ -813,7 +905,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"configurations chosen above; test split, seeds {args.seeds}")
         print_table(literal, labels, literal_paired, literal_wins, len(args.seeds))
     drawn = plot(table, args.seeds, {"pruned, untrained": "pruned", "distill+transfer": "distill\n+transfer"},
-                 bench.out / "results.png")
+                 bench.out / "results.png", reported)
     results = {"args": vars(args), "seconds": seconds, "cpu_seconds": cpu_seconds,
                "load_average": {"start": load_start, "end": load_end},
                "setup": {"data": args.data, **({"demo_dir": str(bench.demo_dir), "teacher": str(bench.teacher_dir),
@@ -828,7 +920,8 @@ def main(argv: list[str] | None = None) -> dict:
                          "student_voices": STUDENT_VOICES, "dev_voices": DEV_VOICES, "test_voices": TEST_VOICES,
                          "transfer_voices": TRANSFER_VOICES,
                          "rows": {name: len(rows) for name, rows in bench.sets.items()}},
-               "tuning": tuning, "chosen": chosen, "table": table, "paired_minus_ce": paired,
+               "tuning": tuning, "chosen": chosen, "confirm_of": args.confirm, "token_differences": token_differences,
+               "table": table, "paired_minus_ce": paired,
                "seeds_better_than_ce": wins, "teacher_transfer_accuracy": transfer_accuracy,
                "final_train_seconds": final_seconds,
                "literal": {"table": literal, "paired_minus_ce": paired_minus_ce(literal)[0]} if literal else None,

@@ -15,10 +15,10 @@ Outputs:
   ``"file": null`` (stage 2 turns those into semantic tokens). ``split == "dev"`` rows are spoken by the
   held-out voice (the demo's unseen spoken prompt).
 * with ``--distill-benchmark``, instead: the spoken-question set of ``benchmarks/bench_distill.py --data
-  speech`` (:func:`generate_distill_benchmark`): the 24 questions of ``INSTRUCTIONS`` spoken by 12 voices,
+  speech`` (:func:`generate_distill_benchmark`): the 24 questions of ``INSTRUCTIONS`` spoken by 14 voices,
   16 kHz FLAC, ``metadata.jsonl`` rows ``{"id", "file", "question", "instruction", "response", "language",
   "voice", "variant", "speed", "pitch", "split", "duration"}`` where ``split`` (``teacher``, ``dev``,
-  ``test``, ``transfer``) is fixed by the voice, so no voice is in two splits.
+  ``test``, ``transfer``, ``confirm``) is fixed by the voice, so no voice is in two splits.
 * ``words.jsonl``: word timings of every clip ``{"id", "file", "words": [{"word", "start", "end"}]}``
   (seconds in the clip), read from espeak-ng's own word and phoneme events while it speaks (through
   libespeak-ng), so the clips themselves are exactly those of the command line.
@@ -524,14 +524,17 @@ def generate_corpus(out_dir: str | os.PathLike, n_utterances_per_lang: int | Non
 # ---------------------------------------------------------------------------------------------- distillation set
 # The spoken-question set of benchmarks/bench_distill.py --data speech: every question of INSTRUCTIONS (12 en,
 # 12 sw) in every voice below. A voice is an espeak-ng variant with its own speed (wpm) and pitch, and belongs to
-# one split only; fast speech (220-245 wpm) keeps the folder small. The students' labelled voices are m3 and f3 (the committed corpus' train voices); the
-# benchmark picks its rows from the teacher split.
+# one split only; fast speech (220-245 wpm) keeps the folder small. The students' labelled voices are m3 and f3
+# (the committed corpus' train voices); the benchmark picks its rows from the teacher split.
 DISTILL_VOICES: dict[str, tuple[tuple[str, int, int], ...]] = {
     "teacher": (("m1", 225, 45), ("m2", 240, 55), ("m3", 230, 50), ("f1", 235, 50), ("f2", 220, 60),
                 ("f3", 230, 50)),
     "dev": (("m4", 235, 40), ("f4", 225, 55)),
     "test": (("m5", 230, 45), ("f5", 240, 50)),
     "transfer": (("m6", 220, 50), ("m7", 245, 45)),
+    # added after the first results: two named variants no run had seen, for a confirmation that no choice was
+    # tuned on (bench_distill.py --confirm); appended last so every earlier clip is unchanged
+    "confirm": (("david", 235, 45), ("linda", 225, 55)),
 }
 DISTILL_SAMPLE_RATE = 16000
 
