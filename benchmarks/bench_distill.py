@@ -655,7 +655,9 @@ def plot(table: dict, seeds: list[int], labels: dict[str, str], path: Path, spli
                               (f"{split} accuracy %, students' questions", f"{split} accuracy %, held-out questions",
                                f"{split} answer loss (per token)"), strict=True):
         for x, row in enumerate(rows):
-            values = table[row][key]
+            values = [v for v in table[row][key] if v == v]  # NaN: a group without rows (--quick)
+            if not values:
+                continue
             ax.bar(x, statistics.fmean(values), yerr=statistics.stdev(values) if len(values) > 1 else 0,
                    color=("0.6", "0.85", "tab:blue", "tab:orange", "tab:green")[x], capsize=4)
             ax.scatter([x] * len(values), values, color="k", s=10, zorder=3)
@@ -734,13 +736,13 @@ def load_chosen(path: str | os.PathLike) -> dict:
 
 def compare_tokens(bench, folder: str | os.PathLike) -> dict[str, int]:
     """Clips of this run tokenized as in the earlier run's ``data/tokens.json`` in ``folder``, per split:
-    ``{split: number that differ}`` (clips it did not have, the confirm split's, are not compared)."""
+    ``{split: number that differ}``; a split the earlier run did not tokenize (the confirm split) is left out."""
     cache = Path(folder) / "data" / "tokens.json"
     if not cache.is_file():
         return {}
     earlier = json.loads(cache.read_text())["tokens"]
-    return {name: sum(earlier.get(r["id"], r["semantic_tokens"]) != r["semantic_tokens"] for r in rows)
-            for name, rows in bench.sets.items()}
+    return {name: sum(earlier.get(r["id"]) != r["semantic_tokens"] for r in rows)
+            for name, rows in bench.sets.items() if any(r["id"] in earlier for r in rows)}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -871,7 +873,8 @@ def main(argv: list[str] | None = None) -> dict:
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     load_end = os.getloadavg()
     _, _, teacher0 = bench.teacher(args.seeds[0])
-    print(f"\n{seconds:.0f} s in all ({tune_seconds:.0f} s tuning), {cpu_seconds:.0f} s of CPU; load average "
+    print(f"\n{seconds:.0f} s in all ({tune_seconds:.0f} s {'setup, no tuning' if args.confirm else 'tuning'}), "
+          f"{cpu_seconds:.0f} s of CPU; load average "
           f"{load_start[0]:.1f} at the start, {load_end[0]:.1f} at the end; torch threads {args.threads}")
     layers = bench.demo["settings"]["lm_layers"] if speech else args.teacher_layers
     print(f"teacher: {layers} layers, {teacher0['parameters']:,} parameters, "

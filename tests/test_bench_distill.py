@@ -113,3 +113,99 @@ def test_speech_sets_from_the_committed_clips_keep_every_voice_in_one_split():
     leaked = sets["test"][0]
     with pytest.raises(ValueError, match=r"\['m5'\] are in both the dev and test splits"):
         bench.speech_sets([*rows, dict(leaked, split="dev")])
+
+
+def test_confirm_voices_are_in_no_training_or_tuning_set():
+    """The confirm split (2 voices added after the first results) is read only by --confirm: none of its voices or
+    clips is in the teacher's, the students', the transfer or the dev set, and the tuning runs never score it."""
+    bench = _bench()
+    rows = bench.load_speech_rows()
+    sets = bench.speech_sets(rows)
+    confirm = {row["variant"] for row in sets["confirm"]}
+    assert confirm == {"david", "linda"} and len(sets["confirm"]) == 48
+    assert {row["language"] for row in sets["confirm"]} == {"en", "sw"}
+    for name in ("teacher", "student", "transfer", "dev", "test"):
+        assert not confirm & {row["variant"] for row in sets[name]}, name
+        assert not {row["id"] for row in sets["confirm"]} & {row["id"] for row in sets[name]}, name
+    leaked = sets["confirm"][0]
+    with pytest.raises(ValueError, match=r"\['david'\] are in both the teacher and confirm splits"):
+        bench.speech_sets([*rows, dict(leaked, split="teacher")])
+    with pytest.raises(ValueError, match="no 'confirm' rows"):
+        bench.speech_sets([r for r in rows if r["split"] != "confirm"])
+    keys, header = bench.split_columns("confirm")
+    assert keys[0] == "confirm/all/loss" and keys[-1] == "dev/all/loss" and header[0] == "confirm loss"
+    assert bench.split_columns("test") == (bench.KEYS, bench.HEADER)
+
+
+def _speech_results(tmp_path, **changes) -> str:
+    """A results.json shaped as a tuning --data speech run writes it (what --confirm reads)."""
+    bench = _bench()
+    tuning = {name: {"kind": kind, "config": config, "dev": {"loss": 1.0}}
+              for kind in bench.KINDS for name, config in bench.speech_grid(kind).items()}
+    chosen = {kind: next(n for n in tuning if tuning[n]["kind"] == kind) for kind in bench.KINDS}
+    results = {"args": {"data": "speech", "quick": False, "confirm": None, "output_dir": str(tmp_path / "run"),
+                        "teacher_steps": 1500, "teacher_lr": 2e-3},
+               "tuning": tuning, "chosen": chosen}
+    for key, value in changes.items():
+        results[key] = value
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(results))
+    return str(path)
+
+
+def test_confirm_loads_the_chosen_configurations_and_rejects_other_results(tmp_path):
+    bench = _bench()
+    loaded = bench.load_chosen(_speech_results(tmp_path))
+    assert loaded["chosen"]["distill"] == "distill lr=0.0003 steps=60"
+    assert loaded["configs"]["distill+transfer"] == {"learning_rate": 3e-4, "max_steps": 60,
+                                                     **bench.TRANSFER_DEFAULT}
+    assert loaded["configs"]["ce"]["kl_weight"] == 0.0 and loaded["args"]["teacher_steps"] == 1500
+    assert loaded["folder"] == str(tmp_path / "run")
+    synthetic = {"data": "synthetic", "quick": False, "output_dir": "x"}
+    with pytest.raises(ValueError, match="not the results of a tuning"):
+        bench.load_chosen(_speech_results(tmp_path, args=synthetic))
+    with pytest.raises(ValueError, match="not the results of a tuning"):  # a confirmation chooses nothing either
+        bench.load_chosen(_speech_results(tmp_path, args={**synthetic, "data": "speech", "confirm": "r.json"}))
+    with pytest.raises(ValueError, match=r"--quick run"):
+        bench.load_chosen(_speech_results(tmp_path, args={**synthetic, "data": "speech", "quick": True}))
+    with pytest.raises(ValueError, match=r"no chosen configuration for \['ce'\]"):
+        bench.load_chosen(_speech_results(tmp_path, chosen={"distill": "distill lr=0.0003 steps=60",
+                                                            "distill+transfer": "distill+transfer lr=0.0003 steps=60"}))
+    with pytest.raises(FileNotFoundError):
+        bench.load_chosen(tmp_path / "missing.json")
+    # the command line: --confirm and --teacher-dir need --data speech; a bad results.json is a usage error
+    for argv in (["--confirm", _speech_results(tmp_path)], ["--teacher-dir", str(tmp_path)],
+                 ["--data", "speech", "--confirm", str(tmp_path / "missing.json")]):
+        with pytest.raises(SystemExit):
+            bench.main([*argv, "--output-dir", str(tmp_path / "out")])
+
+
+def test_add_kept_and_paired_differences_cover_the_confirm_split():
+    bench = _bench()
+    table = {}
+    for row, accuracy in (("teacher", [50.0, 50.0]), ("pruned, untrained", [0.0, 0.0]), ("ce", [10.0, 20.0]),
+                          ("distill", [25.0, 15.0]), ("distill+transfer", [30.0, 40.0])):
+        for split in ("test", "confirm"):
+            table[row] = {**table.get(row, {}), f"{split}/all/accuracy": accuracy, f"{split}/all/chrf": accuracy,
+                          f"{split}/all/loss": [1.0 - a / 100 for a in accuracy]}
+    bench.add_kept(table, ("test", "confirm"))
+    assert table["distill"]["confirm/all/kept"] == [0.5, 0.3]
+    paired, wins = bench.paired_minus_ce(table)
+    assert paired["distill"]["confirm/all/accuracy"] == [15.0, -5.0] and wins["distill"]["confirm/all/accuracy"] == 1
+    assert wins["distill+transfer"]["confirm/all/loss"] == 2  # lower loss is better
+
+
+def test_compare_tokens_counts_clips_tokenized_differently(tmp_path):
+    """--confirm checks that the clips shared with the earlier run tokenize as they did there (so its teacher,
+    reused with --teacher-dir, saw the same rows); splits the earlier run never had are not compared."""
+    bench = _bench()
+
+    from types import SimpleNamespace
+
+    Run = SimpleNamespace(sets={"teacher": [{"id": "a", "semantic_tokens": "<x>"}, {"id": "b", "semantic_tokens": "<y>"}],
+                                "confirm": [{"id": "c", "semantic_tokens": "<z>"}]})
+
+    assert bench.compare_tokens(Run, tmp_path) == {}  # no data/tokens.json there
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "tokens.json").write_text(json.dumps({"key": {}, "tokens": {"a": "<x>", "b": "<q>"}}))
+    assert bench.compare_tokens(Run, tmp_path) == {"teacher": 1}
