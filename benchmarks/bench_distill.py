@@ -56,6 +56,15 @@ seconds and the load average (see docs/benchmarks.md for the measured run).
 - The literal setting, for the record: students of the demo run's OWN stage-3 model (its LoRA merged), trained on
   its own stage-3 rows (spoken + Speechless-generated) with the configurations chosen above, on the same test split.
 
+A confirmation on voices no choice has seen (the ``confirm`` split, voices david and linda, in no other set):
+
+    python benchmarks/bench_distill.py --data speech --demo-dir DEMO --confirm RUN/results.json \
+        --teacher-dir RUN/teacher --output-dir /tmp/bench-distill-confirm
+
+trains exactly the configurations ``RUN/results.json`` chose (no tuning), with that run's teacher when
+``--teacher-dir`` is given (its ``bench_teacher.json`` must match; the clips shared with that run must tokenize
+identically) or a new one, and reports seeds 1-3 on the confirm split and the test split.
+
 Needs sacrebleu (``pip install gemma-rvq[bench]``) and matplotlib.
 """
 
