@@ -347,7 +347,11 @@ class Bench:
         start = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - start
-        return {"train_seconds": seconds, "scores": {s: score(trainer.model, tokenizer, self.sets[s]) for s in splits}}
+        return {"train_seconds": seconds, "scores": {s: self.score(trainer.model, tokenizer, s) for s in splits}}
+
+    def score(self, model, tokenizer, split: str) -> list[dict]:
+        """Per-row scores of ``model`` on the set ``split`` (see :func:`score`)."""
+        return score(model, tokenizer, self.sets[split])
 
 
 # ---------------------------------------------------------------------------------------------- speech
@@ -580,20 +584,6 @@ class SpeechBench(Bench):
               f", test accuracy {summarize(record['scores']['test'])['accuracy']:.1f} %, test chrF "
               f"{summarize(record['scores']['test'])['chrf']:.1f}", flush=True)
         return record
-
-    def student(self, seed: int, config: dict, splits: tuple[str, ...]) -> dict:
-        from transformers import set_seed
-
-        from gemma_rvq.recipes.distill import build_student
-
-        teacher, tokenizer, _ = self.teacher(seed)
-        set_seed(seed)
-        student = build_student(teacher, layer_stride=self.args.stride)
-        trainer = self.trainer(seed, "student", teacher, tokenizer, student, config)
-        start = time.perf_counter()
-        trainer.train()
-        seconds = time.perf_counter() - start
-        return {"train_seconds": seconds, "scores": {s: self.score(trainer.model, tokenizer, s) for s in splits}}
 
 
 class DemoTeacherBench(SpeechBench):

@@ -731,7 +731,40 @@ class WindowedStreamingEncoder:
 
 
 # ================================================================================================ streams
-class AudioCodeStream:
+class _CodeStreamBase:
+    """What [`AudioCodeStream`] and [`StreamBatch`] share: the counters, ``reset`` and the state size."""
+
+    encoder: Any
+
+    def _new_resamplers(self) -> None:  # pragma: no cover - every subclass defines it
+        raise NotImplementedError
+
+    def reset(self) -> None:
+        """Start anew (after ``flush``, or to drop what was pushed)."""
+        self.encoder.reset()
+        self._new_resamplers()
+        self.frames_emitted = 0
+        self.samples_received = 0
+        self.finished = False
+
+    @property
+    def state_nbytes(self) -> int:
+        """Bytes of audio, features and per-layer caches held (bounded by the context, not the length)."""
+        return self.encoder.state_nbytes
+
+
+def _embeddings_to_codes(model: nn.Module, hidden: torch.Tensor, num_quantizers: int | None) -> torch.Tensor:
+    """Codes ``[n, Q]`` of encoder embeddings ``hidden [n, D]`` (``n >= 1``): what ``model.encode(embeddings=
+    hidden[None])`` does with an all-valid mask, without its batch wrapping (mask, gather / scatter, output
+    dataclass), which costs a few milliseconds per push, as much as a tiny encoder's layers. The same codes."""
+    x = hidden.to(model._param_dtype())
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError("the encoder gave NaN or infinite embeddings for this chunk")
+    with torch.no_grad():
+        return model.quantizer.encode(model.project_in(x), num_quantizers)
+
+
+class AudioCodeStream(_CodeStreamBase):
     """One utterance streamed through a [`GemmaRVQModel`]: ``push`` samples, get the codes of final frames.
 
     Made by [`GemmaRVQModel.stream`]. Codes are ``LongTensor [Q, n]`` on the model's device; frame ``t`` is
@@ -759,18 +792,8 @@ class AudioCodeStream:
         self._levels = levels
         self.reset()
 
-    def reset(self) -> None:
-        """Start a new utterance (after ``flush``, or to drop the current one)."""
-        self.encoder.reset()
+    def _new_resamplers(self) -> None:
         self._resampler = _Resampler(self.sampling_rate, self.encoder.sampling_rate)
-        self.frames_emitted = 0
-        self.samples_received = 0
-        self.finished = False
-
-    @property
-    def state_nbytes(self) -> int:
-        """Bytes of audio, features and per-layer caches the stream holds (bounded by the context)."""
-        return self.encoder.state_nbytes
 
     @property
     def received_ms(self) -> float:
@@ -820,20 +843,12 @@ class AudioCodeStream:
         """Codes ``[n, Q]`` of the embeddings ``hidden [n, D]``."""
         if hidden.shape[0] == 0:
             return torch.zeros(0, self._levels, dtype=torch.long, device=self.model.device)
-        # What model.encode(embeddings=hidden[None]) does with an all-valid mask, without its batch wrapping
-        # (mask, gather / scatter, output dataclass): a few milliseconds per push, as much as a tiny
-        # encoder's layers. The same codes.
-        model = self.model
-        x = hidden.to(model._param_dtype())
-        if not bool(torch.isfinite(x).all()):
-            raise ValueError("the encoder gave NaN or infinite embeddings for this chunk")
-        with torch.no_grad():
-            codes = model.quantizer.encode(model.project_in(x), self.num_quantizers)  # [n, Q']
+        codes = _embeddings_to_codes(self.model, hidden, self.num_quantizers)  # [n, Q']
         self.frames_emitted += hidden.shape[0]
         return codes
 
 
-class StreamBatch:
+class StreamBatch(_CodeStreamBase):
     """``B`` utterances streamed together through a Gemma 4 [`GemmaRVQModel`], in lockstep: every ``push``
     gives each of them the same number of samples, and one pass over the encoder's weights computes the new
     frames of all of them.
@@ -880,18 +895,8 @@ class StreamBatch:
         self.lookahead_ms = 1000.0 * self.encoder.lookahead_samples / self.encoder.sampling_rate
         self.reset()
 
-    def reset(self) -> None:
-        """Start new utterances (after ``flush``, or to drop the current ones)."""
-        self.encoder.reset()
+    def _new_resamplers(self) -> None:
         self._resamplers = [_Resampler(self.sampling_rate, self.encoder.sampling_rate) for _ in range(self.batch_size)]
-        self.frames_emitted = 0
-        self.samples_received = 0
-        self.finished = False
-
-    @property
-    def state_nbytes(self) -> int:
-        """Bytes of audio, features and per-layer caches held for all ``B`` utterances."""
-        return self.encoder.state_nbytes
 
     def _samples(self, samples: Any) -> np.ndarray:
         """``[B, S]`` chunks -> float32 ``[B, S']`` at the encoder's rate (every row read as ``push`` reads one)."""
@@ -932,10 +937,7 @@ class StreamBatch:
             if n == 0:
                 codes = torch.zeros(batch, 0, self._levels, dtype=torch.long, device=model.device)
             else:
-                x = hidden.reshape(batch * n, -1).to(model._param_dtype())
-                if not bool(torch.isfinite(x).all()):
-                    raise ValueError("the encoder gave NaN or infinite embeddings for this chunk")
-                codes = model.quantizer.encode(model.project_in(x), self.num_quantizers).view(batch, n, -1)
+                codes = _embeddings_to_codes(model, hidden.reshape(batch * n, -1), self.num_quantizers).view(batch, n, -1)
         self.frames_emitted += n
         return torch.clone(codes.permute(0, 2, 1), memory_format=torch.contiguous_format)
 
