@@ -281,6 +281,16 @@ class Bench:
     def steps(self, steps: int) -> int:
         return max(2, steps // 50) if self.args.quick else steps
 
+    def _script_kwargs(self) -> dict:
+        """``DistillArguments`` of this setting beyond those every setting shares (see :meth:`trainer`)."""
+        return {"token_format": "gemma_rvq", "codebook_size": CODEBOOK_SIZE, "num_levels": NUM_LEVELS}
+
+    def _training_kwargs(self) -> dict:
+        """``LayerDistillationConfig`` fields of this setting beyond those every setting shares."""
+        batch = min(4, self.args.batch_size) if self.args.quick else self.args.batch_size
+        return {"per_device_train_batch_size": batch, "max_length": 256, "transfer_max_new_tokens": 16,
+                "transfer_batch_size": 32}
+
     def trainer(self, seed: int, data: str, teacher, tokenizer, student, config: dict):
         from gemma_rvq.recipes.distill import DistillArguments, LayerDistillationConfig, build_distill_trainer
 
@@ -289,17 +299,14 @@ class Bench:
         transfer = config.pop("transfer", False)
         script_args = DistillArguments(
             dataset_name=str(self.paths[data]), recipe="speech_instruct", tokens_column="semantic_tokens",
-            response_column="response", system_prompt=SYSTEM_PROMPT, token_format="gemma_rvq",
-            codebook_size=CODEBOOK_SIZE, num_levels=NUM_LEVELS, layer_stride=self.args.stride,
+            response_column="response", system_prompt=SYSTEM_PROMPT, layer_stride=self.args.stride,
             layer_map=config.pop("layer_map", None),
-            transfer_dataset_name=str(self.paths["transfer"]) if transfer else None)
+            transfer_dataset_name=str(self.paths["transfer"]) if transfer else None, **self._script_kwargs())
         training_args = LayerDistillationConfig(
-            output_dir=str(self.out / "run"), max_steps=steps,
-            per_device_train_batch_size=min(4, self.args.batch_size) if self.args.quick else self.args.batch_size,
-            lr_scheduler_type="cosine", warmup_steps=0, max_length=256, bf16=False, use_cpu=True,
-            activation_checkpointing=False, report_to="none", save_strategy="no", logging_steps=steps, seed=seed,
-            data_seed=seed, disable_tqdm=True, dataloader_num_workers=0, ce_weight=1.0, transfer_max_new_tokens=16,
-            transfer_batch_size=32, **config)
+            output_dir=str(self.out / "run"), max_steps=steps, lr_scheduler_type="cosine", warmup_steps=0,
+            bf16=False, use_cpu=True, activation_checkpointing=False, report_to="none", save_strategy="no",
+            logging_steps=steps, seed=seed, data_seed=seed, disable_tqdm=True, dataloader_num_workers=0,
+            ce_weight=1.0, **self._training_kwargs(), **config)
         return build_distill_trainer(script_args, training_args, teacher=teacher, tokenizer=tokenizer,
                                      student=student)
 
@@ -308,7 +315,6 @@ class Bench:
         if seed in self.teachers:
             return self.teachers[seed]
         from gemma_rvq.recipes import prepare_semantic_tokens
-        from gemma_rvq.recipes.distill import build_student
         from gemma_rvq.testing import byte_level_bpe_tokenizer, tiny_llama
         from gemma_rvq.tokens import get_format
 
@@ -323,11 +329,7 @@ class Bench:
         trainer.train()
         seconds = time.perf_counter() - start
         model = trainer.model.eval()
-        pruned = build_student(model, layer_stride=self.args.stride)  # where both students start
-        record = {"train_seconds": seconds, "parameters": sum(p.numel() for p in model.parameters()),
-                  "student_parameters": sum(p.numel() for p in pruned.parameters()),
-                  "scores": {s: score(model, tokenizer, self.sets[s]) for s in ("dev", "test", "transfer")},
-                  "pruned_scores": {s: score(pruned, tokenizer, self.sets[s]) for s in ("dev", "test")}}
+        record = self._record(model, tokenizer, seconds, ("dev", "test", "transfer"))
         print(f"teacher seed {seed}: {seconds:.0f} s, dev accuracy {summarize(record['scores']['dev'])['accuracy']:.1f} %"
               f", test accuracy {summarize(record['scores']['test'])['accuracy']:.1f} %, accuracy on the transfer "
               f"prompts {summarize(record['scores']['transfer'])['accuracy']:.1f} %", flush=True)
@@ -352,6 +354,17 @@ class Bench:
     def score(self, model, tokenizer, split: str) -> list[dict]:
         """Per-row scores of ``model`` on the set ``split`` (see :func:`score`)."""
         return score(model, tokenizer, self.sets[split])
+
+    def _record(self, model, tokenizer, seconds: float, splits: tuple[str, ...]) -> dict:
+        """A teacher's size and scores on ``splits``, and those of its pruned copy (where both students start)
+        on the reported splits."""
+        from gemma_rvq.recipes.distill import build_student
+
+        pruned = build_student(model, layer_stride=self.args.stride)
+        return {"train_seconds": seconds, "parameters": sum(p.numel() for p in model.parameters()),
+                "student_parameters": sum(p.numel() for p in pruned.parameters()),
+                "scores": {s: self.score(model, tokenizer, s) for s in splits},
+                "pruned_scores": {s: self.score(pruned, tokenizer, s) for s in self.report_splits}}
 
 
 # ---------------------------------------------------------------------------------------------- speech
@@ -503,26 +516,12 @@ class SpeechBench(Bench):
     def steps(self, steps: int) -> int:
         return 2 if self.args.quick else steps
 
-    def trainer(self, seed: int, data: str, teacher, tokenizer, student, config: dict, teacher_dir: Path | None = None):
-        from gemma_rvq.recipes.distill import DistillArguments, LayerDistillationConfig, build_distill_trainer
+    def _script_kwargs(self) -> dict:
+        return {"teacher_model_name_or_path": str(self.teacher_dir)}
 
-        config = dict(config)
-        steps = self.steps(config.pop("max_steps"))
-        transfer = config.pop("transfer", False)
-        script_args = DistillArguments(
-            dataset_name=str(self.paths[data]), recipe="speech_instruct", tokens_column="semantic_tokens",
-            response_column="response", system_prompt=SYSTEM_PROMPT,
-            teacher_model_name_or_path=str(teacher_dir or self.teacher_dir), layer_stride=self.args.stride,
-            layer_map=config.pop("layer_map", None),
-            transfer_dataset_name=str(self.paths["transfer"]) if transfer else None)
-        training_args = LayerDistillationConfig(
-            output_dir=str(self.out / "run"), max_steps=steps, per_device_train_batch_size=SPEECH_BATCH,
-            lr_scheduler_type="cosine", warmup_steps=0, max_length=1024, bf16=False, use_cpu=True,
-            activation_checkpointing=False, report_to="none", save_strategy="no", logging_steps=steps, seed=seed,
-            data_seed=seed, disable_tqdm=True, dataloader_num_workers=0, ce_weight=1.0,
-            transfer_max_new_tokens=SPEECH_MAX_NEW_TOKENS, transfer_batch_size=16, **config)
-        return build_distill_trainer(script_args, training_args, teacher=teacher, tokenizer=tokenizer,
-                                     student=student)
+    def _training_kwargs(self) -> dict:
+        return {"per_device_train_batch_size": SPEECH_BATCH, "max_length": 1024,
+                "transfer_max_new_tokens": SPEECH_MAX_NEW_TOKENS, "transfer_batch_size": 16}
 
     def score(self, model, tokenizer, split: str) -> list[dict]:
         return score(model, tokenizer, self.sets[split], batch_size=16, max_new_tokens=SPEECH_MAX_NEW_TOKENS)
@@ -573,13 +572,7 @@ class SpeechBench(Bench):
         return self.teachers["teacher"]
 
     def _record(self, model, tokenizer, seconds: float, splits: tuple[str, ...]) -> dict:
-        from gemma_rvq.recipes.distill import build_student
-
-        pruned = build_student(model, layer_stride=self.args.stride)
-        record = {"train_seconds": seconds, "parameters": sum(p.numel() for p in model.parameters()),
-                  "student_parameters": sum(p.numel() for p in pruned.parameters()),
-                  "scores": {s: self.score(model, tokenizer, s) for s in splits},
-                  "pruned_scores": {s: self.score(pruned, tokenizer, s) for s in self.report_splits}}
+        record = super()._record(model, tokenizer, seconds, splits)
         print(f"teacher: {seconds:.0f} s of training, dev accuracy {summarize(record['scores']['dev'])['accuracy']:.1f} %"
               f", test accuracy {summarize(record['scores']['test'])['accuracy']:.1f} %, test chrF "
               f"{summarize(record['scores']['test'])['chrf']:.1f}", flush=True)
