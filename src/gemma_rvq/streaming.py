@@ -884,11 +884,10 @@ class StreamBatch(_CodeStreamBase):
         self.sampling_rate = check_sampling_rate(sampling_rate)
         _check_num_quantizers(model, num_quantizers)
         adapter = model._encoder_adapter()
-        _check_against_offline(Gemma4StreamingEncoder(adapter.model, adapter.feature_extractor, adapter.min_samples),
-                               adapter)
         self.model = model
         self.batch_size = batch_size
         self.encoder = Gemma4StreamingEncoder(adapter.model, adapter.feature_extractor, adapter.min_samples, batch_size)
+        _check_against_offline(self.encoder, adapter)  # it streams its own single-utterance probe
         self.num_quantizers = num_quantizers
         self._levels = model.config.num_quantizers if num_quantizers is None else num_quantizers
         self.frame_rate = self.encoder.sampling_rate / self.encoder.samples_per_frame
