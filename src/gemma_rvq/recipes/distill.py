@@ -44,11 +44,11 @@ from ..cards import hub_reference, local_path, write_local_paths
 from .sft import (
     RECIPE_FILE,
     SemanticSFTArguments,
-    _builder_kwargs,
     drop_long_examples,
     finish_hub_folder,
     load_raw_dataset,
     load_sft_dataset,
+    recipe_builder_kwargs,
     resolve_token_format,
 )
 
@@ -589,7 +589,7 @@ def build_transfer_prompts(script_args: DistillArguments, dataset, token_format=
             logger.warning("transfer set: its %r column is ignored; the teacher writes the answers", answer)
             dataset = dataset.remove_columns(answer)
         dataset = dataset.add_column(answer, [_PLACEHOLDER] * len(dataset))
-        kwargs = _builder_kwargs(script_args, token_format)
+        kwargs = recipe_builder_kwargs(script_args, token_format)
         if script_args.recipe == "speechless":
             kwargs["token_format"] = None  # the placeholder is the (missing) token string: nothing to parse
         built = build_recipe_dataset(script_args.recipe, dataset, **kwargs)

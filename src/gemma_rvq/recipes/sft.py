@@ -36,6 +36,7 @@ __all__ = [
     "patch_trainable_tokens_head",
     "prepare_adapter_saving",
     "prepare_semantic_tokens",
+    "recipe_builder_kwargs",
     "resolve_token_format",
     "run_sft",
     "save_recipe",
@@ -239,7 +240,10 @@ def load_raw_dataset(name: str | None, *, dataset_config: str | None = None, dat
     return dataset
 
 
-def _builder_kwargs(script_args, token_format) -> dict[str, Any]:
+def recipe_builder_kwargs(script_args, token_format) -> dict[str, Any]:
+    """The keyword arguments ``build_recipe_dataset(script_args.recipe, dataset, **kwargs)`` takes for these
+    script arguments (columns, template, language, output style; ``token_format`` validates token strings when
+    ``script_args.validate_tokens``). Shared by the SFT and distillation recipes so that both build rows alike."""
     fmt = token_format if script_args.validate_tokens else None
     common = {"tokens_column": script_args.tokens_column, "drop_missing": script_args.drop_missing_tokens,
               "token_format": fmt}
@@ -286,7 +290,7 @@ def _build_splits(script_args, train, evaluation, token_format):
     from datasets import Dataset
 
     if not script_args.prepared_dataset:
-        kwargs = _builder_kwargs(script_args, token_format)
+        kwargs = recipe_builder_kwargs(script_args, token_format)
         train = build_recipe_dataset(script_args.recipe, train, **kwargs)
         if evaluation is not None:
             evaluation = build_recipe_dataset(script_args.recipe, evaluation, **kwargs)
