@@ -291,6 +291,17 @@ def test_exact_rescoring_in_slices_equals_one_slice(precision, monkeypatch):
     assert torch.equal(sliced, whole) and torch.equal(sliced, reference_codes(x, cb[None]))
 
 
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_dropping_repeated_codes_only_for_many_candidates_keeps_the_codes(precision, monkeypatch):
+    """Equal candidate codes are dropped before float64 only above ``EXACT_DEDUP_PAIRS`` candidates (the
+    usual handful of rows is cheaper to re-score than to sort): the codes are the same either way."""
+    cb, x = _near_tie_codebook()
+    want = reference_codes(x, cb[None])
+    for pairs in (0, 10**9):  # always / never dropped
+        monkeypatch.setattr(search, "EXACT_DEDUP_PAIRS", pairs)
+        assert torch.equal(_quantizer(64, 1, 256, cb[None], search_precision=precision).encode(x), want)
+
+
 @pytest.mark.parametrize("spread", [0.0, 1e-6])
 def test_codebooks_of_equal_or_nearly_equal_codes_search_in_bounded_memory(spread):
     """Every code equal (silence frames, dead codes reset to one point) or nearly equal: each row has all K

@@ -579,6 +579,9 @@ def _block_thresholds(bm: Tensor, eb: Tensor) -> Tensor:
 # float64 elements per temporary of the exact re-scoring (32 MiB): codebooks with many equal or nearly equal
 # codes give rows with hundreds of candidates, and gathering them all at once took tens of GB (K=2048, D=256).
 EXACT_RESCORE_ELEMENTS = 1 << 22
+# Equal candidate codes are dropped (:func:`_drop_repeated_codes`) before float64 only above this many
+# candidates: the rows of a chunk that float64 decides usually hold a handful.
+EXACT_DEDUP_PAIRS = 256
 
 
 def _exact_best(tables: _SearchTables, r: Tensor, level: int, rows: Tensor, codes: Tensor, n: int) -> Tensor:
@@ -699,7 +702,8 @@ def _decide(tables: _SearchTables, r: Tensor, level: int, rows: Tensor, codes: T
             mrows, mcodes = _take(~one, mrows, mcodes)
             many = left > 1
         if mrows.numel():
-            mrows, mcodes = _drop_repeated_codes(tables.weight[level], mrows, mcodes)
+            if mrows.numel() > EXACT_DEDUP_PAIRS:  # (sorting the code rows costs more than a few float64 sums)
+                mrows, mcodes = _drop_repeated_codes(tables.weight[level], mrows, mcodes)
             best = _exact_best(tables, r, level, mrows, mcodes, n)
             out[many] = best[many]
             exact = int(many.sum())
@@ -835,13 +839,16 @@ def _search_block(tables: _SearchTables, x: Tensor, levels: range, step: int, re
     out = torch.empty(len(levels), x.shape[0], dtype=torch.long, device=tables.device)
     last = len(levels) - 1
     nearest = _nearest_int8 if tables.precision == "int8" else _nearest_fp32
+    picked = None  # the chosen codes' rows, one buffer for all chunks and levels
     for start in range(0, x.shape[0], step):
         r = x[start:start + step].to(device=tables.device, dtype=torch.float32, copy=True)
+        if residual and last and (picked is None or picked.shape[0] != r.shape[0]):
+            picked = torch.empty_like(r)
         for i, level in enumerate(levels):
             idx = nearest(tables, r, level)
             out[i, start:start + step] = idx
             if residual and i < last:
-                r.sub_(tables.weight[level].index_select(0, idx))
+                r.sub_(torch.index_select(tables.weight[level], 0, idx, out=picked))
     return out
 
 
