@@ -95,6 +95,18 @@ def test_every_int8_kernel_gives_the_exact_codes(kernel, monkeypatch):
 
 
 @pytest.mark.skipif("int_mm" not in KERNELS, reason="no exact torch._int_mm on this CPU")
+@pytest.mark.skipif(len(KERNELS) < 2, reason="needs two exact int8 kernels")
+def test_kernel_probe_keeps_the_first_kernel_unless_another_is_much_faster(monkeypatch):
+    """A one-off timing on a loaded machine must not swap qlinear (scales in the epilogue, full chunks) for
+    int_mm on a coin flip: another kernel is chosen only when INT8_KERNEL_MARGIN times as fast."""
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(search, "INT8_KERNEL_MARGIN", 1e9)
+    assert search._probe_kernels(KERNELS, cpu, 64, 128) == KERNELS[0]
+    assert search._probe_kernels(KERNELS[::-1], cpu, 64, 128) == KERNELS[-1]
+    monkeypatch.setattr(search, "INT8_KERNEL_MARGIN", 1.0)
+    assert search._probe_kernels(KERNELS, cpu, 64, 128) in KERNELS
+
+
 def test_cuda_layout_runs_exactly_on_cpu():
     """What only CUDA uses, run on CPU: int8 codes padded to multiples of 8, column-major, at least 17
     rows per GEMM, candidates from one compare over the scores, fp32 re-scoring from gathered rows."""
