@@ -188,10 +188,12 @@ def _rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return hidden.type_as(x)
 
 
-def _norm_step(hidden: torch.Tensor, eps: float, weight: torch.Tensor | None) -> torch.Tensor:
+def _norm_step(hidden: torch.Tensor, eps: float, weight: torch.Tensor | None, inplace: bool = False) -> torch.Tensor:
     """``Gemma4RMSNorm`` on fp32 ``hidden`` with its ``eps`` and fp32 ``weight`` (None: no scale): the same
-    operations as [`_rms_norm`] (in place on temporaries) without its dtype round trips and module look-ups."""
-    hidden = hidden * hidden.pow(2).mean(-1, keepdim=True).add_(eps).pow_(-0.5)
+    operations as [`_rms_norm`] (in place on temporaries, and on ``hidden`` itself with ``inplace``) without
+    its dtype round trips and module look-ups."""
+    factor = hidden.pow(2).mean(-1, keepdim=True).add_(eps).pow_(-0.5)
+    hidden = hidden.mul_(factor) if inplace else hidden * factor
     return hidden.mul_(weight) if weight is not None else hidden
 
 
@@ -211,6 +213,93 @@ def _clip_bounds(module: nn.Module) -> tuple[tuple | None, tuple | None]:
         return None if unbounded else (low, high)
 
     return pair(module.input_min, module.input_max), pair(module.output_min, module.output_max)
+
+
+class _Product:
+    """One linear map of a stream's rows, resolved once per stream: ``x [R, K] -> [R, N]``, the forward of a
+    ``Gemma4ClippableLinear`` (its clamps where the bounds are finite) or an ``nn.Linear``. The product is
+    ``torch.mm`` / ``addmm`` with the transposed weight view (what ``F.linear`` calls, without its layers of
+    dispatch: the same bits), or the oneDNN-packed weight for 4 to ``PACK_MAX_ROWS`` rows when there is one."""
+
+    __slots__ = ("after", "before", "bias", "packed", "parts_after", "weight_t")
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, before: tuple | None, after: tuple | None,
+                 packed: torch.Tensor | None) -> None:
+        self.weight_t, self.bias, self.before, self.after, self.packed = weight.t(), bias, before, after, packed
+        self.parts_after: list = []
+
+    @classmethod
+    def stack(cls, products: list[_Product]) -> _Product | None:
+        """One product of the stacked weights of ``products`` that read the same rows (an attention's q, k
+        and v: one ``mm`` instead of three, the same bits per column), or None where they cannot be stacked
+        (input clamps, biases or packed weights). Each part's output clamps are in ``parts_after``."""
+        if any(p.before is not None or p.bias is not None or p.packed is not None for p in products):
+            return None
+        stacked = cls(torch.cat([p.weight_t.t() for p in products]), None, None, None, None)
+        stacked.parts_after = [p.after for p in products]
+        return stacked
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.before is not None:
+            x = torch.clamp(x, *self.before)
+        if self.packed is not None and 4 <= x.shape[0] <= PACK_MAX_ROWS:
+            out = torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        elif self.bias is None:
+            out = torch.mm(x, self.weight_t)
+        else:
+            out = torch.addmm(self.bias, x, self.weight_t)
+        return out if self.after is None else out.clamp_(*self.after)
+
+
+class _RMSNorm:
+    """``Gemma4RMSNorm.forward`` on rows, its eps and fp32 weight resolved once per stream (see [`_norm_step`]).
+    ``fresh``: ``x`` is a temporary of the caller's, normalised in place."""
+
+    __slots__ = ("eps", "weight")
+
+    def __init__(self, norm: nn.Module) -> None:
+        self.eps = norm.eps
+        self.weight = norm.weight.detach().float() if norm.with_scale else None
+
+    def __call__(self, x: torch.Tensor, fresh: bool = False) -> torch.Tensor:
+        if x.dtype == torch.float32:
+            return _norm_step(x, self.eps, self.weight, fresh)
+        return _norm_step(x.float(), self.eps, self.weight, True).type_as(x)
+
+
+def _activation(module: nn.Module, inplace: bool = True) -> Any:
+    """An activation module as a function (SiLU, ReLU: the same kernel without the module call), applied in
+    place to a temporary with ``inplace``; any other module is called as it is. In place only on contiguous
+    inputs: SiLU's vectorised and scalar loops round differently, and which elements take which loop
+    depends on the input's and output's layouts."""
+    kind = type(module).__name__
+    if kind in ("SiLU", "SiLUActivation"):
+        return (lambda x: F.silu(x, inplace=True)) if inplace else F.silu
+    if kind == "ReLU":
+        return torch.relu_ if inplace else torch.relu
+    return module
+
+
+def _feed_forward(plan: tuple, x: torch.Tensor) -> torch.Tensor:
+    """``Gemma4AudioFeedForward.forward`` on rows ``x [R, D]``, resolved by ``_feed_forward_plan``."""
+    clip, pre, first, act, second, post, scale = plan
+    hidden = pre(torch.clamp(x, -clip, clip), fresh=True)
+    hidden = second(act(first(hidden)))
+    hidden = post(hidden.clamp_(-clip, clip), fresh=True)
+    hidden *= scale
+    hidden += x
+    return hidden
+
+
+class _LayerPlan:
+    """One ``Gemma4AudioLayer`` as a push reads it (weights, norms, constants), resolved once per stream."""
+
+
+class _Plan:
+    """What a push reads from the encoder: the input projection and every layer's [`_LayerPlan`]."""
+
+    def __init__(self, input_proj: _Product, layers: list[_LayerPlan]) -> None:
+        self.input_proj, self.layers = input_proj, layers
 
 
 class Gemma4StreamingEncoder:
@@ -290,21 +379,16 @@ class Gemma4StreamingEncoder:
         self._done = {"l0": 0, "l1": 0}  # frames made by each subsampling convolution
         self._mel_done = 0  # mel frames computed
         self.frames_done = 0  # final frames emitted
-        self._caches: list[dict[str, torch.Tensor]] = [{} for _ in self.model.layers]
-        # per-layer tensors that depend on the weights only (relative position keys, query scale), and masks
-        self._constants: list[dict[str, torch.Tensor]] | None = None
+        self._caches: list[dict[str, Any]] = [{} for _ in self.model.layers]  # per layer: windows, conv tail
+        self._plan: _Plan | None = None  # what a push reads from the modules, resolved on first use
         self._masks: dict[tuple[int, bool], torch.Tensor] = {}
         self._clip_bounds: dict[int, tuple] = {}  # per Gemma4ClippableLinear: (input, output) clamp bounds
-        # what a push reads from the modules, resolved on first use (see _product_of, _norm)
-        self._products: dict[int, tuple] = {}  # per linear: (input bounds, output bounds, weight, bias, packed)
-        self._norms: dict[int, tuple] = {}  # per Gemma4RMSNorm: (eps, fp32 weight or None)
-        self._taps: dict[int, list] = {}  # per depthwise convolution: _depthwise_taps
 
     @property
     def state_nbytes(self) -> int:
         """Bytes held by the stream's state (bounded by the encoder's context, not the stream length)."""
         tensors = [buffer for buffer, _ in self._buffers.values() if buffer is not None]
-        tensors += [t for cache in self._caches for t in cache.values()]
+        tensors += [t for cache in self._caches for t in cache.values() if isinstance(t, torch.Tensor)]
         return int(self._wave.nbytes) + sum(t.numel() * t.element_size() for t in tensors)
 
     def _num_mel(self, num_samples: int) -> int:
@@ -408,30 +492,33 @@ class Gemma4StreamingEncoder:
         return feats["input_features"][0, :frames]
 
     def _frames(self, start: int, stop: int, num_mel: int) -> torch.Tensor:
-        """Frames ``[start, stop)`` through the subsampling and every layer; ``num_mel`` mel frames are valid
-        (at the end of the utterance the frames past them are zeros, as in the offline forward)."""
+        """Frames ``[start, stop)`` through the subsampling and every layer -> ``[B, n, D]``; ``num_mel`` mel
+        frames are valid (at the end of the utterance the frames past them are zeros, as in the offline
+        forward). Between the subsampling and the output the frames are rows ``[B * n, D]``: every product
+        is one ``mm`` of the rows."""
         if stop <= start:
             return self._empty()
         sub = self.model.subsample_conv_projection
+        n = stop - start
         # Each 3x3 stride-2 convolution: output t reads inputs 2t-1 .. 2t+1. Every frame of both stages is
         # computed once, from the previous stage's frames kept in a buffer (one frame of left context).
         layer0 = self._stage(sub.layer0, "mel", "l0", 2 * stop, valid=num_mel)
-        hidden = self._stage(sub.layer1, "l0", "l1", stop, valid=-(-num_mel // 2), new=layer0)
-        hidden = hidden.permute(0, 2, 3, 1).contiguous().reshape(self._rows, stop - start, -1)
-        hidden = self._clippable(sub.input_proj_linear, hidden)
-        if self._constants is None:
-            position_embeddings = self.model.rel_pos_enc(hidden)
-            self._constants = [self._layer_constants(layer.self_attn, position_embeddings) for layer in self.model.layers]
-        for layer, cache, constants in zip(self.model.layers, self._caches, self._constants):
-            hidden = self._layer(layer, hidden, cache, constants, start)
+        hidden = self._stage(sub.layer1, "l0", "l1", stop, valid=-(-num_mel // 2), new=layer0, channels_last=True)
+        hidden = hidden.reshape(self._rows * n, -1)  # [B, n, F, C] -> [B * n, F * C]
+        plan = self._plan if self._plan is not None else self._make_plan(hidden)
+        hidden = plan.input_proj(hidden)
+        for layer, cache in zip(plan.layers, self._caches):
+            hidden = self._layer(layer, hidden, cache, start, n)
         self.frames_done = stop
-        return hidden
+        return hidden.view(self._rows, n, -1)
 
     def _stage(self, layer: nn.Module, source: str, target: str, stop: int, valid: int,
-               new: torch.Tensor | None = None) -> torch.Tensor:
+               new: torch.Tensor | None = None, channels_last: bool = False) -> torch.Tensor:
         """``Gemma4AudioSubSampleConvProjectionLayer.forward`` for output frames ``[done, stop)`` of stage
         ``target`` from the buffered input frames of stage ``source`` (``valid`` of them are real; the rest
-        are zeros, as the offline forward masks them). Returns the new frames ``[1, C, n, F]``.
+        are zeros, as the offline forward masks them). Returns the new frames ``[B, C, n, F]`` (``[B, n, F, C]``
+        with ``channels_last``: the layout the input projection reads, without the round trip through
+        ``[B, C, n, F]``).
 
         The convolution runs with time padding 0 on the exact input frames (the left zero padding of the
         stream's first frame is added explicitly): on CPU this gives the same bits as the offline padded
@@ -449,14 +536,21 @@ class Gemma4StreamingEncoder:
             keep = (torch.arange(lo, hi, device=x.device) < valid).to(x.dtype)
             x = x * keep[None, None, :, None]
         conv = layer.conv
-        out = F.conv2d(x.to(conv.weight.dtype), conv.weight, conv.bias, conv.stride, (0, conv.padding[1]),
-                       conv.dilation, conv.groups)
-        out = layer.act(layer.norm(out.permute(0, 2, 3, 1)).permute(0, 3, 1, 2).contiguous())
+        if x.dtype != conv.weight.dtype:
+            x = x.to(conv.weight.dtype)
+        out = F.conv2d(x, conv.weight, conv.bias, conv.stride, (0, conv.padding[1]), conv.dilation, conv.groups)
+        norm = layer.norm
+        out = out.permute(0, 2, 3, 1)
+        if type(norm) is nn.LayerNorm:  # its forward, without the module call
+            out = F.layer_norm(out, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+        else:  # pragma: no cover - another transformers version
+            out = norm(out)
+        out = _activation(layer.act)(out)
         self._done[target] = stop
         # the next call reads from input frame 2 * stop - 1 on
         keep_from = max(first, 2 * stop - 1)
         self._buffers[source] = (buffer[:, :, keep_from - first :].clone(), keep_from)
-        return out
+        return out if channels_last else out.permute(0, 3, 1, 2).contiguous()
 
     # ------------------------------------------------------------------ one conformer layer, incrementally
     @staticmethod
@@ -468,112 +562,146 @@ class Gemma4StreamingEncoder:
             "query_scale": F.softplus(attn.per_dim_scale),
         }
 
-    def _layer(self, layer: nn.Module, x: torch.Tensor, cache: dict, constants: dict, pos: int) -> torch.Tensor:
-        """``Gemma4AudioLayer.forward`` on new frames ``x [1, n, D]`` starting at frame ``pos``."""
-        clip = min(layer.gradient_clipping, torch.finfo(layer.norm_pre_attn.weight.dtype).max)
-        hidden = self._feed_forward(layer.feed_forward1, x)
+    def _product_for(self, module: nn.Module) -> _Product:
+        """A ``Gemma4ClippableLinear`` or ``nn.Linear`` as a [`_Product`] of rows (clamp bounds recorded)."""
+        plain = isinstance(module, nn.Linear)
+        bounds = (None, None) if plain else _clip_bounds(module)
+        if not plain:
+            self._clip_bounds[id(module)] = bounds
+        linear = module if plain else module.linear
+        return _Product(linear.weight.detach(), None if linear.bias is None else linear.bias.detach(), *bounds,
+                        _packed_weight(linear))
+
+    def _make_plan(self, like: torch.Tensor) -> _Plan:
+        """What a push reads from the modules, resolved once per utterance (see the class docstring)."""
+        model, dtype = self.model, self._dtype
+        position_embeddings = model.rel_pos_enc(like)
+        layers = []
+        for layer in model.layers:
+            attn, conv_block = layer.self_attn, layer.lconv1d
+            constants = self._layer_constants(attn, position_embeddings)
+            plan = _LayerPlan()
+            plan.clip = min(layer.gradient_clipping, torch.finfo(layer.norm_pre_attn.weight.dtype).max)
+            plan.feed_forward = [self._feed_forward_plan(block, dtype)
+                                 for block in (layer.feed_forward1, layer.feed_forward2)]
+            plan.norm_pre_attn, plan.norm_post_attn, plan.norm_out = (
+                _RMSNorm(norm) for norm in (layer.norm_pre_attn, layer.norm_post_attn, layer.norm_out))
+            # attention
+            qkv = [self._product_for(m) for m in (attn.q_proj, attn.k_proj, attn.v_proj)]
+            plan.qkv = _Product.stack(qkv) or qkv
+            plan.post = self._product_for(attn.post)
+            plan.heads, plan.head_dim = attn.num_heads, attn.head_dim
+            plan.q_scale, plan.k_scale = attn.q_scale, attn.k_scale
+            plan.query_scale = constants["query_scale"].float()
+            plan.relative = constants["relative"]  # [heads, head_dim, positions]
+            plan.softcap, plan.invalid = attn.softcap, attn.config.attention_invalid_logits_value
+            # light convolution
+            plan.conv_pre = _RMSNorm(conv_block.pre_layer_norm)
+            plan.conv_start = self._product_for(conv_block.linear_start)
+            conv = conv_block.depthwise_conv1d
+            plan.conv = conv
+            plan.taps = _depthwise_taps(conv)
+            plan.conv_clip = min(conv_block.gradient_clipping, torch.finfo(dtype).max)
+            plan.conv_norm = _RMSNorm(conv_block.conv_norm)
+            plan.conv_act = _activation(conv_block.act_fn, inplace=False)  # on a transposed view
+            plan.conv_end = self._product_for(conv_block.linear_end)
+            layers.append(plan)
+        self._plan = _Plan(self._product_for(model.subsample_conv_projection.input_proj_linear), layers)
+        return self._plan
+
+    def _feed_forward_plan(self, block: nn.Module, dtype: torch.dtype) -> tuple:
+        """A ``Gemma4AudioFeedForward`` resolved for [`_feed_forward`]."""
+        return (min(block.gradient_clipping, torch.finfo(dtype).max), _RMSNorm(block.pre_layer_norm),
+                self._product_for(block.ffw_layer_1), _activation(block.act_fn), self._product_for(block.ffw_layer_2),
+                _RMSNorm(block.post_layer_norm), block.post_layer_scale)
+
+    def _layer(self, plan: _LayerPlan, x: torch.Tensor, cache: dict, pos: int, n: int) -> torch.Tensor:
+        """``Gemma4AudioLayer.forward`` on the rows ``x [B * n, D]`` of new frames ``[pos, pos + n)``."""
+        clip = plan.clip
+        hidden = _feed_forward(plan.feed_forward[0], x)
         residual = hidden
-        hidden = self._norm(layer.norm_pre_attn, torch.clamp(hidden, -clip, clip))
-        hidden = self._attention(layer.self_attn, hidden, cache, constants, pos)
-        hidden = self._norm(layer.norm_post_attn, torch.clamp(hidden, -clip, clip))
+        hidden = plan.norm_pre_attn(torch.clamp(hidden, -clip, clip), fresh=True)
+        hidden = self._attention(plan, hidden, cache, pos, n)
+        hidden = plan.norm_post_attn(hidden.clamp_(-clip, clip), fresh=True)
         hidden += residual
-        hidden = self._light_conv(layer.lconv1d, hidden, cache)
-        hidden = self._feed_forward(layer.feed_forward2, hidden)
-        return self._norm(layer.norm_out, torch.clamp(hidden, -clip, clip))
+        hidden = self._light_conv(plan, hidden, cache, n)
+        hidden = _feed_forward(plan.feed_forward[1], hidden)
+        return plan.norm_out(hidden.clamp_(-clip, clip), fresh=True)
 
-    def _norm(self, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """``Gemma4RMSNorm.forward`` (see [`_rms_norm`]) with its eps and fp32 weight looked up once per stream."""
-        entry = self._norms.get(id(norm))
-        if entry is None:
-            weight = norm.weight.detach().float() if norm.with_scale else None
-            entry = self._norms[id(norm)] = (norm.eps, weight)
-        if x.dtype == torch.float32:
-            return _norm_step(x, *entry)
-        return _norm_step(x.float(), *entry).type_as(x)
+    def _attention(self, plan: _LayerPlan, x: torch.Tensor, cache: dict, pos: int, n: int) -> torch.Tensor:
+        """``Gemma4AudioAttention.forward`` for the rows ``x [B * n, D]`` of queries at frames ``[pos, pos + n)``.
 
-    def _product_of(self, module: nn.Module) -> tuple:
-        """(input clamp, output clamp, weight, bias, packed weight or None) of a ``Gemma4ClippableLinear`` or a
-        plain ``nn.Linear``, resolved once per stream: the module look-ups and the packed-weight check cost
-        more than the product of a tiny encoder's few frames."""
-        entry = self._products.get(id(module))
-        if entry is None:
-            plain = isinstance(module, nn.Linear)
-            bounds = (None, None) if plain else _clip_bounds(module)
-            if not plain:
-                self._clip_bounds[id(module)] = bounds
-            linear = module if plain else module.linear
-            packed = _packed_weight(linear)
-            entry = self._products[id(module)] = (*bounds, linear.weight, linear.bias, packed)
-        return entry
+        The offline forward cuts the frames into blocks of ``chunk`` queries, each attending over a window
+        of ``context = chunk + past`` keys (its own block and the ``past`` frames before it). The stream
+        keeps the current block's window per layer (``[B, heads, head_dim, W]`` keys, ``[B, heads, context,
+        head_dim]`` values, ``[B, heads, chunk, head_dim]`` queries), writes the new frames into it, and
+        computes each block a push touches as the offline forward computes that block (rows the stream
+        has not received are computed and dropped: a product of all ``chunk`` rows gives the same bits as
+        offline, one of a single row does not). Frames before the stream's start are zeros, masked.
 
-    def _clippable(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """``Gemma4ClippableLinear.forward`` (or ``nn.Linear.forward``). Clamps to infinite bounds (a checkpoint
-        without clipping values) are identities and are skipped; the product goes through [`_product`]."""
-        before, after, weight, bias, packed = self._product_of(module)
-        if before is not None:
-            x = torch.clamp(x, *before)
-        x = _product(x, weight, bias, packed)
-        if after is not None:
-            x = torch.clamp(x, *after)
-        return x
-
-    def _feed_forward(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """``Gemma4AudioFeedForward.forward``, its products through [`_clippable`]."""
-        clip = min(block.gradient_clipping, torch.finfo(x.dtype).max)
-        hidden = self._norm(block.pre_layer_norm, torch.clamp(x, -clip, clip))
-        hidden = self._clippable(block.ffw_layer_2, block.act_fn(self._clippable(block.ffw_layer_1, hidden)))
-        hidden = self._norm(block.post_layer_norm, torch.clamp(hidden, -clip, clip))
-        hidden *= block.post_layer_scale
-        hidden += x
-        return hidden
-
-    def _attention(self, attn: nn.Module, x: torch.Tensor, cache: dict, constants: dict, pos: int) -> torch.Tensor:
-        """``Gemma4AudioAttention.forward`` for queries at frames ``[pos, pos + n)``: the blocked computation of
-        the offline forward (blocks of ``chunk`` queries, each over its ``chunk + past`` context window), with
-        keys/values of earlier frames from ``cache``."""
-        batch, n, _ = x.shape
-        heads, head_dim, chunk, past = attn.num_heads, attn.head_dim, self._chunk, self._past
+        The key window also holds the relative position keys, zero-padded, so that one ``bmm`` gives both
+        the content scores and the position scores, and the relative shift (``_rel_shift``) is a strided
+        view of the latter: position score ``[i, j]`` is ``relative[j - i]`` for ``0 <= j - i < positions``
+        and 0 otherwise.
+        """
+        batch, heads, head_dim = self._rows, plan.heads, plan.head_dim
+        chunk, past = self._chunk, self._past
+        context = chunk + past
+        positions = plan.relative.shape[-1]
+        lead = chunk - 1  # zero columns before the relative keys: the shift's j - i < 0
+        key_col = lead + context  # first key column (positions + zeros fill [lead, key_col))
+        width = key_col + context
+        if "keys" not in cache:
+            dev = x.device
+            keys = torch.zeros(batch, heads, head_dim, width, device=dev)
+            keys[..., lead : lead + positions] = plan.relative
+            cache["keys"] = keys
+            cache["values"] = torch.zeros(batch, heads, context, head_dim, device=dev)
+            cache["queries"] = torch.zeros(batch, heads, chunk, head_dim, device=dev)
+            cache["block"] = 0
+        keys, values, queries = cache["keys"], cache["values"], cache["queries"]
+        if isinstance(plan.qkv, list):
+            q, k, v = (product(x) for product in plan.qkv)
+        else:  # one product of the stacked weights; each part's own output clamps
+            q, k, v = plan.qkv(x).split(heads * head_dim, dim=1)
+            for part, bounds in zip((q, k, v), plan.qkv.parts_after):
+                if bounds is not None:
+                    part.clamp_(*bounds)
         shape = (batch, n, heads, head_dim)
-        query = _fp32(self._clippable(attn.q_proj, x)).view(shape) * attn.q_scale * constants["query_scale"]
-        key = _fp32(self._clippable(attn.k_proj, x)).view(shape) * attn.k_scale
-        value = _fp32(self._clippable(attn.v_proj, x)).view(shape)
-        if "key" in cache:
-            key = torch.cat([cache["key"], key], 1)
-            value = torch.cat([cache["value"], value], 1)
-        held = key.shape[1] - n  # cached frames [pos - held, pos)
-        cache["key"], cache["value"] = key[:, -past:].clone(), value[:, -past:].clone()
+        q, k, v = _fp32(q).view(shape), _fp32(k).view(shape), _fp32(v).view(shape)
+        rows = batch * heads
+        pieces = []
+        done = 0
+        while done < n:
+            frame = pos + done
+            block, offset = divmod(frame, chunk)
+            m = min(n - done, chunk - offset)
+            if block != cache["block"]:  # the window moves on by one block: its last `past` frames stay
+                keys[..., key_col : key_col + past] = keys[..., key_col + chunk :].clone()
+                values[:, :, :past] = values[:, :, chunk:].clone()
+                cache["block"] = block
+            new = slice(done, done + m)
+            slot = past + offset
+            torch.mul(q[:, new].transpose(1, 2), plan.q_scale, out=queries[:, :, offset : offset + m])
+            queries[:, :, offset : offset + m].mul_(plan.query_scale)
+            torch.mul(k[:, new].permute(0, 2, 3, 1), plan.k_scale, out=keys[..., key_col + slot : key_col + slot + m])
+            values[:, :, slot : slot + m] = v[:, new].transpose(1, 2)
+            scores = torch.bmm(queries.view(rows, chunk, head_dim), keys.view(rows, head_dim, width))
+            shifted = scores.as_strided((rows, chunk, context), (chunk * width, width - 1, 1), lead)
+            weights = torch.add(scores[..., key_col:], shifted)
+            weights.div_(plan.softcap).tanh_().mul_(plan.softcap)
+            weights.masked_fill_(self._block_mask(block == 0, x.device), plan.invalid)
+            out = torch.bmm(torch.softmax(weights, dim=-1), values.view(rows, context, head_dim))
+            pieces.append(out.view(batch, heads, chunk, head_dim)[:, :, offset : offset + m])
+            done += m
+        out = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=2)  # [B, heads, n, head_dim]
+        out = out.transpose(1, 2).reshape(batch * n, heads * head_dim)
+        return plan.post(out if out.dtype == x.dtype else out.to(x.dtype))
 
-        first_block, stop_block = pos // chunk, (pos + n - 1) // chunk + 1
-        blocks = stop_block - first_block
-        offset = pos - first_block * chunk  # of the first new query inside the blocks
-        queries = F.pad(query, (0, 0, 0, 0, offset, blocks * chunk - offset - n))  # zero rows around the new ones
-        queries = queries.view(batch, blocks, chunk, heads, head_dim)
-        # keys/values over frames [first_block*chunk - past, stop_block*chunk): zeros where nothing is
-        # attended (before the stream, beyond the cache, in the future), as masked there
-        context = attn.context_size  # chunk + past (right context 0)
-        span = blocks * chunk + context - chunk
-        low = first_block * chunk - past
-        begin = max(low, pos - held)
-        around = (0, 0, 0, 0, begin - low, low + span - pos - n)
-        keys = F.pad(key[:, begin - (pos - held) :], around)  # [batch, span, heads, head_dim]
-        values = F.pad(value[:, begin - (pos - held) :], around)
-        if blocks == 1:  # the one window is the whole span (what unfold + movedim + contiguous give)
-            keys = keys.view(batch, 1, context, heads, head_dim)
-            values = values.view(batch, 1, context, heads, head_dim)
-        else:
-            keys = torch.movedim(keys.unfold(1, context, chunk), -1, 2).contiguous()
-            values = torch.movedim(values.unfold(1, context, chunk), -1, 2).contiguous()
-
-        queries = queries.permute(0, 3, 1, 2, 4)
-        matrix_ac = queries @ keys.permute(0, 3, 1, 4, 2)
-        matrix_bd = queries.reshape(batch, heads, -1, head_dim) @ constants["relative"]
-        matrix_bd = attn._rel_shift(matrix_bd.reshape(batch, heads, blocks, chunk, -1))
-        weights = torch.tanh((matrix_ac + matrix_bd) / attn.softcap) * attn.softcap
-        weights = weights.masked_fill(self._mask(first_block, blocks, weights.device), attn.config.attention_invalid_logits_value)
-        weights = F.softmax(weights, dim=-1, dtype=torch.float32)  # values are fp32
-        out = weights @ values.permute(0, 3, 1, 2, 4)
-        out = out.permute(0, 2, 3, 1, 4).reshape(batch, blocks * chunk, -1)[:, offset : offset + n]
-        return self._clippable(attn.post, out if out.dtype == x.dtype else out.to(x.dtype))
+    def _block_mask(self, first: bool, device: torch.device) -> torch.Tensor:
+        """True where a query of a block may NOT attend: ``[chunk, context]`` (only the stream's first block
+        differs from the others: it has no frames before it)."""
+        return self._mask(0 if first else 1, 1, device).view(self._chunk, -1)
 
     def _mask(self, first_block: int, blocks: int, device: torch.device) -> torch.Tensor:
         """True where a query may NOT attend: ``[1, 1, blocks, chunk, context]`` (only the stream's first
@@ -592,28 +720,24 @@ class Gemma4StreamingEncoder:
             self._masks[key] = ~allowed[None, None]
         return self._masks[key]
 
-    def _light_conv(self, conv_block: nn.Module, x: torch.Tensor, cache: dict) -> torch.Tensor:
-        """``Gemma4AudioLightConv1d.forward`` on new frames, the causal convolution's left padding replaced
-        by the previous frames' inputs."""
-        residual = x
-        hidden = self._clippable(conv_block.linear_start, self._norm(conv_block.pre_layer_norm, x))
-        hidden = F.glu(hidden, dim=-1).transpose(1, 2)
-        conv = conv_block.depthwise_conv1d
+    def _light_conv(self, plan: _LayerPlan, x: torch.Tensor, cache: dict, n: int) -> torch.Tensor:
+        """``Gemma4AudioLightConv1d.forward`` on the rows ``x [B * n, D]`` of new frames, the causal
+        convolution's left padding replaced by the previous frames' inputs (kept per layer)."""
+        batch = self._rows
+        hidden = F.glu(plan.conv_start(plan.conv_pre(x)), dim=-1).view(batch, n, -1).transpose(1, 2)  # [B, C, n]
         tail = cache.get("conv")
         if tail is None:
-            tail = hidden.new_zeros(hidden.shape[0], hidden.shape[1], self._conv_tail)
-        hidden = torch.cat([tail, hidden], dim=2)
-        cache["conv"] = hidden[:, :, hidden.shape[2] - self._conv_tail :].clone()
-        taps = self._taps.get(id(conv))
-        if taps is None:
-            taps = self._taps[id(conv)] = _depthwise_taps(conv)
-        hidden = _causal_depthwise(conv, hidden, taps).transpose(1, 2)
-        clip = min(conv_block.gradient_clipping, torch.finfo(hidden.dtype).max)
-        hidden = self._norm(conv_block.conv_norm, torch.clamp(hidden, -clip, clip))
-        # contiguous: a transposed [1, n, D] input makes the product a broadcast batched GEMM, 5x slower at
-        # full size than the plain one
-        hidden = self._clippable(conv_block.linear_end, conv_block.act_fn(hidden).contiguous())
-        hidden += residual
+            tail = hidden.new_zeros(batch, hidden.shape[1], self._conv_tail)
+        hidden = torch.cat([tail, hidden], dim=2)  # [B, C, tail + n]
+        cache["conv"] = hidden[:, :, n:].clone()
+        # The output [B, C, n] is read as [B, n, C] (a transposed view), as the offline forward reads its
+        # convolution's output: the norm after it then sums each frame's channels in the same order.
+        out = _causal_depthwise(plan.conv, hidden, plan.taps).transpose(1, 2)
+        clip = plan.conv_clip
+        hidden = plan.conv_act(plan.conv_norm(torch.clamp(out, -clip, clip), fresh=True))
+        # contiguous rows (a reshape would keep the transposed layout for B = 1): the plain product's bits
+        hidden = plan.conv_end(hidden.contiguous().view(batch * n, -1))
+        hidden += x
         return hidden
 
 
