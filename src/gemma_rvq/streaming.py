@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import search
 from .audio import check_sampling_rate, to_float_mono
 
 #: encoder families whose layers attend in both directions (windowed, approximate streaming only).
@@ -111,8 +112,8 @@ def _causal_depthwise(conv: nn.Conv1d, x: torch.Tensor, taps: list[torch.Tensor]
     taps = _depthwise_taps(conv) if taps is None else taps
     source = x if x.dtype == torch.float32 else x.float()
     out = source[:, :, :n] * taps[0]
-    for tap in range(1, kernel):
-        out = torch.addcmul(out, source[:, :, tap * dilation : tap * dilation + n], taps[tap])
+    for tap in range(1, kernel):  # in place on the contiguous temporary: the same loop, no allocations
+        out.addcmul_(source[:, :, tap * dilation : tap * dilation + n], taps[tap])
     return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
@@ -291,6 +292,48 @@ def _feed_forward(plan: tuple, x: torch.Tensor) -> torch.Tensor:
     return hidden
 
 
+class _AttentionWindow:
+    """One layer's attention state in a stream: the window of the current block of queries (see
+    ``Gemma4StreamingEncoder._attention``).
+
+    ``keys [B, heads, head_dim, width]``: columns ``[lead, lead + positions)`` the relative position keys,
+    zeros around them, then from ``key_col`` on the keys of the window's ``context = past + chunk`` frames
+    (``past`` frames before the block, then the block); ``values [B, heads, context, head_dim]`` of the same
+    frames; ``queries [B, heads, chunk, head_dim]`` of the block (rows not received yet are left over from
+    before: their results are dropped). Frames before the stream's start are zeros, and masked."""
+
+    def __init__(self, batch: int, heads: int, head_dim: int, chunk: int, past: int, relative: torch.Tensor,
+                 device: torch.device) -> None:
+        self.chunk, self.past, self.context = chunk, past, chunk + past
+        positions = relative.shape[-1]
+        self.lead = chunk - 1  # zero columns before the relative keys: the shift's j - i < 0
+        self.key_col = self.lead + self.context  # the relative keys and zeros fill [lead, key_col)
+        width = self.key_col + self.context
+        self.keys = torch.zeros(batch, heads, head_dim, width, device=device)
+        self.keys[..., self.lead : self.lead + positions] = relative
+        self.values = torch.zeros(batch, heads, self.context, head_dim, device=device)
+        self.queries = torch.zeros(batch, heads, chunk, head_dim, device=device)
+        rows = batch * heads
+        self.keys_3d = self.keys.view(rows, head_dim, width)
+        self.values_3d = self.values.view(rows, self.context, head_dim)
+        self.queries_3d = self.queries.view(rows, chunk, head_dim)
+        # position score [i, j] = relative[j - i] (0 outside): row i of the scores read from column lead - i
+        self.shifted = (rows, chunk, self.context)
+        self.shift_strides = (chunk * width, width - 1, 1)
+        self.block = 0
+
+    def advance(self, block: int) -> None:
+        """Move the window to ``block`` (the next one): the last ``past`` frames become the first."""
+        key_col, chunk, past = self.key_col, self.chunk, self.past
+        self.keys[..., key_col : key_col + past] = self.keys[..., key_col + chunk :].clone()
+        self.values[:, :, :past] = self.values[:, :, chunk:].clone()
+        self.block = block
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.queries))
+
+
 class _LayerPlan:
     """One ``Gemma4AudioLayer`` as a push reads it (weights, norms, constants), resolved once per stream."""
 
@@ -382,6 +425,7 @@ class Gemma4StreamingEncoder:
         self._caches: list[dict[str, Any]] = [{} for _ in self.model.layers]  # per layer: windows, conv tail
         self._plan: _Plan | None = None  # what a push reads from the modules, resolved on first use
         self._masks: dict[tuple[int, bool], torch.Tensor] = {}
+        self._block_masks: tuple[torch.Tensor, torch.Tensor] | None = None  # [chunk, context]: first block, others
         self._clip_bounds: dict[int, tuple] = {}  # per Gemma4ClippableLinear: (input, output) clamp bounds
 
     @property
@@ -389,7 +433,8 @@ class Gemma4StreamingEncoder:
         """Bytes held by the stream's state (bounded by the encoder's context, not the stream length)."""
         tensors = [buffer for buffer, _ in self._buffers.values() if buffer is not None]
         tensors += [t for cache in self._caches for t in cache.values() if isinstance(t, torch.Tensor)]
-        return int(self._wave.nbytes) + sum(t.numel() * t.element_size() for t in tensors)
+        windows = sum(cache["window"].nbytes for cache in self._caches if "window" in cache)
+        return int(self._wave.nbytes) + windows + sum(t.numel() * t.element_size() for t in tensors)
 
     def _num_mel(self, num_samples: int) -> int:
         """Valid mel frames of a clip of ``num_samples`` samples (the feature extractor's mask)."""
@@ -646,20 +691,11 @@ class Gemma4StreamingEncoder:
         """
         batch, heads, head_dim = self._rows, plan.heads, plan.head_dim
         chunk, past = self._chunk, self._past
-        context = chunk + past
-        positions = plan.relative.shape[-1]
-        lead = chunk - 1  # zero columns before the relative keys: the shift's j - i < 0
-        key_col = lead + context  # first key column (positions + zeros fill [lead, key_col))
-        width = key_col + context
-        if "keys" not in cache:
-            dev = x.device
-            keys = torch.zeros(batch, heads, head_dim, width, device=dev)
-            keys[..., lead : lead + positions] = plan.relative
-            cache["keys"] = keys
-            cache["values"] = torch.zeros(batch, heads, context, head_dim, device=dev)
-            cache["queries"] = torch.zeros(batch, heads, chunk, head_dim, device=dev)
-            cache["block"] = 0
-        keys, values, queries = cache["keys"], cache["values"], cache["queries"]
+        window = cache.get("window")
+        if window is None:
+            window = cache["window"] = _AttentionWindow(batch, heads, head_dim, chunk, past, plan.relative, x.device)
+        if self._block_masks is None:
+            self._block_masks = tuple(self._mask(first, 1, x.device).view(chunk, -1) for first in (0, 1))
         if isinstance(plan.qkv, list):
             q, k, v = (product(x) for product in plan.qkv)
         else:  # one product of the stacked weights; each part's own output clamps
@@ -668,40 +704,36 @@ class Gemma4StreamingEncoder:
                 if bounds is not None:
                     part.clamp_(*bounds)
         shape = (batch, n, heads, head_dim)
-        q, k, v = _fp32(q).view(shape), _fp32(k).view(shape), _fp32(v).view(shape)
-        rows = batch * heads
+        q = _fp32(q).view(shape).transpose(1, 2)  # [B, heads, n, head_dim]
+        k = _fp32(k).view(shape).permute(0, 2, 3, 1)  # [B, heads, head_dim, n]
+        v = _fp32(v).view(shape).transpose(1, 2)  # [B, heads, n, head_dim]
+        key_col, lead = window.key_col, window.lead
         pieces = []
         done = 0
         while done < n:
-            frame = pos + done
-            block, offset = divmod(frame, chunk)
+            block, offset = divmod(pos + done, chunk)
             m = min(n - done, chunk - offset)
-            if block != cache["block"]:  # the window moves on by one block: its last `past` frames stay
-                keys[..., key_col : key_col + past] = keys[..., key_col + chunk :].clone()
-                values[:, :, :past] = values[:, :, chunk:].clone()
-                cache["block"] = block
-            new = slice(done, done + m)
-            slot = past + offset
-            torch.mul(q[:, new].transpose(1, 2), plan.q_scale, out=queries[:, :, offset : offset + m])
-            queries[:, :, offset : offset + m].mul_(plan.query_scale)
-            torch.mul(k[:, new].permute(0, 2, 3, 1), plan.k_scale, out=keys[..., key_col + slot : key_col + slot + m])
-            values[:, :, slot : slot + m] = v[:, new].transpose(1, 2)
-            scores = torch.bmm(queries.view(rows, chunk, head_dim), keys.view(rows, head_dim, width))
-            shifted = scores.as_strided((rows, chunk, context), (chunk * width, width - 1, 1), lead)
-            weights = torch.add(scores[..., key_col:], shifted)
+            if block != window.block:  # the window moves on by one block: its last `past` frames stay
+                window.advance(block)
+            slot = key_col + past + offset
+            if m == n:
+                q_new, k_new, v_new = q, k, v
+            else:
+                q_new, k_new, v_new = q[:, :, done : done + m], k[..., done : done + m], v[:, :, done : done + m]
+            rows = window.queries[:, :, offset : offset + m]
+            torch.mul(q_new, plan.q_scale, out=rows).mul_(plan.query_scale)
+            torch.mul(k_new, plan.k_scale, out=window.keys[..., slot : slot + m])
+            window.values[:, :, slot - key_col : slot - key_col + m] = v_new
+            scores = torch.bmm(window.queries_3d, window.keys_3d)  # [B * heads, chunk, width]
+            weights = torch.add(scores[..., key_col:], scores.as_strided(window.shifted, window.shift_strides, lead))
             weights.div_(plan.softcap).tanh_().mul_(plan.softcap)
-            weights.masked_fill_(self._block_mask(block == 0, x.device), plan.invalid)
-            out = torch.bmm(torch.softmax(weights, dim=-1), values.view(rows, context, head_dim))
+            weights.masked_fill_(self._block_masks[block != 0], plan.invalid)
+            out = torch.bmm(torch.softmax(weights, dim=-1), window.values_3d)
             pieces.append(out.view(batch, heads, chunk, head_dim)[:, :, offset : offset + m])
             done += m
         out = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=2)  # [B, heads, n, head_dim]
         out = out.transpose(1, 2).reshape(batch * n, heads * head_dim)
         return plan.post(out if out.dtype == x.dtype else out.to(x.dtype))
-
-    def _block_mask(self, first: bool, device: torch.device) -> torch.Tensor:
-        """True where a query of a block may NOT attend: ``[chunk, context]`` (only the stream's first block
-        differs from the others: it has no frames before it)."""
-        return self._mask(0 if first else 1, 1, device).view(self._chunk, -1)
 
     def _mask(self, first_block: int, blocks: int, device: torch.device) -> torch.Tensor:
         """True where a query may NOT attend: ``[1, 1, blocks, chunk, context]`` (only the stream's first
@@ -878,14 +910,30 @@ class _CodeStreamBase:
 
 
 def _embeddings_to_codes(model: nn.Module, hidden: torch.Tensor, num_quantizers: int | None) -> torch.Tensor:
-    """Codes ``[n, Q]`` of encoder embeddings ``hidden [n, D]`` (``n >= 1``): what ``model.encode(embeddings=
+    """Codes ``[Q', n]`` of encoder embeddings ``hidden [n, D]`` (``n >= 1``): what ``model.encode(embeddings=
     hidden[None])`` does with an all-valid mask, without its batch wrapping (mask, gather / scatter, output
-    dataclass), which costs a few milliseconds per push, as much as a tiny encoder's layers. The same codes."""
-    x = hidden.to(model._param_dtype())
+    dataclass), which costs a few milliseconds per push, as much as a tiny encoder's layers. The same codes.
+
+    A push's few frames against a small codebook on CPU go straight to the search the quantizer's own
+    ``encode`` picks for them (``search._search_few``, the defining float64 search), without its input
+    checks and dispatch: here one sum of the projected rows proves them finite. Anything else (a non-finite
+    sum, a larger search, another device) takes ``quantizer.encode``."""
+    x = hidden if hidden.dtype == model._param_dtype() else hidden.to(model._param_dtype())
+    norm, proj = model.in_norm, model.in_proj
+    if type(norm) is nn.LayerNorm and type(proj) is nn.Linear:  # project_in without the module calls
+        z = F.linear(F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps), proj.weight, proj.bias)
+    else:
+        z = model.project_in(x)
+    quantizer = model.quantizer
+    tables = quantizer._search_tables() if hasattr(quantizer, "_search_tables") else None
+    if (tables is not None and tables.device.type == "cpu" and tables.stats is None
+            and z.shape[0] * tables.codebook_size * tables.dim <= search.FEW_ROWS_ELEMENTS
+            and math.isfinite(float(z.sum()))):
+        return search._search_few(tables, z, range(quantizer._num_levels(num_quantizers)), True)
     if not bool(torch.isfinite(x).all()):
         raise ValueError("the encoder gave NaN or infinite embeddings for this chunk")
     with torch.no_grad():
-        return model.quantizer.encode(model.project_in(x), num_quantizers)
+        return quantizer.encode(z, num_quantizers).t()
 
 
 class AudioCodeStream(_CodeStreamBase):
@@ -961,13 +1009,13 @@ class AudioCodeStream(_CodeStreamBase):
             if last:
                 hidden = torch.cat([hidden, self.encoder.flush()])
             codes = self._codes(hidden)
-        return torch.clone(codes.t(), memory_format=torch.contiguous_format)
+        return torch.clone(codes, memory_format=torch.contiguous_format)
 
     def _codes(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Codes ``[n, Q]`` of the embeddings ``hidden [n, D]``."""
+        """Codes ``[Q, n]`` of the embeddings ``hidden [n, D]``."""
         if hidden.shape[0] == 0:
-            return torch.zeros(0, self._levels, dtype=torch.long, device=self.model.device)
-        codes = _embeddings_to_codes(self.model, hidden, self.num_quantizers)  # [n, Q']
+            return torch.zeros(self._levels, 0, dtype=torch.long, device=self.model.device)
+        codes = _embeddings_to_codes(self.model, hidden, self.num_quantizers)  # [Q', n]
         self.frames_emitted += hidden.shape[0]
         return codes
 
@@ -1058,11 +1106,11 @@ class StreamBatch(_CodeStreamBase):
                 hidden = torch.cat([hidden, self.encoder._flush()], dim=1)
             n = hidden.shape[1]
             if n == 0:
-                codes = torch.zeros(batch, 0, self._levels, dtype=torch.long, device=model.device)
+                codes = torch.zeros(self._levels, batch, 0, dtype=torch.long, device=model.device)
             else:
-                codes = _embeddings_to_codes(model, hidden.reshape(batch * n, -1), self.num_quantizers).view(batch, n, -1)
+                codes = _embeddings_to_codes(model, hidden.reshape(batch * n, -1), self.num_quantizers).view(-1, batch, n)
         self.frames_emitted += n
-        return torch.clone(codes.permute(0, 2, 1), memory_format=torch.contiguous_format)
+        return torch.clone(codes.transpose(0, 1), memory_format=torch.contiguous_format)
 
 
 class StreamingTokenRenderer:
