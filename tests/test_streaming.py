@@ -400,7 +400,9 @@ def test_streaming_module_imports_only_siblings_and_allowed_libraries():
     source = Path(gemma_rvq.__file__).parent / "streaming.py"
     for node in ast.parse(source.read_text()).body:
         if isinstance(node, ast.ImportFrom) and node.level:
-            assert node.module in {"audio", "tokens"}, node.module
+            # flat siblings that are copied next to checkpoints too (search: through quantization.py)
+            names = [node.module] if node.module else [a.name for a in node.names]
+            assert set(names) <= {"audio", "tokens", "search"}, names
         elif isinstance(node, (ast.Import, ast.ImportFrom)):
             modules = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module]
             for module in modules:
