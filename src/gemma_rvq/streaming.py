@@ -918,21 +918,22 @@ def _embeddings_to_codes(model: nn.Module, hidden: torch.Tensor, num_quantizers:
     ``encode`` picks for them (``search._search_few``, the defining float64 search), without its input
     checks and dispatch: here one sum of the projected rows proves them finite. Anything else (a non-finite
     sum, a larger search, another device) takes ``quantizer.encode``."""
-    x = hidden if hidden.dtype == model._param_dtype() else hidden.to(model._param_dtype())
-    norm, proj = model.in_norm, model.in_proj
-    if type(norm) is nn.LayerNorm and type(proj) is nn.Linear:  # project_in without the module calls
-        z = F.linear(F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps), proj.weight, proj.bias)
-    else:
-        z = model.project_in(x)
-    quantizer = model.quantizer
-    tables = quantizer._search_tables() if hasattr(quantizer, "_search_tables") else None
-    if (tables is not None and tables.device.type == "cpu" and tables.stats is None
-            and z.shape[0] * tables.codebook_size * tables.dim <= search.FEW_ROWS_ELEMENTS
-            and math.isfinite(float(z.sum()))):
-        return search._search_few(tables, z, range(quantizer._num_levels(num_quantizers)), True)
-    if not bool(torch.isfinite(x).all()):
-        raise ValueError("the encoder gave NaN or infinite embeddings for this chunk")
     with torch.no_grad():
+        x = hidden if hidden.dtype == model._param_dtype() else hidden.to(model._param_dtype())
+        norm, proj = model.in_norm, model.in_proj
+        if type(norm) is nn.LayerNorm and type(proj) is nn.Linear:  # project_in without the module calls
+            z = F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+            z = F.linear(z, proj.weight, proj.bias)
+        else:
+            z = model.project_in(x)
+        quantizer = model.quantizer
+        tables = quantizer._search_tables() if hasattr(quantizer, "_search_tables") else None
+        if (tables is not None and tables.device.type == "cpu" and tables.stats is None
+                and z.shape[0] * tables.codebook_size * tables.dim <= search.FEW_ROWS_ELEMENTS
+                and math.isfinite(float(z.sum()))):
+            return search._search_few(tables, z, range(quantizer._num_levels(num_quantizers)), True)
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError("the encoder gave NaN or infinite embeddings for this chunk")
         return quantizer.encode(z, num_quantizers).t()
 
 
