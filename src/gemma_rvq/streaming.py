@@ -382,10 +382,30 @@ class _AttentionWindow:
         self.keys_3d = self.keys.view(rows, head_dim, width)
         self.values_3d = self.values.view(rows, self.context, head_dim)
         self.queries_3d = self.queries.view(rows, chunk, head_dim)
-        # position score [i, j] = relative[j - i] (0 outside): row i of the scores read from column lead - i
-        self.shifted = (rows, chunk, self.context)
-        self.shift_strides = (chunk * width, width - 1, 1)
+        self.batch, self.heads, self.head_dim = batch, heads, head_dim
+        # what each block computes, in place: scores [B * heads, chunk, width] of the queries against every
+        # column; the content scores are its key columns, the position scores [i, j] = relative[j - i] (0
+        # outside) a strided view (row i read from column lead - i on); their sum; the attention output
+        self.scores = torch.empty(rows, chunk, width, device=device)
+        self.content = self.scores[..., self.key_col :]
+        self.position = self.scores.as_strided((rows, chunk, self.context), (chunk * width, width - 1, 1), self.lead)
+        self.logits = torch.empty(rows, chunk, self.context, device=device)
+        self.out = torch.empty(rows, chunk, head_dim, device=device)
+        self._rows: dict[tuple[int, int], tuple] = {}
         self.block = 0
+
+    def rows(self, offset: int, m: int) -> tuple[torch.Tensor, ...]:
+        """Views of the block's rows ``[offset, offset + m)``: queries ``[B, heads, m, head_dim]``, keys
+        ``[B, heads, head_dim, m]``, values ``[B, heads, m, head_dim]`` and the attention output ``[B, heads, m,
+        head_dim]`` (made once per (offset, m): a push of a fixed size uses a few)."""
+        views = self._rows.get((offset, m))
+        if views is None:
+            slot = self.past + offset
+            out = self.out.view(self.batch, self.heads, self.chunk, self.head_dim)
+            views = self._rows[offset, m] = (
+                self.queries[:, :, offset : offset + m], self.keys[..., self.key_col + slot : self.key_col + slot + m],
+                self.values[:, :, slot : slot + m], out[:, :, offset : offset + m])
+        return views
 
     def advance(self, block: int) -> None:
         """Move the window to ``block`` (the next one): the last ``past`` frames become the first."""
@@ -396,7 +416,8 @@ class _AttentionWindow:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.queries))
+        return sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.queries, self.scores,
+                                                         self.logits, self.out))
 
 
 class _LayerPlan:
@@ -782,7 +803,6 @@ class Gemma4StreamingEncoder:
         q = _fp32(q).view(shape).transpose(1, 2)  # [B, heads, n, head_dim]
         k = _fp32(k).view(shape).permute(0, 2, 3, 1)  # [B, heads, head_dim, n]
         v = _fp32(v).view(shape).transpose(1, 2)  # [B, heads, n, head_dim]
-        key_col, lead = window.key_col, window.lead
         pieces = []
         done = 0
         while done < n:
@@ -790,21 +810,20 @@ class Gemma4StreamingEncoder:
             m = min(n - done, chunk - offset)
             if block != window.block:  # the window moves on by one block: its last `past` frames stay
                 window.advance(block)
-            slot = key_col + past + offset
             if m == n:
                 q_new, k_new, v_new = q, k, v
             else:
                 q_new, k_new, v_new = q[:, :, done : done + m], k[..., done : done + m], v[:, :, done : done + m]
-            rows = window.queries[:, :, offset : offset + m]
-            torch.mul(q_new, plan.q_scale, out=rows).mul_(plan.query_scale)
-            torch.mul(k_new, plan.k_scale, out=window.keys[..., slot : slot + m])
-            window.values[:, :, slot - key_col : slot - key_col + m] = v_new
-            scores = torch.bmm(window.queries_3d, window.keys_3d)  # [B * heads, chunk, width]
-            weights = torch.add(scores[..., key_col:], scores.as_strided(window.shifted, window.shift_strides, lead))
+            query_rows, key_rows, value_rows, out_rows = window.rows(offset, m)
+            torch.mul(q_new, plan.q_scale, out=query_rows).mul_(plan.query_scale)
+            torch.mul(k_new, plan.k_scale, out=key_rows)
+            value_rows.copy_(v_new)
+            torch.bmm(window.queries_3d, window.keys_3d, out=window.scores)  # [B * heads, chunk, width]
+            weights = torch.add(window.content, window.position, out=window.logits)
             weights.div_(plan.softcap).tanh_().mul_(plan.softcap)
             weights.masked_fill_(self._block_masks[block != 0], plan.invalid)
-            out = torch.bmm(torch.softmax(weights, dim=-1), window.values_3d)
-            pieces.append(out.view(batch, heads, chunk, head_dim)[:, :, offset : offset + m])
+            torch.bmm(torch.softmax(weights, dim=-1), window.values_3d, out=window.out)
+            pieces.append(out_rows if m == n else out_rows.clone())  # the next block overwrites window.out
             done += m
         out = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=2)  # [B, heads, n, head_dim]
         out = out.transpose(1, 2).reshape(batch * n, heads * head_dim)
