@@ -643,8 +643,8 @@ class Gemma4StreamingEncoder:
         n = stop - start
         # Each 3x3 stride-2 convolution: output t reads inputs 2t-1 .. 2t+1. Every frame of both stages is
         # computed once, from the previous stage's frames kept in a buffer (one frame of left context).
-        layer0 = self._stage(sub.layer0, "mel", "l0", 2 * stop, valid=num_mel)
-        hidden = self._stage(sub.layer1, "l0", "l1", stop, valid=-(-num_mel // 2), new=layer0, channels_last=True)
+        self._stage(sub.layer0, "mel", "l0", 2 * stop, valid=num_mel, into="l0")
+        hidden = self._stage(sub.layer1, "l0", "l1", stop, valid=-(-num_mel // 2))
         hidden = hidden.reshape(self._rows * n, -1)  # [B, n, F, C] -> [B * n, F * C]
         plan = self._plan if self._plan is not None else self._make_plan(hidden)
         hidden = plan.input_proj(hidden)
@@ -654,20 +654,19 @@ class Gemma4StreamingEncoder:
         return hidden.view(self._rows, n, -1)
 
     def _stage(self, layer: nn.Module, source: str, target: str, stop: int, valid: int,
-               new: torch.Tensor | None = None, channels_last: bool = False) -> torch.Tensor:
+               into: str | None = None) -> torch.Tensor | None:
         """``Gemma4AudioSubSampleConvProjectionLayer.forward`` for output frames ``[done, stop)`` of stage
         ``target`` from the buffered input frames of stage ``source`` (``valid`` of them are real; the rest
-        are zeros, as the offline forward masks them). Returns the new frames ``[B, C, n, F]`` (``[B, n, F, C]``
-        with ``channels_last``: the layout the input projection reads, without the round trip through
-        ``[B, C, n, F]``).
+        are zeros, as the offline forward masks them). Returns the new frames ``[B, n, F, C]`` (the layout
+        the input projection reads, without the offline forward's round trip through ``[B, C, n, F]``); with
+        ``into``, appends them as ``[B, C, n, F]`` to that buffer instead (the activation writes them there:
+        one pass over them, where a transposed copy and a concatenation would take two).
 
         The convolution runs with time padding 0 on the exact input frames (the left zero padding of the
         stream's first frame is added explicitly): on CPU this gives the same bits as the offline padded
         convolution (checked by the tests)."""
         buffer, first = self._buffers[source]
         done = self._done[target]
-        if new is not None:  # frames the previous stage just made: append them to its buffer
-            buffer = new if buffer is None else torch.cat([buffer, new], dim=2)
         lo, hi = 2 * done - 1, 2 * stop  # input frames [lo, hi)
         avail_lo, avail_hi = max(lo, first), min(hi, first + buffer.shape[2])
         x = buffer[:, :, avail_lo - first : avail_hi - first]
@@ -686,12 +685,24 @@ class Gemma4StreamingEncoder:
             out = F.layer_norm(out, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
         else:  # pragma: no cover - another transformers version
             out = norm(out)
-        out = _activation(layer.act)(out)
         self._done[target] = stop
         # the next call reads from input frame 2 * stop - 1 on
         keep_from = max(first, 2 * stop - 1)
         self._buffers[source] = (buffer[:, :, keep_from - first :].clone(), keep_from)
-        return out if channels_last else out.permute(0, 3, 1, 2).contiguous()
+        if into is None:
+            return _activation(layer.act)(out)
+        held, origin = self._buffers[into]
+        k = 0 if held is None else held.shape[2]
+        batch, n, freq, channels = out.shape
+        merged = torch.empty(batch, channels, k + n, freq, device=out.device, dtype=out.dtype)
+        if k:
+            merged[:, :, :k] = held
+        if type(layer.act) is nn.ReLU:  # relu is clamp_min(x, 0), which can write into a view
+            torch.clamp_min(out.permute(0, 3, 1, 2), 0, out=merged[:, :, k:])
+        else:  # pragma: no cover - another transformers version
+            merged[:, :, k:] = layer.act(out).permute(0, 3, 1, 2)
+        self._buffers[into] = (merged, origin)
+        return None
 
     # ------------------------------------------------------------------ one conformer layer, incrementally
     @staticmethod
