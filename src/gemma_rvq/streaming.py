@@ -395,16 +395,17 @@ class _AttentionWindow:
         self.block = 0
 
     def rows(self, offset: int, m: int) -> tuple[torch.Tensor, ...]:
-        """Views of the block's rows ``[offset, offset + m)``: queries ``[B, heads, m, head_dim]``, keys
-        ``[B, heads, head_dim, m]``, values ``[B, heads, m, head_dim]`` and the attention output ``[B, heads, m,
-        head_dim]`` (made once per (offset, m): a push of a fixed size uses a few)."""
+        """Views of the block's rows ``[offset, offset + m)`` as ``[B, m, heads, head_dim]`` (the layout of the
+        projected frames): in the queries, the keys, the values and the attention output (made once per
+        (offset, m): a push of a fixed size uses a few)."""
         views = self._rows.get((offset, m))
         if views is None:
             slot = self.past + offset
             out = self.out.view(self.batch, self.heads, self.chunk, self.head_dim)
+            keys = self.keys[..., self.key_col + slot : self.key_col + slot + m]
             views = self._rows[offset, m] = (
-                self.queries[:, :, offset : offset + m], self.keys[..., self.key_col + slot : self.key_col + slot + m],
-                self.values[:, :, slot : slot + m], out[:, :, offset : offset + m])
+                self.queries[:, :, offset : offset + m].transpose(1, 2), keys.permute(0, 3, 1, 2),
+                self.values[:, :, slot : slot + m].transpose(1, 2), out[:, :, offset : offset + m].transpose(1, 2))
         return views
 
     def advance(self, block: int) -> None:
@@ -418,6 +419,35 @@ class _AttentionWindow:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.queries, self.scores,
                                                          self.logits, self.out))
+
+
+class _ConvWindow:
+    """One layer's depthwise convolution state in a stream: the last ``tail`` input frames ``[B, C, tail]``,
+    and per push size ``n`` an input buffer ``[B, C, tail + n]`` with the views a push writes and reads."""
+
+    def __init__(self, batch: int, channels: int, tail: int, dilation: int, kernel: int, device: torch.device) -> None:
+        self.tail = torch.zeros(batch, channels, tail, device=device)
+        self.dilation, self.kernel = dilation, kernel
+        self._views: dict[int, tuple] = {}
+
+    def views(self, n: int) -> tuple:
+        """Views of the buffer for ``n`` new frames, whose first ``tail`` frames now hold the stored tail: (its
+        last ``n`` frames, each tap's ``n`` input frames, its last ``tail`` frames)."""
+        views = self._views.get(n)
+        if views is None:
+            batch, channels, tail = self.tail.shape
+            buffer = torch.empty(batch, channels, tail + n, device=self.tail.device)
+            taps = [buffer[:, :, t * self.dilation : t * self.dilation + n] for t in range(self.kernel)]
+            views = self._views[n] = (buffer[:, :, :tail], buffer[:, :, tail:], taps, buffer[:, :, n:])
+            if len(self._views) > 8:  # pushes of ever new sizes: keep a few
+                self._views.pop(next(iter(self._views)))
+        views[0].copy_(self.tail)
+        return views[1:]
+
+    @property
+    def nbytes(self) -> int:
+        held = [self.tail] + [views[0]._base for views in self._views.values()]
+        return sum(t.numel() * t.element_size() for t in held)
 
 
 class _LayerPlan:
@@ -520,7 +550,7 @@ class Gemma4StreamingEncoder:
         """Bytes held by the stream's state (bounded by the encoder's context, not the stream length)."""
         tensors = [buffer for buffer, _ in self._buffers.values() if buffer is not None]
         tensors += [t for cache in self._caches for t in cache.values() if isinstance(t, torch.Tensor)]
-        windows = sum(cache["window"].nbytes for cache in self._caches if "window" in cache)
+        windows = sum(cache[key].nbytes for cache in self._caches for key in ("window", "conv") if key in cache)
         return int(self._wave.nbytes) + windows + sum(t.numel() * t.element_size() for t in tensors)
 
     def _num_mel(self, num_samples: int) -> int:
@@ -811,9 +841,7 @@ class Gemma4StreamingEncoder:
                 if bounds is not None:
                     part.clamp_(*bounds)
         shape = (batch, n, heads, head_dim)
-        q = _fp32(q).view(shape).transpose(1, 2)  # [B, heads, n, head_dim]
-        k = _fp32(k).view(shape).permute(0, 2, 3, 1)  # [B, heads, head_dim, n]
-        v = _fp32(v).view(shape).transpose(1, 2)  # [B, heads, n, head_dim]
+        q, k, v = _fp32(q).view(shape), _fp32(k).view(shape), _fp32(v).view(shape)
         pieces = []
         done = 0
         while done < n:
@@ -824,8 +852,8 @@ class Gemma4StreamingEncoder:
             if m == n:
                 q_new, k_new, v_new = q, k, v
             else:
-                q_new, k_new, v_new = q[:, :, done : done + m], k[..., done : done + m], v[:, :, done : done + m]
-            query_rows, key_rows, value_rows, out_rows = window.rows(offset, m)
+                q_new, k_new, v_new = q[:, done : done + m], k[:, done : done + m], v[:, done : done + m]
+            query_rows, key_rows, value_rows, out_rows = window.rows(offset, m)  # [B, m, heads, head_dim] each
             torch.mul(q_new, plan.q_scale, out=query_rows).mul_(plan.query_scale)
             torch.mul(k_new, plan.k_scale, out=key_rows)
             value_rows.copy_(v_new)
@@ -836,8 +864,8 @@ class Gemma4StreamingEncoder:
             torch.bmm(torch.softmax(weights, dim=-1), window.values_3d, out=window.out)
             pieces.append(out_rows if m == n else out_rows.clone())  # the next block overwrites window.out
             done += m
-        out = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=2)  # [B, heads, n, head_dim]
-        out = out.transpose(1, 2).reshape(batch * n, heads * head_dim)
+        out = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)  # [B, n, heads, head_dim]
+        out = out.reshape(batch * n, heads * head_dim)
         return plan.post(out if out.dtype == x.dtype else out.to(x.dtype))
 
     def _mask(self, first_block: int, blocks: int, device: torch.device) -> torch.Tensor:
@@ -861,15 +889,32 @@ class Gemma4StreamingEncoder:
         """``Gemma4AudioLightConv1d.forward`` on the rows ``x [B * n, D]`` of new frames, the causal
         convolution's left padding replaced by the previous frames' inputs (kept per layer)."""
         batch = self._rows
-        hidden = F.glu(plan.conv_start(plan.conv_pre(x)), dim=-1).view(batch, n, -1).transpose(1, 2)  # [B, C, n]
-        tail = cache.get("conv")
-        if tail is None:
-            tail = hidden.new_zeros(batch, hidden.shape[1], self._conv_tail)
-        hidden = torch.cat([tail, hidden], dim=2)  # [B, C, tail + n]
-        cache["conv"] = hidden[:, :, n:].clone()
+        hidden = F.glu(plan.conv_start(plan.conv_pre(x)), dim=-1).view(batch, n, -1)  # [B, n, C]
+        conv = plan.conv
+        if x.device.type == "cpu" and conv.bias is None and conv.stride[0] == 1 and conv.groups == hidden.shape[2]:
+            window = cache.get("conv")
+            if window is None:
+                window = cache["conv"] = _ConvWindow(batch, hidden.shape[2], self._conv_tail, conv.dilation[0],
+                                                     len(plan.taps), x.device)
+            # the depthwise convolution as one multiply-add per tap (see _causal_depthwise), over the window's
+            # [B, C, tail + n] input (its views per n made once)
+            new, taps, last = window.views(n)
+            new.copy_(hidden.transpose(1, 2))
+            out = torch.mul(taps[0], plan.taps[0])
+            for source, tap in zip(taps[1:], plan.taps[1:]):
+                out.addcmul_(source, tap)
+            window.tail.copy_(last)
+            out = out if out.dtype == x.dtype else out.to(x.dtype)
+        else:
+            tail = cache.get("conv_tail")
+            if tail is None:
+                tail = hidden.new_zeros(batch, hidden.shape[2], self._conv_tail)
+            hidden = torch.cat([tail, hidden.transpose(1, 2)], dim=2)  # [B, C, tail + n]
+            cache["conv_tail"] = hidden[:, :, n:].clone()
+            out = _causal_depthwise(conv, hidden, plan.taps)
         # The output [B, C, n] is read as [B, n, C] (a transposed view), as the offline forward reads its
         # convolution's output: the norm after it then sums each frame's channels in the same order.
-        out = _causal_depthwise(plan.conv, hidden, plan.taps).transpose(1, 2)
+        out = out.transpose(1, 2)
         clip = plan.conv_clip
         hidden = plan.conv_act(plan.conv_norm(torch.clamp(out, -clip, clip), fresh=True))
         # contiguous rows (a reshape would keep the transposed layout for B = 1): the plain product's bits
