@@ -438,15 +438,15 @@ class _ConvWindow:
             batch, channels, tail = self.tail.shape
             buffer = torch.empty(batch, channels, tail + n, device=self.tail.device)
             taps = [buffer[:, :, t * self.dilation : t * self.dilation + n] for t in range(self.kernel)]
-            views = self._views[n] = (buffer[:, :, :tail], buffer[:, :, tail:], taps, buffer[:, :, n:])
+            views = self._views[n] = (buffer, buffer[:, :, :tail], buffer[:, :, tail:], taps, buffer[:, :, n:])
             if len(self._views) > 8:  # pushes of ever new sizes: keep a few
                 self._views.pop(next(iter(self._views)))
-        views[0].copy_(self.tail)
-        return views[1:]
+        views[1].copy_(self.tail)
+        return views[2:]
 
     @property
     def nbytes(self) -> int:
-        held = [self.tail] + [views[0]._base for views in self._views.values()]
+        held = [self.tail] + [views[0] for views in self._views.values()]
         return sum(t.numel() * t.element_size() for t in held)
 
 
