@@ -225,3 +225,98 @@ def test_bench_stream_measures_stream_batches(tiny_gemma4_rvq):
     rows = bench.batch_compare(tiny_gemma4_rvq, 1.0, [1, 2], 160.0, 1, lines.append)
     assert [row["streams"] for row in rows] == [1, 2] and len(lines) == 2
     assert all(row["agreement"] == 1.0 and row["cpu_ratio_per_stream"] > 0 for row in rows)
+
+
+# ------------------------------------------------------------------------------ the per-push plan (issue 16)
+def _gemma4_layer(model):
+    return model._encoder_adapter().model.layers[0]
+
+
+def test_log_mel_is_the_spectrogram_steps_bits(tiny_gemma4_rvq, make_speech):
+    """``_log_mel`` redoes the feature extractor's spectrogram step without its padding helpers: the same bits
+    for pieces shorter than a frame, of one frame and of many, and a stream switches to it after checking."""
+    extractor = tiny_gemma4_rvq._encoder_adapter().feature_extractor
+    wave = make_speech(1.0, SR, seed=60)
+    for length in (100, 161, 320, 2560 + 480, 16000):
+        piece = wave[:length]
+        step, _ = extractor._extract_spectrogram(piece[None], np.ones(length, dtype=np.int32))
+        mine = streaming._log_mel(extractor, piece)
+        assert mine.dtype == np.float32 and mine.shape == step.shape
+        assert np.array_equal(mine, step.astype(np.float32)), length
+    stream = tiny_gemma4_rvq.stream(SR)
+    stream.push(wave[:4000])
+    assert stream.encoder._mirror_mel is True
+
+
+def test_rms_norm_and_products_resolved_per_stream_give_the_modules_bits(tiny_gemma4_rvq):
+    """The plan's norms (``F.rms_norm`` where it was found exact) and products (``torch.mm`` on the
+    transposed weight, the stacked q/k/v product) give the bits of the modules' own forwards."""
+    layer = _gemma4_layer(tiny_gemma4_rvq)
+    adapter = tiny_gemma4_rvq._encoder_adapter()
+    encoder = Gemma4StreamingEncoder(adapter.model, adapter.feature_extractor)
+    g = torch.Generator().manual_seed(5)
+    for rows in (1, 3, 4, 12):
+        x = 3 * torch.randn(rows, 64, generator=g)
+        for norm in (layer.norm_pre_attn, layer.lconv1d.conv_norm):
+            assert torch.equal(streaming._RMSNorm(norm)(x.clone(), fresh=True), norm(x))
+            transposed = x.t().contiguous().t()  # the light convolution's output layout
+            assert torch.equal(streaming._RMSNorm(norm)(transposed), norm(transposed))
+        attn = layer.self_attn
+        products = [encoder._product_for(m) for m in (attn.q_proj, attn.k_proj, attn.v_proj)]
+        stacked = streaming._Product.stack(products)
+        assert stacked is not None
+        parts = stacked(x).split(64, dim=1)
+        for module, product, part in zip((attn.q_proj, attn.k_proj, attn.v_proj), products, parts):
+            with torch.no_grad():
+                reference = module(x[None])[0]
+            assert torch.equal(product(x), reference) and torch.equal(part, reference)
+    assert isinstance(streaming._fused_rms_norm_exact(torch.device("cpu")), bool)
+
+
+def test_stream_window_state_across_blocks_and_push_sizes(tiny_gemma4_rvq, make_speech):
+    """The attention window moves block by block and the convolution keeps a buffer per push size: pushes
+    that end mid-block, span several blocks (2 s = 50 frames, 12 per block), bring one frame, or none, give
+    the offline codes; the state stays bounded."""
+    model = tiny_gemma4_rvq
+    wave = make_speech(6.0, SR, seed=61)
+    reference = model.encode(wave, sampling_rate=SR).audio_codes[0]
+    rng = np.random.default_rng(7)
+    for sizes in ([32000, 640, 1, 1, 2559, 12 * 640], [641] * 3 + [19200], rng.integers(1, 12000, size=25).tolist()):
+        stream = model.stream(SR)
+        pieces, i, k = [], 0, 0
+        while i < len(wave):
+            pieces.append(stream.push(wave[i : i + sizes[k % len(sizes)]]))
+            i, k = i + sizes[k % len(sizes)], k + 1
+        pieces.append(stream.flush())
+        assert torch.equal(torch.cat(pieces, 1), reference), sizes[:4]
+        assert stream.state_nbytes < 512 * 1024
+
+
+def test_depthwise_convolution_general_route_gives_the_offline_codes(tiny_gemma4_rvq, make_speech, monkeypatch):
+    """Where the taps do not apply (a biased convolution, or another device than the CPU) the light
+    convolution keeps its input tail and runs the module's convolution: here forced with a zero bias."""
+    import copy
+
+    model = copy.deepcopy(tiny_gemma4_rvq)
+    wave = make_speech(2.0, SR, seed=62)
+    reference = model.encode(wave, sampling_rate=SR).audio_codes[0]
+    original = Gemma4StreamingEncoder._make_plan
+
+    def biased(self, like):
+        plan = original(self, like)
+        for layer in plan.layers:
+            conv = copy.deepcopy(layer.conv)
+            conv.bias = torch.nn.Parameter(torch.zeros(conv.out_channels))
+            layer.conv = conv
+        return plan
+
+    monkeypatch.setattr(Gemma4StreamingEncoder, "_make_plan", biased)
+    adapter = model._encoder_adapter()
+    encoder = Gemma4StreamingEncoder(adapter.model, adapter.feature_extractor)
+    emb = torch.cat([encoder.push(wave[i : i + 2560]) for i in range(0, len(wave), 2560)] + [encoder.flush()])
+    assert all("conv_tail" in cache and "conv" not in cache for cache in encoder._caches)
+    offline = model.embed(wave, sampling_rate=SR)[0][0]
+    torch.testing.assert_close(emb, offline, rtol=1e-4, atol=1e-5)
+    stream = model.stream(SR)
+    codes = torch.cat([stream.push(wave[i : i + 2560]) for i in range(0, len(wave), 2560)] + [stream.flush()], 1)
+    assert torch.equal(codes, reference)
