@@ -299,38 +299,39 @@ class _RMSNorm:
 
     def __call__(self, x: torch.Tensor, fresh: bool = False) -> torch.Tensor:
         if x.dtype == torch.float32:
-            if _fused_rms_norm_exact(x.device):  # one call instead of six
-                return F.rms_norm(x, x.shape[-1:], self.weight, self.eps)
-            return _norm_step(x, self.eps, self.weight, fresh)
+            return (_norm_fast if _fast_norm_exact(x.device) else _norm_step)(x, self.eps, self.weight, fresh)
         return _norm_step(x.float(), self.eps, self.weight, True).type_as(x)
 
 
-#: per device type: whether ``F.rms_norm`` gives the bits of ``_norm_step`` (checked once, see below)
-_RMS_NORM_EXACT: dict[str, bool] = {}
+def _norm_fast(hidden: torch.Tensor, eps: float, weight: torch.Tensor | None, inplace: bool = False) -> torch.Tensor:
+    """[`_norm_step`] through cheaper steps with the same bits on CPU (torch 2.x): ``x * x`` for ``pow(2)``
+    (what ``pow`` computes for the exponent 2), a sum and a division for ``mean`` (what ``mean`` runs on
+    CPU: it costs twice a sum), ``rsqrt`` for ``pow(-0.5)``. A norm of a few rows is dispatch-bound: 35 instead
+    of 50 microseconds here, and a tiny encoder's push has 18 of them. Used where [`_fast_norm_exact`]."""
+    factor = torch.mul(hidden, hidden).sum(-1, keepdim=True).div_(hidden.shape[-1]).add_(eps).rsqrt_()
+    hidden = hidden.mul_(factor) if inplace else hidden * factor
+    return hidden.mul_(weight) if weight is not None else hidden
 
 
-def _fused_rms_norm_exact(device: torch.device) -> bool:
-    """Whether ``F.rms_norm`` computes fp32 ``Gemma4RMSNorm`` bit for bit on this device type (in torch 2.x on
-    CPU it runs the same steps: square, mean, + eps, ``pow(-0.5)`` (which is ``rsqrt``), times the input,
-    times the weight). Checked once on random rows, contiguous and transposed, with and without a weight."""
+#: per device type: whether ``_norm_fast`` gives the bits of ``_norm_step`` (checked once, see below)
+_FAST_NORM_EXACT: dict[str, bool] = {}
+
+
+def _fast_norm_exact(device: torch.device) -> bool:
+    """Whether [`_norm_fast`] computes ``Gemma4RMSNorm``'s fp32 bits on this device type: checked once on random
+    rows of several sizes and magnitudes, contiguous and transposed, with and without a weight."""
     kind = device.type
-    if kind not in _RMS_NORM_EXACT:
-        exact = hasattr(F, "rms_norm")
-        if exact:
-            gen = torch.Generator().manual_seed(0)
-            for rows, dim in ((1, 64), (5, 160), (12, 1024)):
-                x = (torch.randn(rows, dim, generator=gen) * 30).to(device)
-                weight = torch.randn(dim, generator=gen).to(device)
-                for sample in (x, x.t().contiguous().t()):
-                    for w in (weight, None):
-                        try:
-                            fused = F.rms_norm(sample, (dim,), w, 1e-6)
-                        except RuntimeError:  # pragma: no cover - a build without it on this device
-                            exact = False
-                            break
-                        exact = exact and torch.equal(fused, _norm_step(sample, 1e-6, w))
-        _RMS_NORM_EXACT[kind] = exact
-    return _RMS_NORM_EXACT[kind]
+    if kind not in _FAST_NORM_EXACT:
+        gen = torch.Generator().manual_seed(0)
+        exact = True
+        for rows, dim, scale in ((1, 64, 1.0), (3, 160, 30.0), (5, 1024, 1e-3), (12, 1536, 1e4)):
+            x = (torch.randn(rows, dim, generator=gen) * scale).to(device)
+            weight = torch.randn(dim, generator=gen).to(device)
+            for sample in (x, x.t().contiguous().t()):
+                for w in (weight, None):
+                    exact = exact and torch.equal(_norm_fast(sample, 1e-6, w), _norm_step(sample, 1e-6, w))
+        _FAST_NORM_EXACT[kind] = exact
+    return _FAST_NORM_EXACT[kind]
 
 
 def _activation(module: nn.Module, inplace: bool = True) -> Any:
