@@ -469,7 +469,8 @@ def test_packed_weights_stream_equals_offline_and_follow_weight_updates(tiny_gem
     packed = streaming._PACKED.get(linear)
     assert packed is not None, "the stream did not use the packed weight"
     x = torch.randn(5, linear.in_features, generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(streaming._linear(linear, x), torch.nn.functional.linear(x, linear.weight))
+    product = streaming._Product(linear.weight, linear.bias, None, None, packed[1])  # the stream's product
+    torch.testing.assert_close(product(x), torch.nn.functional.linear(x, linear.weight, linear.bias))
 
     with torch.no_grad():
         linear.weight.mul_(1.5)  # in place: same storage, new version

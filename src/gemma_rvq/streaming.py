@@ -194,40 +194,10 @@ def _packed_weight(linear: nn.Linear) -> torch.Tensor | None:
     return entry[1]
 
 
-def _linear(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """``linear(x)`` for ``x [..., K]`` of a few rows, through the packed weight when there is one."""
-    rows = x.numel() // x.shape[-1]
-    # up to 3 rows MKL's plain product already reads the weight at the bandwidth (a matrix-vector kernel)
-    packed = _packed_weight(linear) if 4 <= rows <= PACK_MAX_ROWS else None
-    return _product(x, linear.weight, linear.bias, packed)
-
-
-def _product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-             packed: torch.Tensor | None) -> torch.Tensor:
-    """``x [..., K] @ weight.T + bias``: through ``packed`` (``weight`` packed by oneDNN, or None) for 4 to
-    ``PACK_MAX_ROWS`` rows, the plain product otherwise."""
-    if packed is None:
-        return F.linear(x, weight, bias)
-    rows = x.numel() // x.shape[-1]
-    if not 4 <= rows <= PACK_MAX_ROWS:
-        return F.linear(x, weight, bias)
-    out = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, -1), packed, bias, "none", [], "")
-    return out.view(*x.shape[:-1], out.shape[-1])
-
-
-def _rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``Gemma4RMSNorm.forward``, the same operations without the module call."""
-    hidden = x.float()
-    hidden = hidden * torch.pow(hidden.pow(2).mean(-1, keepdim=True) + norm.eps, -0.5)
-    if norm.with_scale:
-        hidden = hidden * norm.weight.float()
-    return hidden.type_as(x)
-
-
 def _norm_step(hidden: torch.Tensor, eps: float, weight: torch.Tensor | None, inplace: bool = False) -> torch.Tensor:
     """``Gemma4RMSNorm`` on fp32 ``hidden`` with its ``eps`` and fp32 ``weight`` (None: no scale): the same
-    operations as [`_rms_norm`] (in place on temporaries, and on ``hidden`` itself with ``inplace``) without
-    its dtype round trips and module look-ups."""
+    operations as its ``forward`` (``x * pow(mean(x ** 2) + eps, -0.5)``, then the weight), in place on
+    temporaries (and on ``hidden`` itself with ``inplace``), without its dtype round trips and module look-ups."""
     factor = hidden.pow(2).mean(-1, keepdim=True).add_(eps).pow_(-0.5)
     hidden = hidden.mul_(factor) if inplace else hidden * factor
     return hidden.mul_(weight) if weight is not None else hidden
