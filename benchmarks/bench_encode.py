@@ -405,6 +405,21 @@ def main(argv: list[str] | None = None) -> dict:
     methods: dict[str, Callable[[torch.Tensor, slice], object]] = {
         "gemma-rvq": lambda xs, w: rq.encode(xs), "gemma-rvq fp32": lambda xs, w: rq32.encode(xs),
         "fp32 GEMM": bound_pass("fp32")}
+    fused = tables.precision == "int8" and search._fused_kernels(tables) is not None
+    if fused:  # the same int8 search with the eager torch steps instead of the fused numba kernels
+        rq8 = copy.copy(rq)
+        rq8._search_cache = None
+
+        def eager_encode(xs: torch.Tensor, where: slice) -> torch.Tensor:
+            search.FUSED_KERNELS = False
+            try:
+                return rq8.encode(xs)
+            finally:
+                search.FUSED_KERNELS = True
+        eager_encode(x[:slice_size], slice(0, slice_size))
+        methods["gemma-rvq eager int8"] = eager_encode
+    print("int8 search steps: " + ("fused numba kernels (search_kernels.py); also timed: the eager torch steps"
+                                   if fused else "eager torch steps"))
     if "int8" in best and tables.precision == "int8":
         methods["int8 GEMM"] = bound_pass("int8")
     if vq is not None:
@@ -456,6 +471,8 @@ def main(argv: list[str] | None = None) -> dict:
     agree = _agreement(rq, x[:check], codes[:check])
     mem = {"gemma-rvq": _peak_extra_memory(lambda: rq.encode(x), device),
            "gemma-rvq fp32": _peak_extra_memory(lambda: rq32.encode(x), device)}
+    if "gemma-rvq eager int8" in methods:
+        mem["gemma-rvq eager int8"] = _peak_extra_memory(lambda: methods["gemma-rvq eager int8"](x, slice(None)), device)
     same_as_vq = None
     if vq is not None:
         vq_codes = _vqtorch_encode(vq, x, vq_chunk)
@@ -472,7 +489,7 @@ def main(argv: list[str] | None = None) -> dict:
     if bound8 is not None:
         print(f"int8 GEMM bound ({best['int8'][1]}, chunk {best['int8'][2]}): {bound8 * flop_per_frame / 1e9:.0f} "
               f"GOP/s -> {bound8:,.0f} frames/s")
-    for name in ("gemma-rvq", "gemma-rvq fp32", "vqtorch", "gemma-rvq compiled"):
+    for name in ("gemma-rvq", "gemma-rvq eager int8", "gemma-rvq fp32", "vqtorch", "gemma-rvq compiled"):
         if name in fps:
             print(f"{name + ':':24s}{fps[name]:>12,.0f} frames/s (best of {args.repeats}; median {fps_median[name]:,.0f})")
     print(f"ratio gemma-rvq / fp32 GEMM bound: {fps['gemma-rvq'] / bound32:.2f}x (per round vs the round's "
@@ -482,6 +499,10 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"ratio gemma-rvq / int8 GEMM bound: {fps['gemma-rvq'] / bound8:.1%} (per round: "
               + ", ".join(f"{r:.0%}" for r in ratio_rounds["int8 GEMM"]) + f")  [int8 GEMM {best['int8'][0] / 1e9:.0f} "
               "GOP/s]")
+    if "gemma-rvq eager int8" in fps:
+        print(f"ratio gemma-rvq (fused kernels) / eager int8 steps: {fps['gemma-rvq'] / fps['gemma-rvq eager int8']:.2f}x "
+              "(per round: " + ", ".join(f"{r:.2f}" for r in ratio_rounds["gemma-rvq eager int8"]) + "); eager / fp32 "
+              f"GEMM bound: {fps['gemma-rvq eager int8'] / bound32:.2f}x")
     print(f"ratio gemma-rvq fp32 / fp32 GEMM bound: {fps['gemma-rvq fp32'] / bound32:.1%} (per round: "
           + ", ".join(f"{a / b:.0%}" for a, b in zip(ratio_rounds["fp32 GEMM"], ratio_rounds["gemma-rvq fp32"]))
           + ")")

@@ -12,6 +12,16 @@ PRECISIONS = ["fp32"] + (["int8"] if search.int8_usable(torch.device("cpu"), 64)
 KERNELS = [k for k in search.INT8_KERNELS if search._kernel_exact(k, torch.device("cpu"))]
 
 
+@pytest.fixture(params=["fused", "eager"])
+def int8_path(request, monkeypatch):
+    """The int8 search's two implementations: the fused numba kernels (the default where numba is installed,
+    as ``make test`` installs it) and the eager torch steps. Same codes, by the same bounds."""
+    monkeypatch.setattr(search, "FUSED_KERNELS", request.param == "fused")
+    if request.param == "fused":
+        assert search._load_fused_kernels(), "numba is a dependency: the fused kernels must load"
+    return request.param
+
+
 def reference_codes(x: torch.Tensor, codebooks: torch.Tensor, levels: int | None = None) -> torch.Tensor:
     """float64 exhaustive search over the fp32 residual the quantizer keeps: ``[N, L]``, first best code.
 
@@ -57,7 +67,7 @@ def _near_tie_codebook(dim=64, k=256, near=200, eps=1e-4, seed=0):
 @pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize(("n", "dim", "k", "chunk"), [(1, 16, 8, 4), (37, 32, 97, 8), (300, 64, 256, 64),
                                                      (513, 48, 2048, 1024)])
-def test_codes_equal_float64_exhaustive_search(precision, n, dim, k, chunk):
+def test_codes_equal_float64_exhaustive_search(precision, n, dim, k, chunk, int8_path):
     rq = _quantizer(dim, 3, k, search_precision=precision, search_chunk_size=chunk)
     x = torch.randn(n, dim) * 0.7
     codes = rq.encode(x)
@@ -66,7 +76,7 @@ def test_codes_equal_float64_exhaustive_search(precision, n, dim, k, chunk):
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)
-def test_adversarial_near_ties_and_duplicates_are_exact(precision):
+def test_adversarial_near_ties_and_duplicates_are_exact(precision, int8_path):
     cb, x = _near_tie_codebook()
     rq = _quantizer(64, 1, 256, cb[None], search_precision=precision)
     tables = rq._search_tables()
@@ -83,7 +93,7 @@ def test_adversarial_near_ties_and_duplicates_are_exact(precision):
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
-def test_every_int8_kernel_gives_the_exact_codes(kernel, monkeypatch):
+def test_every_int8_kernel_gives_the_exact_codes(kernel, monkeypatch, int8_path):
     dim, k = 96, 384
     monkeypatch.setitem(search._INT8_CHOICE, ("cpu", None, dim, k), kernel)
     g = torch.Generator().manual_seed(1)
@@ -157,7 +167,7 @@ def test_score_error_bounds_hold(precision):
     assert float((err / e).max()) > 1e-3  # not vacuous: the bound is within a few orders of the error
 
 
-def test_huge_values_take_the_float64_path():
+def test_huge_values_take_the_float64_path(int8_path):
     rq = _quantizer(8, 2, 16)
     x = torch.randn(10, 8)
     x[3, 1] = 3e38  # |x|^2 overflows fp32: an infinite bound, every code a candidate, float64 decides
@@ -172,7 +182,7 @@ def test_huge_values_take_the_float64_path():
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)
-def test_thread_pool_pipelines_match_one_thread(precision):
+def test_thread_pool_pipelines_match_one_thread(precision, int8_path):
     rq = _quantizer(64, 4, 256, search_precision=precision, search_chunk_size=32)
     x = torch.randn(333, 64)
     saved = torch.get_num_threads()
@@ -207,7 +217,7 @@ def test_precision_option_validation_and_auto_choice():
     assert search.resolve_precision("fp32", torch.device("cpu"), 8, 4) == ("fp32", None)
 
 
-def test_search_stats_count_rows_and_candidates():
+def test_search_stats_count_rows_and_candidates(int8_path):
     rq = _quantizer(32, 2, 64)
     tables = rq._search_tables()
     tables.stats = search.SearchStats()
@@ -339,3 +349,76 @@ def test_codebooks_of_equal_or_nearly_equal_codes_search_in_bounded_memory(sprea
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert int(out.stdout.split()[0]) < 400, f"peak grew by {out.stdout.split()[0]} MiB"
+
+
+def test_fused_kernels_run_by_default_and_give_the_eager_codes(monkeypatch):
+    """The int8 search on CPU runs the fused numba kernels where they apply: two passes around the GEMM
+    instead of ~50 torch ops; codes identical to the eager steps and to float64, pool or not."""
+    g = torch.Generator().manual_seed(4)
+    rq = _quantizer(96, 4, 512, search_precision="int8", search_chunk_size=256)
+    x = torch.randn(1100, 96, generator=g) * torch.logspace(-2, 2, 1100)[:, None]
+    x[:5] = 0  # zero rows: scale 1, every code a candidate of equal score but the bias
+    tables = rq._search_tables()
+    assert search._fused_kernels(tables) is not None
+    fused = rq.encode(x)
+    monkeypatch.setattr(search, "FUSED_KERNELS", False)
+    assert search._fused_kernels(tables) is None
+    assert torch.equal(rq.encode(x), fused)
+    assert torch.equal(fused, reference_codes(x, rq.codebooks))
+
+
+def test_codes_whose_scores_overflow_are_searched_exactly(int8_path):
+    """Codes so large that |c|^2/2 overflows fp32 (an infinite bias, infinite bounds) and, for code 7, the int8
+    score too (nan where the dot product is positive). Rows the bounds cannot decide are searched again (fp32
+    scores, then float64) or in float64 over all codes; the huge codes never win, the codes stay exact."""
+    g = torch.Generator().manual_seed(5)
+    cb = torch.randn(1, 128, 32, generator=g)
+    cb[0, 9] = 1e20
+    cb[0, 7] = 1e37
+    rq = _quantizer(32, 1, 128, cb, search_precision="int8")
+    tables = rq._search_tables()
+    tables.stats = search.SearchStats()
+    x = torch.randn(70, 32, generator=g)
+    codes = rq.encode(x)
+    assert torch.equal(codes, reference_codes(x, rq.codebooks)) and not bool(((codes == 7) | (codes == 9)).any())
+    assert tables.stats.exhaustive > 0
+
+
+def test_fused_row_quantization_bounds_and_residual_update():
+    """``quantize_rows``: the residual update is torch's own fp32 subtraction (bit for bit), the int8 rows are
+    integers in [-127, 127] stored with their offset, and the norms are upper bounds of the float64 ones."""
+    kernels = search._load_fused_kernels()
+    assert kernels
+    g = torch.Generator().manual_seed(6)
+    n, d, k = 50, 40, 30
+    r = torch.randn(n, d, generator=g) * torch.logspace(-15, 15, n)[:, None]
+    r[0] = 0
+    prev = torch.randn(k, d, generator=g)
+    codes = torch.randint(k, (n,), generator=g)
+    want = r - prev[codes]
+    xq, scale = torch.empty(n, d, dtype=torch.uint8), torch.empty(n)
+    rn, dn = torch.empty(n, dtype=torch.float64), torch.empty(n, dtype=torch.float64)
+    assert kernels.quantize_rows(r.numpy(), codes.numpy(), prev.numpy(), True, 128, 1 + search._gamma(d + 4),
+                                 xq.numpy(), scale.numpy(), rn.numpy(), dn.numpy())
+    assert torch.equal(r, want)
+    y = xq.long() - 128
+    assert int(y.abs().max()) <= 127 and int(y.abs().amax(1)[1:].min()) == 127  # the largest entry maps to 127
+    assert bool((rn >= torch.linalg.vector_norm(r.double(), dim=1)).all())
+    assert bool((dn >= torch.linalg.vector_norm(r.double() - scale.double()[:, None] * y.double(), dim=1)).all())
+    r[3, 2] = float("inf")
+    assert not kernels.quantize_rows(r.numpy(), codes.numpy(), prev.numpy(), False, 0, 1.0, xq.numpy(),
+                                     scale.numpy(), rn.numpy(), dn.numpy())
+
+
+def test_missing_numba_falls_back_to_the_eager_search_with_a_warning(monkeypatch):
+    def no_numba(name, *args):
+        raise ImportError("No module named 'numba'")
+
+    monkeypatch.setattr(search, "_FUSED", None)
+    monkeypatch.setattr(search.importlib, "import_module", no_numba)
+    rq = _quantizer(32, 2, 64, search_precision="int8")
+    x = torch.randn(100, 32)
+    with pytest.warns(UserWarning, match="fused int8 search kernels are unavailable"):
+        codes = rq.encode(x)
+    assert search._FUSED is False and search._fused_kernels(rq._search_tables()) is None
+    assert torch.equal(codes, reference_codes(x, rq.codebooks))

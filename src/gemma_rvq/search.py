@@ -25,6 +25,7 @@ module level.
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
 import threading
@@ -348,6 +349,7 @@ class _Int8Tables:
         self.block = 0 if padded else _argmax_block(k)
         self.err_block_max: list[Tensor] = []
         self.code_block_max: list[Tensor] = []
+        self.fused: list = [None] * q  # per level, the fused kernels' arrays (built on first use)
         up = 1 + _gamma(d + 4)  # an fp32 norm errs by at most gamma_{D+2} (relative)
         for level in range(q):
             w = weight[level]
@@ -816,6 +818,122 @@ def _int8_scores(tables: _SearchTables, r: Tensor, level: int) -> tuple[Tensor, 
 
 
 def _nearest_int8(tables: _SearchTables, r: Tensor, level: int) -> Tensor:
+    """Exact nearest codes ``[n]`` of ``r [n, Dc]`` (fp32) at ``level`` from int8 scores: the fused CPU
+    kernels where they apply (:func:`_fused_kernels`), the eager torch steps otherwise; the same codes."""
+    kernels = _fused_kernels(tables)
+    if kernels is None:
+        return _nearest_int8_eager(tables, r, level)
+    return _nearest_int8_fused(kernels, tables, r, level)
+
+
+# ---------------------------------------------------------------------- fused CPU kernels (numba)
+#: Use the fused CPU kernels of ``search_kernels.py`` (numba) for the int8 search when numba is installed.
+#: False (or the environment variable ``GEMMA_RVQ_FUSED_SEARCH=0``) keeps the eager torch steps; the codes
+#: are the same either way.
+FUSED_KERNELS = os.environ.get("GEMMA_RVQ_FUSED_SEARCH", "1") != "0"
+_FUSED: object = None  # the kernels module once imported and compiled, False when unavailable
+_FUSED_LOCK = threading.Lock()
+
+
+def _load_fused_kernels() -> object:
+    """``gemma_rvq.search_kernels``, compiled (or loaded from numba's cache), or False without numba."""
+    global _FUSED
+    with _FUSED_LOCK:
+        if _FUSED is None:
+            try:  # by name: copied next to a checkpoint (remote code) this module has no package siblings
+                module = importlib.import_module("gemma_rvq.search_kernels")
+                module.warm_up()
+                _FUSED = module
+            except Exception as err:  # numba missing, or too old / too new for this numpy
+                warnings.warn(f"gemma-rvq: the fused int8 search kernels are unavailable ({err!r}); using the "
+                              "eager torch search (same codes, slower). `pip install numba` enables them.",
+                              stacklevel=3)
+                _FUSED = False
+        return _FUSED
+
+
+def _fused_kernels(tables: _SearchTables):
+    """The fused kernels module if they apply to ``tables``: the int8 search on CPU, unpadded codes in
+    blocks, numba importable; else None."""
+    t8 = tables.int8
+    if (not FUSED_KERNELS or t8 is None or tables.device.type != "cpu" or t8.dim_pad or not t8.block
+            or t8.block != tables.block):
+        return None
+    kernels = _load_fused_kernels()
+    return kernels or None
+
+
+class _FusedLevel:
+    """One level's tables as the numpy arrays the fused kernels take (views of the tensors, no copies),
+    plus ``|c_k|^2/2`` in float64 ``[K]`` for their exact decision."""
+
+    def __init__(self, tables: _SearchTables, level: int, slack: tuple[float, float]) -> None:
+        t8 = tables.int8
+        self.weight = tables.weight[level].numpy()
+        self.half64 = (0.5 * tables.weight[level].double().square().sum(1)).numpy()
+        self.neg_half = t8.neg_half_norms[level].numpy()
+        self.err_block, self.code_block = t8.err_block_max[level].numpy(), t8.code_block_max[level].numpy()
+        self.err_norm, self.code_norm = t8.err_norm[level].numpy(), t8.code_norm[level].numpy()
+        self.slack_r, self.slack_0 = slack
+
+
+def _fused_level(kernels, tables: _SearchTables, level: int) -> _FusedLevel:
+    cache = tables.int8.fused
+    if cache[level] is None:  # (two threads may build it at once: the same values)
+        cache[level] = _FusedLevel(tables, level,
+                                   kernels.slack_terms(tables.int8.code_max[level], tables.half_max[level], tables.dim))
+    return cache[level]
+
+
+def _nearest_int8_fused(kernels, tables: _SearchTables, r: Tensor, level: int,
+                        previous: tuple[Tensor, int] | None = None) -> Tensor:
+    """:func:`_nearest_int8_eager` in two fused passes around the int8 GEMM (``search_kernels.py``).
+
+    ``previous = (codes [n], level)``: first subtract that level's codes from ``r`` in place (the residual
+    update, fused into the row quantization). The kernels' bounds and thresholds are the eager ones;
+    rows they cannot decide (too many survivors, non-finite values) are searched as the eager path
+    searches them, so the codes are the same.
+    """
+    r = r.detach()  # (numpy views; the in-place residual update still reaches the caller's tensor)
+    n, d = r.shape
+    t8 = tables.int8
+    lev = t8.levels[level]
+    fl = _fused_level(kernels, tables, level)
+    xq = torch.empty(n, d, dtype=torch.uint8)
+    scale = torch.empty(n)
+    rn64, dn64 = torch.empty(n, dtype=torch.float64), torch.empty(n, dtype=torch.float64)
+    codes, prev_level = previous if previous is not None else (torch.zeros(1, dtype=torch.long), level)
+    finite = kernels.quantize_rows(r.numpy(), codes.numpy(), tables.weight[prev_level].numpy(), previous is not None,
+                                   128 if lev.kernel == "qlinear" else 0, 1 + _gamma(d + 4), xq.numpy(),
+                                   scale.numpy(), rn64.numpy(), dn64.numpy())
+    if not finite:  # a row with inf / nan or overflowing squares: the eager path's bounds handle it
+        return _nearest_int8_eager(tables, r, level)
+    scores = lev.scores(xq if lev.kernel == "qlinear" else xq.view(torch.int8))
+    out = torch.empty(n, dtype=torch.long)
+    status = torch.empty(n, dtype=torch.int8)
+    counts = torch.empty(n, dtype=torch.int32)
+    kernels.decide_rows(scores.numpy(), scale.numpy(), fl.neg_half, rn64.numpy(), dn64.numpy(), fl.slack_r,
+                        fl.slack_0, fl.err_block, fl.code_block, fl.err_norm, fl.code_norm, r.numpy(), fl.weight,
+                        fl.half64, t8.block, MAX_INT8_CANDIDATES, out.numpy(), status.numpy(), counts.numpy())
+    decided = status == kernels.DECIDED
+    n_fb = n_none = 0
+    if not bool(decided.all()):
+        fallback = (status == kernels.FALLBACK).nonzero().squeeze(1)
+        if fallback.numel():  # more than MAX_INT8_CANDIDATES survivors: fp32 scores
+            out[fallback] = _nearest_fp32(tables, r.index_select(0, fallback), level, record=False)
+            n_fb = fallback.numel()
+        none = (status == kernels.EXHAUSTIVE).nonzero().squeeze(1)
+        if none.numel():  # non-finite scores or bounds: float64 over all codes
+            out[none] = _exhaustive64(tables, r.index_select(0, none), level)
+            n_none = none.numel()
+    if tables.stats is not None:
+        kept = counts[status != kernels.FALLBACK].clamp_(min=0)
+        many = int((counts > 1).logical_and_(decided).sum())
+        tables.stats.add(n, kept, many, many, n_fb, n_none)  # every row with 2+ survivors: float64
+    return out
+
+
+def _nearest_int8_eager(tables: _SearchTables, r: Tensor, level: int) -> Tensor:
     """Exact nearest codes ``[n]`` of ``r [n, Dc]`` (fp32) at ``level``, scored by the int8 GEMM.
 
     Candidates under per-block thresholds (:func:`_block_thresholds`; the row bound ``max_k E_ik`` where
@@ -846,9 +964,17 @@ def _search_block(tables: _SearchTables, x: Tensor, levels: range, step: int, re
     out = torch.empty(len(levels), x.shape[0], dtype=torch.long, device=tables.device)
     last = len(levels) - 1
     nearest = _nearest_int8 if tables.precision == "int8" else _nearest_fp32
+    kernels = _fused_kernels(tables) if tables.precision == "int8" else None
     picked = None  # the chosen codes' rows, one buffer for all chunks and levels
     for start in range(0, x.shape[0], step):
         r = x[start:start + step].to(device=tables.device, dtype=torch.float32, copy=True)
+        if kernels is not None:  # the residual update happens inside the next level's first pass
+            previous = None
+            for i, level in enumerate(levels):
+                idx = _nearest_int8_fused(kernels, tables, r, level, previous)
+                out[i, start:start + step] = idx
+                previous = (idx, level) if residual else None
+            continue
         if residual and last and (picked is None or picked.shape[0] != r.shape[0]):
             picked = torch.empty_like(r)
         for i, level in enumerate(levels):

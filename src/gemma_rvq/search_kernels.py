@@ -1,0 +1,239 @@
+"""Fused CPU kernels of the int8 search (numba): the passes around the int8 GEMM, one sweep each.
+
+Per chunk of ``n`` rows and level, the eager int8 search (:func:`gemma_rvq.search._nearest_int8`) runs
+about fifty torch operations around the GEMM: the residual update, the row quantization and its norms,
+the scaling and bias of the scores, block maxima, thresholds, candidates, their bounds, the survivors
+and the float64 decision. Each reads or writes whole ``[n, Dc]`` or ``[n, K]`` tensors, and together they
+cost about as much as the int8 GEMM itself. Here they are two passes:
+
+* :func:`quantize_rows` ``r [n, Dc]`` -> the residual update ``r -= c[codes]`` (the previous level's codes),
+  the int8 rows ``x_i``, their scales ``s_i`` and the rounded-up norms ``|r_i|``, ``|r_i - s_i x_i|``;
+* :func:`decide_rows` the int8 GEMM's scores ``[n, K]`` -> per row the block maxima, the per-block
+  thresholds, the candidates and their bounds, the survivors, and the code: the lone survivor, or the
+  first maximum of the float64 scores ``r·c_k - |c_k|^2/2`` of the survivors. Rows it cannot decide
+  (too many survivors, non-finite values) are marked for the eager fp32 / float64 search.
+
+The arithmetic is the eager path's, with the same bounds (see ``docs/benchmarks.md``): sums may be
+reordered (every bound holds for any summation order) and products fused into FMAs (one rounding where
+the bounds allow two); comparisons stay IEEE (no ``nnan``/``ninf`` assumptions). So the codes are those
+of the float64 exhaustive search, as on every other path.
+
+Optional: imported only when numba is installed (``gemma-rvq[fast]``); ``search.py`` falls back to the
+eager torch path otherwise. Compiled on first use and cached on disk.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit
+
+_U = 2.0 ** -24  # unit roundoff of fp32
+_TINY = np.float32(1e-30)
+_F127 = np.float32(127.0)
+_ONE = np.float32(1.0)
+_FINITE_BITS = 0x7F800000  # |x| bits at or above this: inf or nan (also the order key of +inf)
+_NEG_INF_KEY = -2139095041  # the order key of -inf (bits 0xFF800000); -nan keys are below it
+
+# Sums may be reassociated (vectorised) and products fused; nothing may assume finite values.
+_FLAGS = {"reassoc", "contract"}
+
+#: decide_rows' row status
+DECIDED, FALLBACK, EXHAUSTIVE = 0, 1, 2
+
+
+def _gamma(n: int) -> float:
+    return n * _U / (1 - n * _U)
+
+
+@njit(nogil=True, cache=True, fastmath=_FLAGS)
+def quantize_rows(r, codes, prev, residual, offset, up, xq, scale, rn64, dn64):  # pragma: no cover - compiled
+    """One pass per row of ``r [n, Dc]`` (fp32, updated in place when ``residual``: ``r_i -= prev[codes_i]``).
+
+    Writes ``xq [n, Dc]`` (uint8: ``y + offset`` modulo 256 of the integers ``y = rint(r_i * fl(127 / max|r_i|))``;
+    offset 128 is qlinear's uint8, offset 0 the bits of int8), ``scale [n]`` (fp32 ``max|r_i| / 127``),
+    and ``rn64``, ``dn64`` ``[n]``: float64 upper bounds of ``|r_i|`` and ``|r_i - s_i y_i|`` (their fp32 sums
+    rounded up by ``up = 1 + gamma_{Dc+4}``, ``dn`` also by the rounding of ``r - s y``). Returns False if a
+    row is not finite or its squares overflow (the eager path then takes the chunk).
+    """
+    n, d = r.shape
+    bits = r.view(np.int32)
+    top_bits = np.empty(1, dtype=np.int32)
+    top_float = top_bits.view(np.float32)
+    finite = True
+    for i in range(n):
+        ri = r[i]
+        if residual:
+            ci = prev[codes[i]]
+            for j in range(d):
+                ri[j] = ri[j] - ci[j]
+        bi = bits[i]
+        top = np.int32(0)
+        for j in range(d):  # max |r_ij| as integer bits: vectorises where a float max does not
+            top = max(top, np.int32(bi[j] & 0x7FFFFFFF))
+        ss = np.float32(0.0)
+        for j in range(d):
+            ss += ri[j] * ri[j]
+        if top >= _FINITE_BITS or not np.isfinite(ss):
+            finite = False
+            continue
+        top_bits[0] = top
+        amax = top_float[0]
+        if amax > _TINY:
+            inv = _F127 / amax
+            s = amax / _F127
+        else:
+            inv = _ONE
+            s = _ONE
+        xi = xq[i]
+        dd = np.float32(0.0)
+        for j in range(d):
+            v = ri[j]
+            y = np.rint(v * inv)
+            xi[j] = np.uint8((np.int32(y) + offset) & 0xFF)
+            e = v - s * y
+            dd += e * e
+        scale[i] = s
+        rn = np.float64(np.sqrt(ss)) * up
+        dn = np.float64(np.sqrt(dd)) * up
+        rn64[i] = rn
+        dn64[i] = dn + 2 * _U * (rn + dn)
+    return finite
+
+
+@njit(nogil=True, cache=True, fastmath={"reassoc"})
+def decide_rows(scores, scale, neg_half, rn64, dn64, slack_r, slack_0, err_block, code_block, err_norm, code_norm,
+                r, weight, half64, block, max_candidates, out, status, counts):  # pragma: no cover - compiled
+    """Codes of ``n`` rows from the int8 GEMM's scores ``[n, K]`` (fp32 ``t_k (x_i·q_k)``), in one pass per row.
+
+    ``A_ik = s_i scores_ik + neg_half_k`` (as the eager path: a product and a sum, never fused), written
+    back into ``scores``; the bound ``E_ik = (|r_i| |e_k| + |d_i| |t_k q_k| + slack_i)(1 + 1e-6)``
+    with ``slack_i = slack_r (|r_i| + |d_i|) + slack_0``; per block of ``block`` codes its maxima
+    ``err_block``, ``code_block`` ``[K / block]``. Writes ``out [n]`` (int64 code), ``status [n]``
+    (:data:`DECIDED`, :data:`FALLBACK`: more than ``max_candidates`` survivors, :data:`EXHAUSTIVE`: a
+    non-finite score or bound) and ``counts [n]`` (survivors; -1 where not decided here).
+    """
+    n, k = scores.shape
+    nb = k // block
+    d = r.shape[1]
+    bits = scores.view(np.int32)
+    key = np.empty(1, dtype=np.int32)
+    key_float = key.view(np.float32)
+    bm = np.empty(nb, dtype=np.float32)
+    eb = np.empty(nb, dtype=np.float64)
+    thr = np.empty(nb, dtype=np.float32)
+    cand = np.empty(k, dtype=np.int64)
+    cs = np.empty(k, dtype=np.float64)
+    ce = np.empty(k, dtype=np.float64)
+    for i in range(n):
+        s = scale[i]
+        row = scores[i]
+        for j in range(k):
+            row[j] = s * row[j] + neg_half[j]
+        # block maxima on order-preserving integer keys of the floats (a float max does not vectorise). In
+        # key order: -nan < -inf < finite < +inf < +nan. -inf scores (an overflowing bias) never reach a
+        # threshold, as in the eager path; a +inf or a nan sends the row to the float64 search.
+        brow = bits[i]
+        lo = np.int32(2147483647)
+        hi = np.int32(-2147483647)
+        for b in range(nb):
+            seg = brow[b * block:(b + 1) * block]
+            m = np.int32(-2147483647)
+            for j in range(block):
+                x = seg[j]
+                kx = np.int32(x ^ ((x >> 31) & 0x7FFFFFFF))
+                m = max(m, kx)
+                lo = min(lo, kx)
+            hi = max(hi, m)
+            key[0] = m ^ ((m >> 31) & 0x7FFFFFFF)
+            bm[b] = key_float[0]
+        if hi >= _FINITE_BITS or lo < _NEG_INF_KEY:
+            status[i] = EXHAUSTIVE
+            counts[i] = -1
+            continue
+        rn = rn64[i]
+        dn = dn64[i]
+        slack = slack_r * (rn + dn) + slack_0
+        best = -np.inf
+        for b in range(nb):
+            e = (rn * err_block[b] + dn * code_block[b] + slack) * (1 + 1e-6)
+            eb[b] = e
+            best = max(best, np.float64(bm[b]) - e)
+        if not np.isfinite(best):
+            status[i] = EXHAUSTIVE
+            counts[i] = -1
+            continue
+        best = best - abs(best) * 2.0 ** -20 - 2.0 ** -140
+        for b in range(nb):
+            thr[b] = np.float32(best - eb[b] * (1 + 2.0 ** -20))
+        # candidates, their scores and bounds
+        c = 0
+        for b in range(nb):
+            t = thr[b]
+            if bm[b] < t:
+                continue
+            for j in range(b * block, (b + 1) * block):
+                v = row[j]
+                if v >= t:
+                    cand[c] = j
+                    cs[c] = np.float64(v)
+                    ce[c] = (rn * err_norm[j] + dn * code_norm[j] + slack) * (1 + 1e-6)
+                    c += 1
+        # survivors: s_k + e_k >= max_j (s_j - e_j), a relative 2^-50 for this rounding
+        low = -np.inf
+        for a in range(c):
+            lower = cs[a] - ce[a]
+            if np.isfinite(lower):
+                low = max(low, lower)
+        kept = 0
+        for a in range(c):
+            lower = cs[a] - ce[a]
+            if cs[a] + ce[a] + (abs(cs[a]) + ce[a]) * 2.0 ** -50 >= low or not np.isfinite(lower):
+                cand[kept] = cand[a]
+                kept += 1
+        counts[i] = kept
+        if kept == 0:
+            status[i] = EXHAUSTIVE
+            counts[i] = -1
+        elif kept == 1:
+            status[i] = DECIDED
+            out[i] = cand[0]
+        elif kept > max_candidates:
+            status[i] = FALLBACK
+        else:  # float64: each product of two fp32 numbers is exact; the first maximum wins
+            status[i] = DECIDED
+            top = -np.inf
+            arg = cand[0]
+            ri = r[i]
+            for a in range(kept):
+                code = cand[a]
+                wk = weight[code]
+                acc = 0.0
+                for j in range(d):
+                    acc += np.float64(ri[j]) * np.float64(wk[j])
+                acc -= half64[code]
+                if acc > top:
+                    top = acc
+                    arg = code
+            out[i] = arg
+    return n
+
+
+def slack_terms(code_max: float, half_max: float, dim: int) -> tuple[float, float]:
+    """``(slack_r, slack_0)`` of the eager bound's slack ``8u (|r| + |d|) code_max + (8u + gamma_Dc) half_max``."""
+    return 8 * _U * code_max, (8 * _U + _gamma(dim)) * half_max
+
+
+def warm_up() -> None:
+    """Compile (or load from the cache) both kernels on tiny arrays."""
+    r = np.ones((2, 8), dtype=np.float32)
+    xq = np.empty((2, 8), dtype=np.uint8)
+    scale, rn, dn = np.empty(2, np.float32), np.empty(2), np.empty(2)
+    quantize_rows(r, np.zeros(2, np.int64), r, True, 128, 1.0 + 1e-6, xq, scale, rn, dn)
+    scores = np.ones((2, 32), dtype=np.float32)
+    out, status, counts = np.empty(2, np.int64), np.empty(2, np.int8), np.empty(2, np.int32)
+    z = np.zeros(32)
+    decide_rows(scores, scale, np.zeros(32, np.float32), rn, dn, 0.0, 0.0, z[:2], z[:2], z, z,
+                r, np.ones((32, 8), np.float32), z, 16, 32, out, status, counts)
+    assert math.isfinite(float(rn[0]))
