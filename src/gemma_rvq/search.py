@@ -865,7 +865,7 @@ def _fused_kernels(tables: _SearchTables):
 
 class _FusedLevel:
     """One level's tables as the numpy arrays the fused kernels take (views of the tensors, no copies),
-    plus ``|c_k|^2/2`` in float64 ``[K]`` for their exact decision."""
+    the fp32 re-scoring bound's factor, and ``|c_k|^2/2`` in float64 ``[K]`` for the exact decision."""
 
     def __init__(self, tables: _SearchTables, level: int, slack: tuple[float, float]) -> None:
         t8 = tables.int8
@@ -874,6 +874,8 @@ class _FusedLevel:
         self.neg_half = t8.neg_half_norms[level].numpy()
         self.err_block, self.code_block = t8.err_block_max[level].numpy(), t8.code_block_max[level].numpy()
         self.err_norm, self.code_norm = t8.err_norm[level].numpy(), t8.code_norm[level].numpy()
+        self.code_norm32, self.half_norm32 = tables.code_norms[level].numpy(), tables.half_norms[level].numpy()
+        self.gamma32 = _gamma(tables.dim + 2)
         self.slack_r, self.slack_0 = slack
 
 
@@ -914,8 +916,10 @@ def _nearest_int8_fused(kernels, tables: _SearchTables, r: Tensor, level: int,
     counts = torch.empty(n, dtype=torch.int32)
     kernels.decide_rows(scores.numpy(), scale.numpy(), fl.neg_half, rn64.numpy(), dn64.numpy(), fl.slack_r,
                         fl.slack_0, fl.err_block, fl.code_block, fl.err_norm, fl.code_norm, r.numpy(), fl.weight,
-                        fl.half64, t8.block, MAX_INT8_CANDIDATES, out.numpy(), status.numpy(), counts.numpy())
-    decided = status == kernels.DECIDED
+                        fl.code_norm32, fl.half_norm32, fl.gamma32, fl.half64, t8.block, MAX_INT8_CANDIDATES,
+                        out.numpy(), status.numpy(), counts.numpy())
+    exact = status == kernels.EXACT
+    decided = (status == kernels.DECIDED) | exact
     n_fb = n_none = 0
     if not bool(decided.all()):
         fallback = (status == kernels.FALLBACK).nonzero().squeeze(1)
@@ -928,8 +932,7 @@ def _nearest_int8_fused(kernels, tables: _SearchTables, r: Tensor, level: int,
             n_none = none.numel()
     if tables.stats is not None:
         kept = counts[status != kernels.FALLBACK].clamp_(min=0)
-        many = int((counts > 1).logical_and_(decided).sum())
-        tables.stats.add(n, kept, many, many, n_fb, n_none)  # every row with 2+ survivors: float64
+        tables.stats.add(n, kept, int((counts > 1).logical_and_(decided).sum()), int(exact.sum()), n_fb, n_none)
     return out
 
 

@@ -9,9 +9,10 @@ cost about as much as the int8 GEMM itself. Here they are two passes:
 * :func:`quantize_rows` ``r [n, Dc]`` -> the residual update ``r -= c[codes]`` (the previous level's codes),
   the int8 rows ``x_i``, their scales ``s_i`` and the rounded-up norms ``|r_i|``, ``|r_i - s_i x_i|``;
 * :func:`decide_rows` the int8 GEMM's scores ``[n, K]`` -> per row the block maxima, the per-block
-  thresholds, the candidates and their bounds, the survivors, and the code: the lone survivor, or the
-  first maximum of the float64 scores ``r·c_k - |c_k|^2/2`` of the survivors. Rows it cannot decide
-  (too many survivors, non-finite values) are marked for the eager fp32 / float64 search.
+  thresholds, the candidates and their bounds, the survivors, and the code: the lone survivor, else the
+  lone survivor of an fp32 re-scoring, else the first maximum of the float64 scores ``r·c_k - |c_k|^2/2``.
+  Rows it cannot decide (too many survivors, non-finite values) are marked for the eager fp32 / float64
+  search.
 
 The arithmetic is the eager path's, with the same bounds (see ``docs/benchmarks.md``): sums may be
 reordered (every bound holds for any summation order) and products fused into FMAs (one rounding where
@@ -39,8 +40,9 @@ _NEG_INF_KEY = -2139095041  # the order key of -inf (bits 0xFF800000); -nan keys
 # Sums may be reassociated (vectorised) and products fused; nothing may assume finite values.
 _FLAGS = {"reassoc", "contract"}
 
-#: decide_rows' row status
-DECIDED, FALLBACK, EXHAUSTIVE = 0, 1, 2
+#: decide_rows' row status: decided (one survivor, or one after fp32 re-scoring), more than
+#: ``max_candidates`` survivors, a non-finite score or bound, decided in float64
+DECIDED, FALLBACK, EXHAUSTIVE, EXACT = 0, 1, 2, 3
 
 
 def _gamma(n: int) -> float:
@@ -104,20 +106,27 @@ def quantize_rows(r, codes, prev, residual, offset, up, xq, scale, rn64, dn64): 
 
 @njit(nogil=True, cache=True, fastmath={"reassoc"})
 def decide_rows(scores, scale, neg_half, rn64, dn64, slack_r, slack_0, err_block, code_block, err_norm, code_norm,
-                r, weight, half64, block, max_candidates, out, status, counts):  # pragma: no cover - compiled
+                r, weight, code_norm32, half_norm32, gamma32, half64, block, max_candidates, out, status,
+                counts):  # pragma: no cover - compiled
     """Codes of ``n`` rows from the int8 GEMM's scores ``[n, K]`` (fp32 ``t_k (x_i·q_k)``), in one pass per row.
 
     ``A_ik = s_i scores_ik + neg_half_k`` (as the eager path: a product and a sum, never fused), written
     back into ``scores``; the bound ``E_ik = (|r_i| |e_k| + |d_i| |t_k q_k| + slack_i)(1 + 1e-6)``
     with ``slack_i = slack_r (|r_i| + |d_i|) + slack_0``; per block of ``block`` codes its maxima
-    ``err_block``, ``code_block`` ``[K / block]``. Writes ``out [n]`` (int64 code), ``status [n]``
-    (:data:`DECIDED`, :data:`FALLBACK`: more than ``max_candidates`` survivors, :data:`EXHAUSTIVE`: a
-    non-finite score or bound) and ``counts [n]`` (survivors; -1 where not decided here).
+    ``err_block``, ``code_block`` ``[K / block]``. Rows with 2+ survivors are re-scored in fp32 against ``r
+    [n, Dc]``, ``weight [K, Dc]`` with the bound ``gamma32 (|r_i| code_norm32_k + half_norm32_k)`` (fp32 upper
+    bounds of ``|c_k|`` and ``|c_k|^2/2``), then, if still 2+, in float64 with ``half64 [K]``. Writes ``out [n]``
+    (int64 code), ``status [n]`` (:data:`DECIDED`, :data:`EXACT`: decided in float64, :data:`FALLBACK`: more
+    than ``max_candidates`` survivors, :data:`EXHAUSTIVE`: a non-finite score or bound) and ``counts [n]``
+    (survivors of the int8 bound; -1 where a non-finite value stopped the row).
     """
     n, k = scores.shape
     nb = k // block
     d = r.shape[1]
-    bits = scores.view(np.int32)
+    # the row's scores A_ik go to an L1-sized buffer, not back to the [n, K] matrix: writing 8 MB back cost
+    # ~20 % of this pass (the values are identical either way: a product and a sum, never fused)
+    tmp = np.empty(k, dtype=np.float32)
+    tbits = tmp.view(np.int32)
     key = np.empty(1, dtype=np.int32)
     key_float = key.view(np.float32)
     bm = np.empty(nb, dtype=np.float32)
@@ -130,11 +139,11 @@ def decide_rows(scores, scale, neg_half, rn64, dn64, slack_r, slack_0, err_block
         s = scale[i]
         row = scores[i]
         for j in range(k):
-            row[j] = s * row[j] + neg_half[j]
+            tmp[j] = s * row[j] + neg_half[j]
         # block maxima on order-preserving integer keys of the floats (a float max does not vectorise). In
         # key order: -nan < -inf < finite < +inf < +nan. -inf scores (an overflowing bias) never reach a
         # threshold, as in the eager path; a +inf or a nan sends the row to the float64 search.
-        brow = bits[i]
+        brow = tbits
         lo = np.int32(2147483647)
         hi = np.int32(-2147483647)
         for b in range(nb):
@@ -174,7 +183,7 @@ def decide_rows(scores, scale, neg_half, rn64, dn64, slack_r, slack_0, err_block
             if bm[b] < t:
                 continue
             for j in range(b * block, (b + 1) * block):
-                v = row[j]
+                v = tmp[j]
                 if v >= t:
                     cand[c] = j
                     cs[c] = np.float64(v)
@@ -201,12 +210,37 @@ def decide_rows(scores, scale, neg_half, rn64, dn64, slack_r, slack_0, err_block
             out[i] = cand[0]
         elif kept > max_candidates:
             status[i] = FALLBACK
-        else:  # float64: each product of two fp32 numbers is exact; the first maximum wins
-            status[i] = DECIDED
+        else:
+            ri = r[i]
+            # fp32 re-scoring: the dot product errs by gamma_{Dc+2} |r_i| |c_k| in any order, the bias by
+            # gamma_{Dc+2} |c_k|^2/2 (the eager ``_rescore32`` bound); then the same survivor rule
+            low = -np.inf
+            for a in range(kept):
+                code = cand[a]
+                wk = weight[code]
+                acc32 = np.float32(0.0)
+                for j in range(d):
+                    acc32 += ri[j] * wk[j]
+                cs[a] = np.float64(acc32) + np.float64(neg_half[code])
+                ce[a] = gamma32 * (rn * np.float64(code_norm32[code]) + np.float64(half_norm32[code])) * (1 + 1e-6)
+                lower = cs[a] - ce[a]
+                if np.isfinite(lower):
+                    low = max(low, lower)
+            left = 0
+            for a in range(kept):
+                lower = cs[a] - ce[a]
+                if cs[a] + ce[a] + (abs(cs[a]) + ce[a]) * 2.0 ** -50 >= low or not np.isfinite(lower):
+                    cand[left] = cand[a]
+                    left += 1
+            if left == 1:
+                status[i] = DECIDED
+                out[i] = cand[0]
+                continue
+            # float64: each product of two fp32 numbers is exact; the first maximum wins
+            status[i] = EXACT
             top = -np.inf
             arg = cand[0]
-            ri = r[i]
-            for a in range(kept):
+            for a in range(left):
                 code = cand[a]
                 wk = weight[code]
                 acc = 0.0
@@ -233,7 +267,7 @@ def warm_up() -> None:
     quantize_rows(r, np.zeros(2, np.int64), r, True, 128, 1.0 + 1e-6, xq, scale, rn, dn)
     scores = np.ones((2, 32), dtype=np.float32)
     out, status, counts = np.empty(2, np.int64), np.empty(2, np.int8), np.empty(2, np.int32)
-    z = np.zeros(32)
-    decide_rows(scores, scale, np.zeros(32, np.float32), rn, dn, 0.0, 0.0, z[:2], z[:2], z, z,
-                r, np.ones((32, 8), np.float32), z, 16, 32, out, status, counts)
+    z, z32 = np.zeros(32), np.zeros(32, np.float32)
+    decide_rows(scores, scale, z32, rn, dn, 0.0, 0.0, z[:2], z[:2], z, z, r, np.ones((32, 8), np.float32), z32, z32,
+                0.0, z, 16, 32, out, status, counts)
     assert math.isfinite(float(rn[0]))
