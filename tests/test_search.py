@@ -422,3 +422,14 @@ def test_missing_numba_falls_back_to_the_eager_search_with_a_warning(monkeypatch
         codes = rq.encode(x)
     assert search._FUSED is False and search._fused_kernels(rq._search_tables()) is None
     assert torch.equal(codes, reference_codes(x, rq.codebooks))
+
+
+def test_kernels_of_another_version_are_not_called(monkeypatch):
+    """A checkpoint's remote-code search.py imports the installed ``gemma_rvq.search_kernels`` by name: a
+    version with other signatures is refused (a warning, the eager steps), never called."""
+    import types
+
+    monkeypatch.setattr(search, "_FUSED", None)
+    monkeypatch.setattr(search.importlib, "import_module", lambda name, *a: types.SimpleNamespace(ABI=0))
+    with pytest.warns(UserWarning, match="ABI 0, this search needs"):
+        assert search._load_fused_kernels() is False

@@ -15,7 +15,9 @@ Every search runs the same three steps, per level and chunk of frames:
    re-scored in float64 (products of fp32 numbers are exact there) and the first maximum wins.
 
 So the codes are those of a float64 exhaustive search over the fp32 residual, whichever kernel scored
-them: the kernel choice changes the speed, never the codes. A search of a few rows against a small
+them: the kernel choice changes the speed, never the codes. On CPU the int8 search runs steps 1-3 as two
+fused numba passes around the GEMM (``search_kernels.py``, same bounds) where numba is installed, and as
+eager torch steps otherwise (``FUSED_KERNELS``). A search of a few rows against a small
 codebook (a stream's push) skips the three steps and runs that float64 exhaustive search itself
 (``_search_few``, on CPU): fewer operations, the same codes. ``docs/benchmarks.md`` derives the bounds.
 
@@ -832,6 +834,7 @@ def _nearest_int8(tables: _SearchTables, r: Tensor, level: int) -> Tensor:
 #: are the same either way.
 FUSED_KERNELS = os.environ.get("GEMMA_RVQ_FUSED_SEARCH", "1") != "0"
 _FUSED: object = None  # the kernels module once imported and compiled, False when unavailable
+_KERNELS_ABI = 1  # the kernels' signatures this module calls (search_kernels.ABI)
 _FUSED_LOCK = threading.Lock()
 
 
@@ -842,12 +845,15 @@ def _load_fused_kernels() -> object:
         if _FUSED is None:
             try:  # by name: copied next to a checkpoint (remote code) this module has no package siblings
                 module = importlib.import_module("gemma_rvq.search_kernels")
+                if getattr(module, "ABI", None) != _KERNELS_ABI:  # an installed gemma-rvq of another version
+                    raise ImportError(f"gemma_rvq.search_kernels has ABI {getattr(module, 'ABI', None)}, this search "
+                                      f"needs {_KERNELS_ABI}")
                 module.warm_up()
                 _FUSED = module
             except Exception as err:  # numba missing, or too old / too new for this numpy
                 warnings.warn(f"gemma-rvq: the fused int8 search kernels are unavailable ({err!r}); using the "
-                              "eager torch search (same codes, slower). `pip install numba` enables them.",
-                              stacklevel=3)
+                              "eager torch search (same codes, slower). Installing gemma-rvq with numba enables "
+                              "them.", stacklevel=3)
                 _FUSED = False
         return _FUSED
 
