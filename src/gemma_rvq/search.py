@@ -893,23 +893,38 @@ def _fused_level(kernels, tables: _SearchTables, level: int) -> _FusedLevel:
     return cache[level]
 
 
+class _FusedBuffers:
+    """The fused kernels' per-row working arrays for up to ``rows`` rows of ``dim`` (one pipeline's, reused
+    across its chunks and levels): int8 rows ``[rows, dim]`` uint8, scales, the two norm bounds, row status
+    and survivor counts."""
+
+    def __init__(self, rows: int, dim: int) -> None:
+        self.xq = torch.empty(rows, dim, dtype=torch.uint8)
+        self.scale = torch.empty(rows)
+        self.rn64, self.dn64 = torch.empty(rows, dtype=torch.float64), torch.empty(rows, dtype=torch.float64)
+        self.status, self.counts = torch.empty(rows, dtype=torch.int8), torch.empty(rows, dtype=torch.int32)
+
+    def take(self, n: int) -> tuple[Tensor, ...]:
+        return self.xq[:n], self.scale[:n], self.rn64[:n], self.dn64[:n], self.status[:n], self.counts[:n]
+
+
 def _nearest_int8_fused(kernels, tables: _SearchTables, r: Tensor, level: int,
-                        previous: tuple[Tensor, int] | None = None) -> Tensor:
+                        previous: tuple[Tensor, int] | None = None, buffers: _FusedBuffers | None = None,
+                        out: Tensor | None = None) -> Tensor:
     """:func:`_nearest_int8_eager` in two fused passes around the int8 GEMM (``search_kernels.py``).
 
     ``previous = (codes [n], level)``: first subtract that level's codes from ``r`` in place (the residual
     update, fused into the row quantization). The kernels' bounds and thresholds are the eager ones;
     rows they cannot decide (too many survivors, non-finite values) are searched as the eager path
-    searches them, so the codes are the same.
+    searches them, so the codes are the same. ``buffers`` (reused working arrays) and ``out [n]`` (int64,
+    contiguous: where the codes go) are optional.
     """
     r = r.detach()  # (numpy views; the in-place residual update still reaches the caller's tensor)
     n, d = r.shape
     t8 = tables.int8
     lev = t8.levels[level]
     fl = _fused_level(kernels, tables, level)
-    xq = torch.empty(n, d, dtype=torch.uint8)
-    scale = torch.empty(n)
-    rn64, dn64 = torch.empty(n, dtype=torch.float64), torch.empty(n, dtype=torch.float64)
+    xq, scale, rn64, dn64, status, counts = (buffers or _FusedBuffers(n, d)).take(n)
     codes, prev_level = previous if previous is not None else (torch.zeros(1, dtype=torch.long), level)
     finite = kernels.quantize_rows(r.numpy(), codes.numpy(), tables.weight[prev_level].numpy(), previous is not None,
                                    128 if lev.kernel == "qlinear" else 0, 1 + _gamma(d + 4), xq.numpy(),
@@ -917,9 +932,8 @@ def _nearest_int8_fused(kernels, tables: _SearchTables, r: Tensor, level: int,
     if not finite:  # a row with inf / nan or overflowing squares: the eager path's bounds handle it
         return _nearest_int8_eager(tables, r, level)
     scores = lev.scores(xq if lev.kernel == "qlinear" else xq.view(torch.int8))
-    out = torch.empty(n, dtype=torch.long)
-    status = torch.empty(n, dtype=torch.int8)
-    counts = torch.empty(n, dtype=torch.int32)
+    if out is None:
+        out = torch.empty(n, dtype=torch.long)
     kernels.decide_rows(scores.numpy(), scale.numpy(), fl.neg_half, rn64.numpy(), dn64.numpy(), fl.slack_r,
                         fl.slack_0, fl.err_block, fl.code_block, fl.err_norm, fl.code_norm, r.numpy(), fl.weight,
                         fl.code_norm32, fl.half_norm32, fl.gamma32, fl.half64, t8.block, MAX_INT8_CANDIDATES,
@@ -974,14 +988,16 @@ def _search_block(tables: _SearchTables, x: Tensor, levels: range, step: int, re
     last = len(levels) - 1
     nearest = _nearest_int8 if tables.precision == "int8" else _nearest_fp32
     kernels = _fused_kernels(tables) if tables.precision == "int8" else None
+    buffers = None  # the fused kernels' working arrays, sized by the first (largest) chunk
     picked = None  # the chosen codes' rows, one buffer for all chunks and levels
     for start in range(0, x.shape[0], step):
         r = x[start:start + step].to(device=tables.device, dtype=torch.float32, copy=True)
         if kernels is not None:  # the residual update happens inside the next level's first pass
+            if buffers is None:
+                buffers = _FusedBuffers(r.shape[0], r.shape[1])
             previous = None
             for i, level in enumerate(levels):
-                idx = _nearest_int8_fused(kernels, tables, r, level, previous)
-                out[i, start:start + step] = idx
+                idx = _nearest_int8_fused(kernels, tables, r, level, previous, buffers, out[i, start:start + step])
                 previous = (idx, level) if residual else None
             continue
         if residual and last and (picked is None or picked.shape[0] != r.shape[0]):
