@@ -934,14 +934,12 @@ def _nearest_int8_fused(kernels, tables: _SearchTables, r: Tensor, level: int,
     scores = lev.scores(xq if lev.kernel == "qlinear" else xq.view(torch.int8))
     if out is None:
         out = torch.empty(n, dtype=torch.long)
-    kernels.decide_rows(scores.numpy(), scale.numpy(), fl.neg_half, rn64.numpy(), dn64.numpy(), fl.slack_r,
-                        fl.slack_0, fl.err_block, fl.code_block, fl.err_norm, fl.code_norm, r.numpy(), fl.weight,
-                        fl.code_norm32, fl.half_norm32, fl.gamma32, fl.half64, t8.block, MAX_INT8_CANDIDATES,
-                        out.numpy(), status.numpy(), counts.numpy())
-    exact = status == kernels.EXACT
-    decided = (status == kernels.DECIDED) | exact
+    undecided = kernels.decide_rows(
+        scores.numpy(), scale.numpy(), fl.neg_half, rn64.numpy(), dn64.numpy(), fl.slack_r, fl.slack_0, fl.err_block,
+        fl.code_block, fl.err_norm, fl.code_norm, r.numpy(), fl.weight, fl.code_norm32, fl.half_norm32, fl.gamma32,
+        fl.half64, t8.block, MAX_INT8_CANDIDATES, out.numpy(), status.numpy(), counts.numpy())
     n_fb = n_none = 0
-    if not bool(decided.all()):
+    if undecided:
         fallback = (status == kernels.FALLBACK).nonzero().squeeze(1)
         if fallback.numel():  # more than MAX_INT8_CANDIDATES survivors: fp32 scores
             out[fallback] = _nearest_fp32(tables, r.index_select(0, fallback), level, record=False)
@@ -951,6 +949,8 @@ def _nearest_int8_fused(kernels, tables: _SearchTables, r: Tensor, level: int,
             out[none] = _exhaustive64(tables, r.index_select(0, none), level)
             n_none = none.numel()
     if tables.stats is not None:
+        exact = status == kernels.EXACT
+        decided = (status == kernels.DECIDED) | exact
         kept = counts[status != kernels.FALLBACK].clamp_(min=0)
         tables.stats.add(n, kept, int((counts > 1).logical_and_(decided).sum()), int(exact.sum()), n_fb, n_none)
     return out

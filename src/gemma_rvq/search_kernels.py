@@ -132,7 +132,8 @@ def decide_rows(scores, scale, neg_half, rn64, dn64, slack_r, slack_0, err_block
     bounds of ``|c_k|`` and ``|c_k|^2/2``), then, if still 2+, in float64 with ``half64 [K]``. Writes ``out [n]``
     (int64 code), ``status [n]`` (:data:`DECIDED`, :data:`EXACT`: decided in float64, :data:`FALLBACK`: more
     than ``max_candidates`` survivors, :data:`EXHAUSTIVE`: a non-finite score or bound) and ``counts [n]``
-    (survivors of the int8 bound; -1 where a non-finite value stopped the row).
+    (survivors of the int8 bound; -1 where a non-finite value stopped the row). Returns the number of rows
+    not decided here (:data:`FALLBACK` or :data:`EXHAUSTIVE`).
     """
     n, k = scores.shape
     nb = k // block
@@ -149,6 +150,7 @@ def decide_rows(scores, scale, neg_half, rn64, dn64, slack_r, slack_0, err_block
     cand = np.empty(k, dtype=np.int64)
     cs = np.empty(k, dtype=np.float64)
     ce = np.empty(k, dtype=np.float64)
+    undecided = 0
     for i in range(n):
         s = scale[i]
         row = scores[i]
@@ -173,6 +175,7 @@ def decide_rows(scores, scale, neg_half, rn64, dn64, slack_r, slack_0, err_block
             bm[b] = key_float[0]
         if hi >= _FINITE_BITS or lo < _NEG_INF_KEY:
             status[i] = EXHAUSTIVE
+            undecided += 1
             counts[i] = -1
             continue
         rn = rn64[i]
@@ -185,6 +188,7 @@ def decide_rows(scores, scale, neg_half, rn64, dn64, slack_r, slack_0, err_block
             best = max(best, np.float64(bm[b]) - e)
         if not np.isfinite(best):
             status[i] = EXHAUSTIVE
+            undecided += 1
             counts[i] = -1
             continue
         best = best - abs(best) * 2.0 ** -20 - 2.0 ** -140
@@ -218,12 +222,14 @@ def decide_rows(scores, scale, neg_half, rn64, dn64, slack_r, slack_0, err_block
         counts[i] = kept
         if kept == 0:
             status[i] = EXHAUSTIVE
+            undecided += 1
             counts[i] = -1
         elif kept == 1:
             status[i] = DECIDED
             out[i] = cand[0]
         elif kept > max_candidates:
             status[i] = FALLBACK
+            undecided += 1
         else:
             ri = r[i]
             # fp32 re-scoring: the dot product errs by gamma_{Dc+2} |r_i| |c_k| in any order, the bias by
@@ -265,7 +271,7 @@ def decide_rows(scores, scale, neg_half, rn64, dn64, slack_r, slack_0, err_block
                     top = acc
                     arg = code
             out[i] = arg
-    return n
+    return undecided
 
 
 def slack_terms(code_max: float, half_max: float, dim: int) -> tuple[float, float]:
