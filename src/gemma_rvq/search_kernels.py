@@ -19,8 +19,9 @@ reordered (every bound holds for any summation order) and products fused into FM
 the bounds allow two); comparisons stay IEEE (no ``nnan``/``ninf`` assumptions). So the codes are those
 of the float64 exhaustive search, as on every other path.
 
-Optional: imported only when numba is installed (``gemma-rvq[fast]``); ``search.py`` falls back to the
-eager torch path otherwise. Compiled on first use and cached on disk.
+numba is a dependency of gemma-rvq; where it cannot be imported (or this module's ``ABI`` is not the one
+``search.py`` expects) the search runs the eager torch steps, with one warning. Compiled on first use and
+cached on disk.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ _NEG_INF_KEY = -2139095041  # the order key of -inf (bits 0xFF800000); -nan keys
 
 # Sums may be reassociated (vectorised) and products fused; nothing may assume finite values.
 _FLAGS = {"reassoc", "contract"}
+
 
 def _jit(fastmath: set[str]):
     """``numba.njit(nogil=True)``, cached on disk where numba finds a writable place (next to this file, else
@@ -124,8 +126,8 @@ def decide_rows(scores, scale, neg_half, rn64, dn64, slack_r, slack_0, err_block
                 counts):  # pragma: no cover - compiled
     """Codes of ``n`` rows from the int8 GEMM's scores ``[n, K]`` (fp32 ``t_k (x_i·q_k)``), in one pass per row.
 
-    ``A_ik = s_i scores_ik + neg_half_k`` (as the eager path: a product and a sum, never fused), written
-    back into ``scores``; the bound ``E_ik = (|r_i| |e_k| + |d_i| |t_k q_k| + slack_i)(1 + 1e-6)``
+    ``A_ik = s_i scores_ik + neg_half_k`` (as the eager path: a product and a sum, never fused), formed
+    row by row in a ``[K]`` buffer (``scores`` is only read); the bound ``E_ik = (|r_i| |e_k| + |d_i| |t_k q_k| + slack_i)(1 + 1e-6)``
     with ``slack_i = slack_r (|r_i| + |d_i|) + slack_0``; per block of ``block`` codes its maxima
     ``err_block``, ``code_block`` ``[K / block]``. Rows with 2+ survivors are re-scored in fp32 against ``r
     [n, Dc]``, ``weight [K, Dc]`` with the bound ``gamma32 (|r_i| code_norm32_k + half_norm32_k)`` (fp32 upper
