@@ -120,6 +120,25 @@ def quantize_rows(r, codes, prev, residual, offset, up, xq, scale, rn64, dn64): 
     return finite
 
 
+@_jit(set())
+def _prune(cand, cs, ce, c):  # pragma: no cover - compiled
+    """Keep, in place and in order, the first ``c`` candidates ``cand`` whose float64 score ``cs`` and bound ``ce``
+    allow them to be the best: ``s_a + e_a >= max_b (s_b - e_b)`` (a relative 2^-50 covers this rounding). A
+    candidate with a non-finite lower end always stays and rules out none. Returns how many stay."""
+    low = -np.inf
+    for a in range(c):
+        lower = cs[a] - ce[a]
+        if np.isfinite(lower):
+            low = max(low, lower)
+    kept = 0
+    for a in range(c):
+        lower = cs[a] - ce[a]
+        if cs[a] + ce[a] + (abs(cs[a]) + ce[a]) * 2.0 ** -50 >= low or not np.isfinite(lower):
+            cand[kept] = cand[a]
+            kept += 1
+    return kept
+
+
 @_jit({"reassoc"})
 def decide_rows(scores, scale, neg_half, rn64, dn64, slack_r, slack_0, err_block, code_block, err_norm, code_norm,
                 r, weight, code_norm32, half_norm32, gamma32, half64, block, max_candidates, out, status,
@@ -209,18 +228,7 @@ def decide_rows(scores, scale, neg_half, rn64, dn64, slack_r, slack_0, err_block
                     cs[c] = np.float64(v)
                     ce[c] = (rn * err_norm[j] + dn * code_norm[j] + slack) * (1 + 1e-6)
                     c += 1
-        # survivors: s_k + e_k >= max_j (s_j - e_j), a relative 2^-50 for this rounding
-        low = -np.inf
-        for a in range(c):
-            lower = cs[a] - ce[a]
-            if np.isfinite(lower):
-                low = max(low, lower)
-        kept = 0
-        for a in range(c):
-            lower = cs[a] - ce[a]
-            if cs[a] + ce[a] + (abs(cs[a]) + ce[a]) * 2.0 ** -50 >= low or not np.isfinite(lower):
-                cand[kept] = cand[a]
-                kept += 1
+        kept = _prune(cand, cs, ce, c)
         counts[i] = kept
         if kept == 0:
             status[i] = EXHAUSTIVE
@@ -236,7 +244,6 @@ def decide_rows(scores, scale, neg_half, rn64, dn64, slack_r, slack_0, err_block
             ri = r[i]
             # fp32 re-scoring: the dot product errs by gamma_{Dc+2} |r_i| |c_k| in any order, the bias by
             # gamma_{Dc+2} |c_k|^2/2 (the eager ``_rescore32`` bound); then the same survivor rule
-            low = -np.inf
             for a in range(kept):
                 code = cand[a]
                 wk = weight[code]
@@ -245,15 +252,7 @@ def decide_rows(scores, scale, neg_half, rn64, dn64, slack_r, slack_0, err_block
                     acc32 += ri[j] * wk[j]
                 cs[a] = np.float64(acc32) + np.float64(neg_half[code])
                 ce[a] = gamma32 * (rn * np.float64(code_norm32[code]) + np.float64(half_norm32[code])) * (1 + 1e-6)
-                lower = cs[a] - ce[a]
-                if np.isfinite(lower):
-                    low = max(low, lower)
-            left = 0
-            for a in range(kept):
-                lower = cs[a] - ce[a]
-                if cs[a] + ce[a] + (abs(cs[a]) + ce[a]) * 2.0 ** -50 >= low or not np.isfinite(lower):
-                    cand[left] = cand[a]
-                    left += 1
+            left = _prune(cand, cs, ce, kept)
             if left == 1:
                 status[i] = DECIDED
                 out[i] = cand[0]
