@@ -433,3 +433,52 @@ def test_kernels_of_another_version_are_not_called(monkeypatch):
     monkeypatch.setattr(search.importlib, "import_module", lambda name, *a: types.SimpleNamespace(ABI=0))
     with pytest.warns(UserWarning, match="ABI 0, this search needs"):
         assert search._load_fused_kernels() is False
+
+
+# ----------------------------------------------------------------------------- property test (hypothesis)
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@st.composite
+def search_cases(draw):
+    """Codebooks and frames built to stress the bounds: clusters of codes within ``eps`` of one point (near-ties
+    inside the int8 and fp32 bounds), exact duplicates, codes and rows on scales from 1e-6 to 1e6, zero rows,
+    frames on top of codes."""
+    dim = draw(st.sampled_from([8, 16, 40, 64]))
+    k = draw(st.sampled_from([32, 64, 100, 128, 256]))
+    levels = draw(st.integers(1, 3))
+    n = draw(st.integers(1, 150))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    cb = torch.randn(levels, k, dim, generator=g)
+    if draw(st.booleans()):  # codes on many scales
+        cb *= torch.logspace(-draw(st.integers(0, 6)), draw(st.integers(0, 6)), k)[None, :, None]
+    near = draw(st.integers(0, k // 2))
+    if near:  # a cluster of near-equal codes at level 0, and duplicates inside it
+        eps = 10.0 ** -draw(st.integers(1, 7))
+        p = torch.randn(dim, generator=g) * 3
+        cb[0, :near] = p + eps * torch.randn(near, dim, generator=g)
+        dup = draw(st.integers(0, near // 2))
+        cb[0, near - dup:near] = cb[0, 0]
+    x = torch.randn(n, dim, generator=g) * 10.0 ** draw(st.integers(-3, 3))
+    on_codes = draw(st.integers(0, n))
+    x[:on_codes] = cb[0, torch.randint(k, (on_codes,), generator=g)] + 1e-4 * torch.randn(on_codes, dim, generator=g)
+    zeros = draw(st.integers(0, 3))
+    x[:zeros] = 0
+    chunk = draw(st.sampled_from([7, 64, 1024]))
+    return cb, x, chunk
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=search_cases())
+def test_fused_and_eager_int8_search_equal_float64_on_stressed_codebooks(case):
+    cb, x, chunk = case
+    rq = _quantizer(cb.shape[2], cb.shape[0], cb.shape[1], cb, search_precision="int8", search_chunk_size=chunk)
+    want = reference_codes(x, rq.codebooks)
+    saved = search.FUSED_KERNELS
+    try:
+        for fused in (True, False):
+            search.FUSED_KERNELS = fused
+            assert torch.equal(rq.encode(x), want), f"fused={fused}"
+    finally:
+        search.FUSED_KERNELS = saved
