@@ -396,13 +396,14 @@ def test_cli_stream_prints_the_tokens_of_the_offline_codes(tiny_gemma4_rvq, make
 
 
 # ------------------------------------------------------------------------------------ remote code
-def test_streaming_module_imports_only_siblings_and_allowed_libraries():
-    source = Path(gemma_rvq.__file__).parent / "streaming.py"
+@pytest.mark.parametrize("name", ["streaming.py", "streaming_encoders.py", "streaming_plan.py"])
+def test_streaming_module_imports_only_siblings_and_allowed_libraries(name):
+    source = Path(gemma_rvq.__file__).parent / name
     for node in ast.parse(source.read_text()).body:
         if isinstance(node, ast.ImportFrom) and node.level:
             # flat siblings that are copied next to checkpoints too (search: through quantization.py)
             names = [node.module] if node.module else [a.name for a in node.names]
-            assert set(names) <= {"audio", "tokens", "search"}, names
+            assert set(names) <= {"audio", "tokens", "search", "streaming_encoders", "streaming_plan"}, names
         elif isinstance(node, (ast.Import, ast.ImportFrom)):
             modules = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module]
             for module in modules:
@@ -432,7 +433,8 @@ _REMOTE_CHILD = textwrap.dedent(
 @pytest.mark.slow  # two fresh Python processes (torch + transformers imports)
 def test_stream_works_as_remote_code_without_the_package(tiny_gemma4_rvq, make_speech, tmp_path):
     tiny_gemma4_rvq.save_pretrained(tmp_path / "ckpt")
-    assert (tmp_path / "ckpt" / "streaming.py").is_file()
+    for name in ("streaming.py", "streaming_encoders.py", "streaming_plan.py"):
+        assert (tmp_path / "ckpt" / name).is_file(), name
     wave = make_speech(1.2, SR, seed=22)
     np.save(tmp_path / "wave.npy", wave)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
@@ -455,33 +457,51 @@ def test_packed_weights_stream_equals_offline_and_follow_weight_updates(tiny_gem
     weight (fine-tuning, load_state_dict) repacks it instead of streaming with the stale copy."""
     import copy
 
-    from gemma_rvq import streaming
+    from gemma_rvq import streaming_plan
 
     if not torch.backends.mkldnn.is_available():
         pytest.skip("no oneDNN in this torch build")
-    monkeypatch.setattr(streaming, "PACK_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(streaming_plan, "PACK_MIN_ELEMENTS", 0)
     model = copy.deepcopy(tiny_gemma4_rvq)
     wave = make_speech(2.0, SR, seed=21)
     codes, _ = _stream(model, wave, [2560])
     assert torch.equal(codes, model.encode(wave, sampling_rate=SR).audio_codes[0])
     encoder = model._encoder_adapter().model
     linear = encoder.layers[0].feed_forward1.ffw_layer_1.linear
-    packed = streaming._PACKED.get(linear)
+    packed = streaming_plan._PACKED.get(linear)
     assert packed is not None, "the stream did not use the packed weight"
     x = torch.randn(5, linear.in_features, generator=torch.Generator().manual_seed(0))
-    product = streaming._Product(linear.weight, linear.bias, None, None, packed[1])  # the stream's product
+    product = streaming_plan._Product(linear.weight, linear.bias, None, None, packed[1])  # the stream's product
     torch.testing.assert_close(product(x), torch.nn.functional.linear(x, linear.weight, linear.bias))
 
     with torch.no_grad():
         linear.weight.mul_(1.5)  # in place: same storage, new version
     codes, _ = _stream(model, wave, [2560])
-    assert streaming._PACKED[linear][0] != packed[0]
+    assert streaming_plan._PACKED[linear][0] != packed[0]
     offline = model.embed(wave, sampling_rate=SR)[0][0]
     adapter = model._encoder_adapter()
     stream = Gemma4StreamingEncoder(adapter.model, adapter.feature_extractor)
     emb = torch.cat([stream.push(wave[i : i + 2560]) for i in range(0, len(wave), 2560)] + [stream.flush()])
     torch.testing.assert_close(emb, offline, rtol=1e-4, atol=1e-5)
     assert torch.equal(codes, model.encode(wave, sampling_rate=SR).audio_codes[0])
+
+
+def test_pack_weights_switch_is_set_through_gemma_rvq_streaming(tiny_gemma4_rvq, make_speech, monkeypatch):
+    """The documented switch ``gemma_rvq.streaming.PACK_WEIGHTS = False`` reaches the plan (which lives in
+    ``streaming_plan``): nothing is packed, and the codes are the offline ones."""
+    import copy
+
+    from gemma_rvq import streaming, streaming_plan
+
+    monkeypatch.setattr(streaming_plan, "PACK_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(streaming, "PACK_WEIGHTS", False)
+    assert streaming_plan.PACK_WEIGHTS is False and streaming.PACK_WEIGHTS is False
+    model = copy.deepcopy(tiny_gemma4_rvq)
+    wave = make_speech(1.0, SR, seed=23)
+    codes, _ = _stream(model, wave, [2560])
+    assert torch.equal(codes, model.encode(wave, sampling_rate=SR).audio_codes[0])
+    linear = model._encoder_adapter().model.layers[0].feed_forward1.ffw_layer_1.linear
+    assert linear not in streaming_plan._PACKED
 
 
 def test_finite_clipping_bounds_are_applied_like_offline(tiny_gemma4_rvq, make_speech):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from gemma_rvq import search, streaming
+from gemma_rvq import search, streaming_plan
 from gemma_rvq.quantization import ResidualQuantizer
 from gemma_rvq.streaming import Gemma4StreamingEncoder
 
@@ -141,9 +141,9 @@ def test_mel_frames_straight_from_the_spectrogram_step_equal_the_feature_extract
 def test_depthwise_taps_equal_the_convolution(make_speech):
     conv = torch.nn.Conv1d(8, 8, 5, groups=8, bias=False)
     x = torch.randn(1, 8, 4 + 7)
-    taps = streaming._depthwise_taps(conv)
-    torch.testing.assert_close(streaming._causal_depthwise(conv, x, taps), conv(x), rtol=1e-6, atol=1e-6)
-    assert torch.equal(streaming._causal_depthwise(conv, x, taps), streaming._causal_depthwise(conv, x))
+    taps = streaming_plan._depthwise_taps(conv)
+    torch.testing.assert_close(streaming_plan._causal_depthwise(conv, x, taps), conv(x), rtol=1e-6, atol=1e-6)
+    assert torch.equal(streaming_plan._causal_depthwise(conv, x, taps), streaming_plan._causal_depthwise(conv, x))
 
 
 # ------------------------------------------------------------------------------ several streams per forward
@@ -240,7 +240,7 @@ def test_log_mel_is_the_spectrogram_steps_bits(tiny_gemma4_rvq, make_speech):
     for length in (100, 161, 320, 2560 + 480, 16000):
         piece = wave[:length]
         step, _ = extractor._extract_spectrogram(piece[None], np.ones(length, dtype=np.int32))
-        mine = streaming._log_mel(extractor, piece)
+        mine = streaming_plan._log_mel(extractor, piece)
         assert mine.dtype == np.float32 and mine.shape == step.shape
         assert np.array_equal(mine, step.astype(np.float32)), length
     stream = tiny_gemma4_rvq.stream(SR)
@@ -258,19 +258,19 @@ def test_rms_norm_and_products_resolved_per_stream_give_the_modules_bits(tiny_ge
     for rows in (1, 3, 4, 12):
         x = 3 * torch.randn(rows, 64, generator=g)
         for norm in (layer.norm_pre_attn, layer.lconv1d.conv_norm):
-            assert torch.equal(streaming._RMSNorm(norm)(x.clone(), fresh=True), norm(x))
+            assert torch.equal(streaming_plan._RMSNorm(norm)(x.clone(), fresh=True), norm(x))
             transposed = x.t().contiguous().t()  # the light convolution's output layout
-            assert torch.equal(streaming._RMSNorm(norm)(transposed), norm(transposed))
+            assert torch.equal(streaming_plan._RMSNorm(norm)(transposed), norm(transposed))
         attn = layer.self_attn
         products = [encoder._product_for(m) for m in (attn.q_proj, attn.k_proj, attn.v_proj)]
-        stacked = streaming._Product.stack(products)
+        stacked = streaming_plan._Product.stack(products)
         assert stacked is not None
         parts = stacked(x).split(64, dim=1)
         for module, product, part in zip((attn.q_proj, attn.k_proj, attn.v_proj), products, parts):
             with torch.no_grad():
                 reference = module(x[None])[0]
             assert torch.equal(product(x), reference) and torch.equal(part, reference)
-    assert streaming._fast_norm_exact(torch.device("cpu"))
+    assert streaming_plan._fast_norm_exact(torch.device("cpu"))
 
 
 def test_stream_window_state_across_blocks_and_push_sizes(tiny_gemma4_rvq, make_speech):
