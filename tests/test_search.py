@@ -471,14 +471,16 @@ def search_cases(draw):
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(case=search_cases())
-def test_fused_and_eager_int8_search_equal_float64_on_stressed_codebooks(case):
+def test_fused_and_eager_search_equal_float64_on_stressed_codebooks(case):
     cb, x, chunk = case
-    rq = _quantizer(cb.shape[2], cb.shape[0], cb.shape[1], cb, search_precision="int8", search_chunk_size=chunk)
-    want = reference_codes(x, rq.codebooks)
+    want = reference_codes(x, cb)
     saved = search.FUSED_KERNELS
     try:
-        for fused in (True, False):
-            search.FUSED_KERNELS = fused
-            assert torch.equal(rq.encode(x), want), f"fused={fused}"
+        for precision in PRECISIONS:
+            rq = _quantizer(cb.shape[2], cb.shape[0], cb.shape[1], cb, search_precision=precision,
+                            search_chunk_size=chunk)
+            for fused in (True, False):
+                search.FUSED_KERNELS = fused
+                assert torch.equal(rq.encode(x), want), f"{precision}, fused={fused}"
     finally:
         search.FUSED_KERNELS = saved

@@ -35,9 +35,13 @@ import time
 import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:  # (at run time this module imports only torch: it is copied as remote code)
+    import numpy as np
 
 SEARCH_PRECISIONS = ("auto", "int8", "fp32")
 SEARCH_BACKENDS = ("auto", "onednn", "addmm")
@@ -436,6 +440,7 @@ class _SearchTables:
         # gathered rows, which their fast memory handles well
         self.sparse_rescore = self.device.type == "cpu"
         self._float64: tuple | None = None  # for _search_few, built on first use
+        self._half64: list = [None] * codebooks.shape[0]  # for the fused kernels, built on first use
         self.int8 = None
         self.stats: SearchStats | None = None
         self.precision = "fp32"
@@ -754,9 +759,13 @@ def _fp32_scores(tables: _SearchTables, r: Tensor, level: int) -> tuple[Tensor, 
 
 
 def _nearest_fp32(tables: _SearchTables, r: Tensor, level: int, record: bool = True) -> Tensor:
-    """Exact nearest codes ``[n]`` of ``r [n, Dc]`` (fp32) at ``level``, scored by the fp32 GEMM."""
+    """Exact nearest codes ``[n]`` of ``r [n, Dc]`` (fp32) at ``level``, scored by the fp32 GEMM; the steps
+    after it in one fused pass on CPU where numba is installed (:func:`_fused_kernels`), the same codes."""
     n = r.shape[0]
     scores, bound = _fp32_scores(tables, r, level)
+    kernels = _fused_kernels(tables, fp32=True)
+    if kernels is not None:
+        return _decide_fp32_fused(kernels, tables, r, level, scores, bound, record)
     b = tables.block or tables.codebook_size
     bm = scores.view(n, -1, b).amax(2)
     rows, codes, _ = _candidates(scores, _threshold(bm.amax(1), bound), bm, b)
@@ -834,7 +843,7 @@ def _nearest_int8(tables: _SearchTables, r: Tensor, level: int) -> Tensor:
 #: are the same either way.
 FUSED_KERNELS = os.environ.get("GEMMA_RVQ_FUSED_SEARCH", "1") != "0"
 _FUSED: object = None  # the kernels module once imported and compiled, False when unavailable
-_KERNELS_ABI = 1  # the kernels' signatures this module calls (search_kernels.ABI)
+_KERNELS_ABI = 2  # the kernels' signatures this module calls (search_kernels.ABI)
 _FUSED_LOCK = threading.Lock()
 
 
@@ -858,15 +867,49 @@ def _load_fused_kernels() -> object:
         return _FUSED
 
 
-def _fused_kernels(tables: _SearchTables):
-    """The fused kernels module if they apply to ``tables``: the int8 search on CPU, unpadded codes in
-    blocks, numba importable; else None."""
+def _fused_kernels(tables: _SearchTables, fp32: bool = False):
+    """The fused kernels module if they apply to ``tables``, else None: numba importable, CPU, the codes in
+    blocks (``K`` with a block divisor), and for the int8 search (``fp32=False``) unpadded int8 tables."""
+    if not FUSED_KERNELS or tables.device.type != "cpu" or not tables.block:
+        return None
     t8 = tables.int8
-    if (not FUSED_KERNELS or t8 is None or tables.device.type != "cpu" or t8.dim_pad or not t8.block
-            or t8.block != tables.block):
+    if not fp32 and (t8 is None or t8.dim_pad or t8.block != tables.block):
         return None
     kernels = _load_fused_kernels()
     return kernels or None
+
+
+def _half64(tables: _SearchTables, level: int) -> np.ndarray:
+    """``|c_k|^2/2`` of one level in float64 ``[K]`` (numpy; cached on ``tables``): the fused exact decisions'."""
+    cache = tables._half64
+    if cache[level] is None:  # (two threads may build it at once: the same values)
+        cache[level] = (0.5 * tables.weight[level].double().square().sum(1)).numpy()
+    return cache[level]
+
+
+def _decide_fp32_fused(kernels, tables: _SearchTables, r: Tensor, level: int, scores: Tensor, bound: Tensor,
+                       record: bool) -> Tensor:
+    """:func:`_nearest_fp32`'s steps after the GEMM (block maxima, threshold, candidates, float64 decision) in
+    one pass per row (``search_kernels.decide_rows_fp32``); rows with a +inf / nan score or an infinite bound
+    are searched in float64 over all codes."""
+    r = r.detach().contiguous()
+    n = r.shape[0]
+    out = torch.empty(n, dtype=torch.long)
+    status = torch.empty(n, dtype=torch.int8)
+    counts = torch.empty(n, dtype=torch.int32)
+    none = kernels.decide_rows_fp32(scores.numpy(), bound.numpy(), r.numpy(), tables.weight[level].numpy(),
+                                    _half64(tables, level), tables.block, out.numpy(), status.numpy(),
+                                    counts.numpy())
+    if none:
+        idx = (status == kernels.EXHAUSTIVE).nonzero().squeeze(1)
+        out[idx] = _exhaustive64(tables, r.index_select(0, idx), level)
+    if tables.stats is not None:
+        exact = int((status == kernels.EXACT).sum())
+        if record:
+            tables.stats.add(n, counts.clamp(min=0), exact, exact, 0, none)
+        else:  # a fallback search: its rows are counted by the caller, its float64 decisions here
+            tables.stats.add(0, counts[:0], 0, exact, 0, none)
+    return out
 
 
 class _FusedLevel:
@@ -876,7 +919,7 @@ class _FusedLevel:
     def __init__(self, tables: _SearchTables, level: int, slack: tuple[float, float]) -> None:
         t8 = tables.int8
         self.weight = tables.weight[level].numpy()
-        self.half64 = (0.5 * tables.weight[level].double().square().sum(1)).numpy()
+        self.half64 = _half64(tables, level)
         self.neg_half = t8.neg_half_norms[level].numpy()
         self.err_block, self.code_block = t8.err_block_max[level].numpy(), t8.code_block_max[level].numpy()
         self.err_norm, self.code_norm = t8.err_norm[level].numpy(), t8.code_norm[level].numpy()

@@ -1,4 +1,4 @@
-"""Fused CPU kernels of the int8 search (numba): the passes around the int8 GEMM, one sweep each.
+"""Fused CPU kernels of the exact search (numba): the passes around the score GEMM, one sweep each.
 
 Per chunk of ``n`` rows and level, the eager int8 search (:func:`gemma_rvq.search._nearest_int8`) runs
 about fifty torch operations around the GEMM: the residual update, the row quantization and its norms,
@@ -13,6 +13,8 @@ cost about as much as the int8 GEMM itself. Here they are two passes:
   lone survivor of an fp32 re-scoring, else the first maximum of the float64 scores ``r·c_k - |c_k|^2/2``.
   Rows it cannot decide (too many survivors, non-finite values) are marked for the eager fp32 / float64
   search.
+
+The fp32 search has its own one-pass decision (:func:`decide_rows_fp32`) after the fp32 GEMM.
 
 The arithmetic is the eager path's, with the same bounds (see ``docs/benchmarks.md``): sums may be
 reordered (every bound holds for any summation order) and products fused into FMAs (one rounding where
@@ -54,7 +56,7 @@ def _jit(fastmath: set[str]):
 
 
 #: the kernels' signatures (search.py checks it: a checkpoint's remote-code search.py may meet another version)
-ABI = 1
+ABI = 2
 
 #: decide_rows' row status: decided (one survivor, or one after fp32 re-scoring), more than
 #: ``max_candidates`` survivors, a non-finite score or bound, decided in float64
@@ -275,6 +277,85 @@ def decide_rows(scores, scale, neg_half, rn64, dn64, slack_r, slack_0, err_block
     return undecided
 
 
+@_jit({"reassoc"})
+def decide_rows_fp32(scores, bound, r, weight, half64, block, out, status, counts):  # pragma: no cover - compiled
+    """Codes of ``n`` rows from fp32 scores ``A [n, K]`` (the GEMM with its bias) with a row bound ``bound [n]``
+    (float64, ``|A_ik - S_ik| <= E_i``), in one pass per row: the eager ``_nearest_fp32`` steps.
+
+    Per row the block maxima (``block`` codes), the threshold ``max_k A_ik - 2 E_i`` (float64, lowered by a
+    relative 2^-50 for its own rounding, then rounded down to fp32), the candidates at or above it, and the
+    code: the lone candidate, else the first maximum of the float64 scores ``r·c_k - |c_k|^2/2``
+    (``half64 [K]``). Writes ``out``, ``status`` (:data:`DECIDED`, :data:`EXACT`, :data:`EXHAUSTIVE`: a +inf or
+    nan score or a non-finite threshold) and ``counts`` (candidates; -1 where not decided here). Returns the
+    number of :data:`EXHAUSTIVE` rows.
+    """
+    n, k = scores.shape
+    nb = k // block
+    d = r.shape[1]
+    bits = scores.view(np.int32)
+    key = np.empty(1, dtype=np.int32)
+    key_float = key.view(np.float32)
+    bm = np.empty(nb, dtype=np.float32)
+    cand = np.empty(k, dtype=np.int64)
+    undecided = 0
+    for i in range(n):
+        brow = bits[i]
+        row = scores[i]
+        lo = np.int32(2147483647)
+        hi = np.int32(-2147483647)
+        for b in range(nb):  # block maxima on integer keys, as in decide_rows
+            seg = brow[b * block:(b + 1) * block]
+            m = np.int32(-2147483647)
+            for j in range(block):
+                x = seg[j]
+                kx = np.int32(x ^ ((x >> 31) & 0x7FFFFFFF))
+                m = max(m, kx)
+                lo = min(lo, kx)
+            hi = max(hi, m)
+            key[0] = m ^ ((m >> 31) & 0x7FFFFFFF)
+            bm[b] = key_float[0]
+        key[0] = hi ^ ((hi >> 31) & 0x7FFFFFFF)
+        t = np.float64(key_float[0]) - 2.0 * bound[i]
+        t = t - abs(t) * 2.0 ** -50
+        if hi >= _FINITE_BITS or lo < _NEG_INF_KEY or not np.isfinite(t):
+            status[i] = EXHAUSTIVE
+            counts[i] = -1
+            undecided += 1
+            continue
+        thr = np.float32(t)
+        if np.float64(thr) > t:  # round toward minus infinity
+            thr = np.nextafter(thr, np.float32(-np.inf))
+        c = 0
+        for b in range(nb):
+            if bm[b] < thr:
+                continue
+            for j in range(b * block, (b + 1) * block):
+                if row[j] >= thr:
+                    cand[c] = j
+                    c += 1
+        counts[i] = c
+        if c == 1:
+            status[i] = DECIDED
+            out[i] = cand[0]
+            continue
+        status[i] = EXACT  # float64: each product of two fp32 numbers is exact; the first maximum wins
+        ri = r[i]
+        top = -np.inf
+        arg = cand[0]
+        for a in range(c):
+            code = cand[a]
+            wk = weight[code]
+            acc = 0.0
+            for j in range(d):
+                acc += np.float64(ri[j]) * np.float64(wk[j])
+            acc -= half64[code]
+            if acc > top:
+                top = acc
+                arg = code
+        out[i] = arg
+    return undecided
+
+
 def slack_terms(code_max: float, half_max: float, dim: int) -> tuple[float, float]:
     """``(slack_r, slack_0)`` of the eager bound's slack ``8u (|r| + |d|) code_max + (8u + gamma_Dc) half_max``."""
     return 8 * _U * code_max, (8 * _U + _gamma(dim)) * half_max
@@ -291,4 +372,5 @@ def warm_up() -> None:
     z, z32 = np.zeros(32), np.zeros(32, np.float32)
     decide_rows(scores, scale, z32, rn, dn, 0.0, 0.0, z[:2], z[:2], z, z, r, np.ones((32, 8), np.float32), z32, z32,
                 0.0, z, 16, 32, out, status, counts)
+    decide_rows_fp32(scores, rn, r, np.ones((32, 8), np.float32), z, 16, out, status, counts)
     assert math.isfinite(float(rn[0]))
