@@ -18,7 +18,7 @@ def int8_path(request, monkeypatch):
     as ``make test`` installs it) and the eager torch steps. Same codes, by the same bounds."""
     monkeypatch.setattr(search, "FUSED_KERNELS", request.param == "fused")
     if request.param == "fused":
-        assert search._load_fused_kernels(), "numba is a dependency: the fused kernels must load"
+        assert search._load_fused_kernels(), "make installs the `fast` extra (numba): the fused kernels must load"
     return request.param
 
 

@@ -488,7 +488,7 @@ def test_every_option_travels_to_workers_and_undeclared_options_cannot_exist(mod
 _WITHOUT_EXTRAS = r"""
 import sys
 # as if only `pip install gemma-rvq` had run: every optional dependency is missing
-for name in ("trl", "peft", "accelerate", "evaluate", "matplotlib", "sklearn", "joblib"):
+for name in ("trl", "peft", "accelerate", "evaluate", "matplotlib", "sklearn", "joblib", "numba"):
     sys.modules[name] = None
 import datasets
 from gemma_rvq import SpeechTokenizer

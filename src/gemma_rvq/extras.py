@@ -9,6 +9,7 @@ soxr...). The rest comes with an extra:
 | ``metrics`` | evaluate, matplotlib | the ``evaluate`` metric modules and metric Spaces, plots |
 | ``sft`` | trl, peft, accelerate | stage 2/3 recipes (``gemma_rvq.recipes``, ``examples/sft.py``, generation) |
 | ``spire`` | scikit-learn | converting SpireLM's pickled k-means (joblib) |
+| ``fast`` | numba | the fused CPU kernels of the exact search (``search_kernels.py``); eager torch steps without |
 | ``all`` | every extra above | the demo (``gemma-rvq demo``), the whole pipeline |
 | ``cluster`` | datatrove, orjson | tokenizing on many machines (``gemma_rvq.cluster``, ``tokenize --executor``) |
 | ``ray`` | ``cluster`` and ray | ... with datatrove's Ray executor |
@@ -27,6 +28,7 @@ EXTRAS: dict[str, str] = {
     "peft": "sft",
     "sklearn": "spire",
     "joblib": "spire",
+    "numba": "fast",
     "datatrove": "cluster",
     "orjson": "cluster",
     "ray": "ray",

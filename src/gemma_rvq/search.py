@@ -838,7 +838,7 @@ def _nearest_int8(tables: _SearchTables, r: Tensor, level: int) -> Tensor:
 
 
 # ---------------------------------------------------------------------- fused CPU kernels (numba)
-#: Use the fused CPU kernels of ``search_kernels.py`` (numba) for the int8 search when numba is installed.
+#: Use the fused CPU kernels of ``search_kernels.py`` (numba: the ``fast`` extra) when numba is installed.
 #: False (or the environment variable ``GEMMA_RVQ_FUSED_SEARCH=0``) keeps the eager torch steps; the codes
 #: are the same either way.
 FUSED_KERNELS = os.environ.get("GEMMA_RVQ_FUSED_SEARCH", "1") != "0"
@@ -861,8 +861,8 @@ def _load_fused_kernels() -> object:
                 _FUSED = module
             except Exception as err:  # numba missing, or too old / too new for this numpy
                 warnings.warn(f"gemma-rvq: the fused int8 search kernels are unavailable ({err!r}); using the "
-                              "eager torch search (same codes, slower). Installing gemma-rvq with numba enables "
-                              "them.", stacklevel=3)
+                              "eager torch search (same codes, slower). pip install 'gemma-rvq[fast]' (numba) "
+                              "enables them.", stacklevel=3)
                 _FUSED = False
         return _FUSED
 

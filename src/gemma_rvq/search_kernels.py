@@ -21,8 +21,8 @@ reordered (every bound holds for any summation order) and products fused into FM
 the bounds allow two); comparisons stay IEEE (no ``nnan``/``ninf`` assumptions). So the codes are those
 of the float64 exhaustive search, as on every other path.
 
-numba is a dependency of gemma-rvq; where it cannot be imported (or this module's ``ABI`` is not the one
-``search.py`` expects) the search runs the eager torch steps, with one warning. Compiled on first use and
+numba comes with the ``fast`` extra (and ``all``); where it cannot be imported (or this module's ``ABI`` is not
+the one ``search.py`` expects) the search runs the eager torch steps, with one warning. Compiled on first use and
 cached on disk.
 """
 
