@@ -142,6 +142,49 @@ def _prune(cand, cs, ce, c):  # pragma: no cover - compiled
 
 
 @_jit({"reassoc"})
+def _block_maxima(brow, block, bm):  # pragma: no cover - compiled
+    """Block maxima ``bm [K / block]`` (fp32) of one row of scores given as its int32 bits ``brow [K]``, taken on
+    order-preserving integer keys of the floats (a float max does not vectorise). In key order: -nan < -inf <
+    finite < +inf < +nan. Returns True when the row holds a +inf or a nan (-inf scores, from an overflowing
+    bias, never reach a finite threshold: they are allowed, as in the eager path)."""
+    lo = np.int32(2147483647)
+    hi = np.int32(-2147483647)
+    key = np.empty(1, dtype=np.int32)
+    key_float = key.view(np.float32)
+    for b in range(bm.size):
+        seg = brow[b * block:(b + 1) * block]
+        m = np.int32(-2147483647)
+        for j in range(block):
+            x = seg[j]
+            kx = np.int32(x ^ ((x >> 31) & 0x7FFFFFFF))
+            m = max(m, kx)
+            lo = min(lo, kx)
+        hi = max(hi, m)
+        key[0] = m ^ ((m >> 31) & 0x7FFFFFFF)
+        bm[b] = key_float[0]
+    return hi >= _FINITE_BITS or lo < _NEG_INF_KEY
+
+
+@_jit({"reassoc"})
+def _first_max64(ri, weight, half64, cand, c):  # pragma: no cover - compiled
+    """The first of the candidate codes ``cand[:c]`` with the largest float64 score ``r·c_k - |c_k|^2/2`` (each
+    product of two fp32 numbers is exact in float64)."""
+    top = -np.inf
+    arg = cand[0]
+    for a in range(c):
+        code = cand[a]
+        wk = weight[code]
+        acc = 0.0
+        for j in range(ri.size):
+            acc += np.float64(ri[j]) * np.float64(wk[j])
+        acc -= half64[code]
+        if acc > top:
+            top = acc
+            arg = code
+    return arg
+
+
+@_jit({"reassoc"})
 def decide_rows(scores, scale, neg_half, rn64, dn64, slack_r, slack_0, err_block, code_block, err_norm, code_norm,
                 r, weight, code_norm32, half_norm32, gamma32, half64, block, max_candidates, out, status,
                 counts):  # pragma: no cover - compiled
@@ -165,8 +208,6 @@ def decide_rows(scores, scale, neg_half, rn64, dn64, slack_r, slack_0, err_block
     # this pass 17 % slower (the values are identical either way: a product and a sum, never fused)
     tmp = np.empty(k, dtype=np.float32)
     tbits = tmp.view(np.int32)
-    key = np.empty(1, dtype=np.int32)
-    key_float = key.view(np.float32)
     bm = np.empty(nb, dtype=np.float32)
     eb = np.empty(nb, dtype=np.float64)
     thr = np.empty(nb, dtype=np.float32)
@@ -179,24 +220,7 @@ def decide_rows(scores, scale, neg_half, rn64, dn64, slack_r, slack_0, err_block
         row = scores[i]
         for j in range(k):
             tmp[j] = s * row[j] + neg_half[j]
-        # block maxima on order-preserving integer keys of the floats (a float max does not vectorise). In
-        # key order: -nan < -inf < finite < +inf < +nan. -inf scores (an overflowing bias) never reach a
-        # threshold, as in the eager path; a +inf or a nan sends the row to the float64 search.
-        brow = tbits
-        lo = np.int32(2147483647)
-        hi = np.int32(-2147483647)
-        for b in range(nb):
-            seg = brow[b * block:(b + 1) * block]
-            m = np.int32(-2147483647)
-            for j in range(block):
-                x = seg[j]
-                kx = np.int32(x ^ ((x >> 31) & 0x7FFFFFFF))
-                m = max(m, kx)
-                lo = min(lo, kx)
-            hi = max(hi, m)
-            key[0] = m ^ ((m >> 31) & 0x7FFFFFFF)
-            bm[b] = key_float[0]
-        if hi >= _FINITE_BITS or lo < _NEG_INF_KEY:
+        if _block_maxima(tbits, block, bm):  # a +inf or a nan: the float64 search
             status[i] = EXHAUSTIVE
             undecided += 1
             counts[i] = -1
@@ -259,21 +283,8 @@ def decide_rows(scores, scale, neg_half, rn64, dn64, slack_r, slack_0, err_block
                 status[i] = DECIDED
                 out[i] = cand[0]
                 continue
-            # float64: each product of two fp32 numbers is exact; the first maximum wins
             status[i] = EXACT
-            top = -np.inf
-            arg = cand[0]
-            for a in range(left):
-                code = cand[a]
-                wk = weight[code]
-                acc = 0.0
-                for j in range(d):
-                    acc += np.float64(ri[j]) * np.float64(wk[j])
-                acc -= half64[code]
-                if acc > top:
-                    top = acc
-                    arg = code
-            out[i] = arg
+            out[i] = _first_max64(ri, weight, half64, cand, left)
     return undecided
 
 
@@ -291,33 +302,16 @@ def decide_rows_fp32(scores, bound, r, weight, half64, block, out, status, count
     """
     n, k = scores.shape
     nb = k // block
-    d = r.shape[1]
     bits = scores.view(np.int32)
-    key = np.empty(1, dtype=np.int32)
-    key_float = key.view(np.float32)
     bm = np.empty(nb, dtype=np.float32)
     cand = np.empty(k, dtype=np.int64)
     undecided = 0
     for i in range(n):
-        brow = bits[i]
         row = scores[i]
-        lo = np.int32(2147483647)
-        hi = np.int32(-2147483647)
-        for b in range(nb):  # block maxima on integer keys, as in decide_rows
-            seg = brow[b * block:(b + 1) * block]
-            m = np.int32(-2147483647)
-            for j in range(block):
-                x = seg[j]
-                kx = np.int32(x ^ ((x >> 31) & 0x7FFFFFFF))
-                m = max(m, kx)
-                lo = min(lo, kx)
-            hi = max(hi, m)
-            key[0] = m ^ ((m >> 31) & 0x7FFFFFFF)
-            bm[b] = key_float[0]
-        key[0] = hi ^ ((hi >> 31) & 0x7FFFFFFF)
-        t = np.float64(key_float[0]) - 2.0 * bound[i]
+        bad = _block_maxima(bits[i], block, bm)
+        t = np.float64(bm.max()) - 2.0 * bound[i]
         t = t - abs(t) * 2.0 ** -50
-        if hi >= _FINITE_BITS or lo < _NEG_INF_KEY or not np.isfinite(t):
+        if bad or not np.isfinite(t):
             status[i] = EXHAUSTIVE
             counts[i] = -1
             undecided += 1
@@ -338,21 +332,8 @@ def decide_rows_fp32(scores, bound, r, weight, half64, block, out, status, count
             status[i] = DECIDED
             out[i] = cand[0]
             continue
-        status[i] = EXACT  # float64: each product of two fp32 numbers is exact; the first maximum wins
-        ri = r[i]
-        top = -np.inf
-        arg = cand[0]
-        for a in range(c):
-            code = cand[a]
-            wk = weight[code]
-            acc = 0.0
-            for j in range(d):
-                acc += np.float64(ri[j]) * np.float64(wk[j])
-            acc -= half64[code]
-            if acc > top:
-                top = acc
-                arg = code
-        out[i] = arg
+        status[i] = EXACT
+        out[i] = _first_max64(r[i], weight, half64, cand, c)
     return undecided
 
 
